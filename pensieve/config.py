@@ -1,0 +1,51 @@
+"""Engine configuration: plain frozen dataclasses, built once and passed explicitly."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+CacheMode = Literal["stateless", "gpu", "tiered"]
+EvictionPolicyName = Literal["retention", "lru"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str                      # checkpoint directory (or hub id when a network exists)
+    dtype: str = "auto"             # auto | bfloat16 | float16 | float32
+    max_model_len: int | None = None
+    tokenizer: str | None = None    # defaults to `model`
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    cache_mode: CacheMode = "tiered"
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks: int | None = None      # overrides gpu_memory_utilization (tests force small pools)
+    cpu_cache_gb: float | None = None      # None: a share of host memory (see cache.kv_pool.default_cpu_cache_bytes)
+    num_cpu_blocks: int | None = None      # overrides cpu_cache_gb
+    eviction_policy: EvictionPolicyName = "retention"
+    swap_out_watermark: float = 0.25       # start ahead-of-time swap-out when free GPU blocks < this share
+    max_swap_out_blocks_per_step: int = 256
+    admit_watermark: float = 0.10          # admit new requests only while this share of GPU blocks stays free
+    pipelined_swap_in: bool = True         # layer l waits only for layer l's copy
+    ahead_of_time_swap_out: bool = True
+    conversation_ttl: float | None = None  # seconds an idle named conversation is kept
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 4096
+    max_waiting: int = 4096                # more waiting requests than this are refused (server: 429/503)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    device: str = "auto"                  # auto | cuda | cpu
+    enforce_eager: bool = False           # disable CUDA graphs
+    cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)

@@ -1,0 +1,15 @@
+"""Kernels: paged attention, KV store, block copy.
+
+Each op dispatches to a Triton kernel on CUDA tensors and to a PyTorch
+reference elsewhere (set PENSIEVE_ATTENTION_BACKEND=triton to run the Triton
+kernels on the CPU under TRITON_INTERPRET=1, as the tests do).
+
+Contract (see pensieve.model.metadata.AttentionMetadata for the batch layout):
+  paged_attention(q [T, Hq, D], kv_cache [NB, 2, bs, Hkv, D], meta, scale) -> [T, Hq, D]
+      query t of sequence b at position p attends to KV positions j <= p, j < seq_lens[b],
+      read through block_tables[b]; GQA when Hq is a multiple of Hkv.
+  store_kv(k [T, Hkv, D], v [T, Hkv, D], kv_cache, slot_mapping [T]) -> None
+      kv_cache[slot // bs, 0, slot % bs] = k; ... [.., 1, ..] = v; slots < 0 are skipped.
+  copy_blocks(src [NBs, ...], dst [NBd, ...], src_ids [N], dst_ids [N]) -> None
+      dst[dst_ids[i]] = src[src_ids[i]] for one layer; src/dst may be pinned host and device.
+"""

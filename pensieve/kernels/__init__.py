@@ -13,3 +13,30 @@ Contract (see pensieve.model.metadata.AttentionMetadata for the batch layout):
   copy_blocks(src [NBs, ...], dst [NBd, ...], src_ids [N], dst_ids [N]) -> None
       dst[dst_ids[i]] = src[src_ids[i]] for one layer; src/dst may be pinned host and device.
 """
+from __future__ import annotations
+
+import os
+
+import torch
+
+from pensieve.kernels.reference import copy_blocks_reference, paged_attention_reference, store_kv_reference
+from pensieve.model.metadata import AttentionMetadata
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    backend = os.environ.get("PENSIEVE_ATTENTION_BACKEND", "auto")
+    if backend == "auto":
+        return t.is_cuda
+    return backend == "triton"
+
+
+def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    return paged_attention_reference(q, kv_cache, meta, scale)
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    store_kv_reference(k, v, kv_cache, slot_mapping)
+
+
+def copy_blocks(src: torch.Tensor, dst: torch.Tensor, src_ids: torch.Tensor, dst_ids: torch.Tensor) -> None:
+    copy_blocks_reference(src, dst, src_ids, dst_ids)

@@ -1,0 +1,175 @@
+"""The engine behind the server: one background thread steps the engine while asyncio callers stream.
+
+Callers never touch engine state: they post commands (add, abort, delete) to
+the engine thread, which applies them between steps and pushes each step's
+outputs back to the callers' event loops.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable
+
+from pensieve.config import EngineConfig
+from pensieve.engine.llm_engine import EngineStats, LLMEngine
+from pensieve.engine.outputs import RequestOutput
+from pensieve.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+__all__ = ["AsyncEngine", "EngineStats"]
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.engine = LLMEngine(config)
+        self.tokenizer = self.engine.tokenizer
+        self.max_model_len = self.engine.max_model_len
+        self.model_name = config.model.model
+        self.device = self.engine.device.type
+        self._commands: queue.SimpleQueue[Callable[[], Any]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, _Stream] = {}
+        self._stats = self.engine.stats()
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="pensieve-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------ engine thread
+    def _loop(self) -> None:
+        while self._running:
+            self._drain()
+            if not self.engine.has_unfinished():
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # keep serving: fail what was in flight, free its blocks
+                log.exception("engine step failed")
+                for rid in list(self._streams):
+                    self.engine.abort_request(rid)
+                    self._streams.pop(rid).put(RuntimeError(f"engine step failed: {exc}"))
+                continue
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is not None:
+                    stream.put(out)
+                if out.finished:
+                    self._streams.pop(out.request_id, None)
+            self._stats = self.engine.stats()
+
+    def _drain(self) -> None:
+        changed = False
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            cmd()
+            changed = True
+        if changed:
+            self._stats = self.engine.stats()
+
+    def _post(self, cmd: Callable[[], Any]) -> None:
+        self._commands.put(cmd)
+        self._wake.set()
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        """Run fn on the engine thread and wait for its result."""
+        fut: Future = Future()
+
+        def run() -> None:
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:  # handed back to the caller
+                fut.set_exception(exc)
+
+        self._post(run)
+        return fut.result()
+
+    # ------------------------------------------------------------ caller side
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                       conversation_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        if not self._running:
+            raise RuntimeError("the engine is shut down")
+        self.engine.validate_prompt(prompt_token_ids, params)  # pure: raises ValueError before anything starts
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+
+        def add() -> None:
+            self._streams[request_id] = stream
+            try:
+                self.engine.add_request(request_id, prompt_token_ids, params, conversation_id)
+            except Exception as exc:
+                self._streams.pop(request_id, None)
+                stream.put(exc)
+
+        self._post(add)
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:  # the caller went away (disconnect, cancel): free the blocks now
+                self._post(lambda: self._abort_now(request_id))
+
+    def _abort_now(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+        self.engine.abort_request(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        def abort() -> None:
+            stream = self._streams.pop(request_id, None)
+            out = self.engine.abort_request(request_id)
+            if stream is not None and out is not None:
+                stream.put(out)
+
+        self._post(abort)
+
+    def delete_conversation(self, conversation_id: str) -> bool:
+        return self._call(lambda: self.engine.delete_conversation(conversation_id))
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    def check_integrity(self) -> None:
+        self._call(self.engine.kv.check_integrity)
+
+    async def shutdown(self) -> None:
+        if not self._running:
+            return
+
+        def abort_all() -> None:
+            for rid in list(self._streams):
+                self._abort_now_and_tell(rid)
+
+        await asyncio.get_running_loop().run_in_executor(None, self._call, abort_all)
+        self._running = False
+        self._wake.set()
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10)
+
+    def _abort_now_and_tell(self, request_id: str) -> None:
+        stream = self._streams.pop(request_id, None)
+        out = self.engine.abort_request(request_id)
+        if stream is not None and out is not None:
+            stream.put(out)

@@ -1,0 +1,210 @@
+"""The synchronous engine: add requests, then step() = schedule, run, postprocess."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from pensieve.cache.manager import KVCacheManager
+from pensieve.cache.policy import LRUPolicy, RecomputeCost, RetentionValuePolicy
+from pensieve.config import EngineConfig
+from pensieve.engine.detokenizer import IncrementalDetokenizer, StopChecker
+from pensieve.engine.model_runner import ModelRunner
+from pensieve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from pensieve.engine.scheduler import Scheduler, StepPlan
+from pensieve.engine.sequence import Sequence
+from pensieve.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    gpu_blocks_total: int
+    gpu_blocks_used: int
+    gpu_blocks_cached: int
+    cpu_blocks_total: int
+    cpu_blocks_used: int
+    prompt_tokens: int
+    generation_tokens: int
+    gpu_hit_tokens: int
+    cpu_hit_tokens: int
+    recomputed_tokens: int
+    swapped_out_blocks: int
+    swapped_in_blocks: int
+    dropped_blocks: int
+    preemptions: int
+    finished_requests: int
+    num_conversations: int
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class _Tracked:
+    seq: Sequence
+    detok: IncrementalDetokenizer
+    stop: StopChecker
+    metrics: RequestMetrics
+    logprobs: list[tuple[float, dict[int, float]]] | None
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        from transformers import AutoTokenizer
+
+        from pensieve.model.loader import load_model, max_context_len, model_kv_spec
+
+        self.config = config
+        self.device = resolve_device(config.device)
+        mc = config.model
+        torch.manual_seed(mc.seed)
+        model, hf_config, dtype = load_model(mc.model, mc.dtype, self.device)
+        self.hf_config = hf_config
+        self.tokenizer = AutoTokenizer.from_pretrained(mc.tokenizer or mc.model)
+        self.max_model_len = min(mc.max_model_len or max_context_len(hf_config), max_context_len(hf_config))
+        eos = getattr(hf_config, "eos_token_id", None)
+        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in eos_ids:
+            eos_ids.append(self.tokenizer.eos_token_id)
+        self.eos_token_ids = eos_ids
+        spec = model_kv_spec(hf_config)
+        vocab = hf_config.vocab_size
+        self.runner = ModelRunner(config, model, spec, dtype, self.device, self.max_model_len, vocab, eos_ids)
+        num_params = sum(p.numel() for p in model.parameters())
+        num_heads = getattr(hf_config, "num_attention_heads")
+        cost = RecomputeCost.for_model(num_params, spec.num_layers, num_heads, spec.head_dim)
+        policy = (RetentionValuePolicy(config.cache.block_size, cost) if config.cache.eviction_policy == "retention"
+                  else LRUPolicy())
+        self.kv = KVCacheManager(config.cache, self.runner.num_gpu_blocks, self.runner.num_cpu_blocks, policy)
+        self.scheduler = Scheduler(config.scheduler, config.cache, self.kv)
+        self._tracked: dict[str, _Tracked] = {}
+        self._prompt_tokens = 0
+        self._generation_tokens = 0
+        self._finished = 0
+        log.info("engine ready: %s on %s, %d GPU blocks, %d CPU blocks, mode=%s", mc.model, self.device,
+                 self.runner.num_gpu_blocks, self.runner.num_cpu_blocks, config.cache.cache_mode)
+
+    # ------------------------------------------------------------ requests
+    def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        if n >= self.max_model_len:
+            raise ValueError(f"the prompt has {n} tokens; this model's context is {self.max_model_len} tokens "
+                             f"(at least one must be left to generate)")
+        if params.max_tokens is not None and n + params.max_tokens > self.max_model_len:
+            raise ValueError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the model's context "
+                             f"of {self.max_model_len} tokens")
+        if any(not 0 <= t < self.hf_config.vocab_size for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {self.hf_config.vocab_size})")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    conversation_id: str | None = None, arrival_time: float | None = None) -> None:
+        if request_id in self._tracked:
+            raise ValueError(f"request id {request_id!r} is already running")
+        self.validate_prompt(prompt_token_ids, params)
+        now = arrival_time if arrival_time is not None else time.monotonic()
+        seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params, now, conversation_id)
+        self._tracked[request_id] = _Tracked(
+            seq, IncrementalDetokenizer(self.tokenizer, seq.token_ids[:], params.skip_special_tokens),
+            StopChecker(params, set(self.eos_token_ids), self.max_model_len), RequestMetrics(now),
+            [] if params.logprobs is not None else None)
+        if conversation_id is not None:
+            self.kv.touch_conversation(conversation_id)
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        t = self._tracked.pop(request_id, None)
+        if t is None:
+            return None
+        self.scheduler.remove(request_id)
+        return self._output(t, "abort", None, finished=True)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def delete_conversation(self, conversation_id: str) -> bool:
+        return self.kv.delete_conversation(conversation_id)
+
+    # ------------------------------------------------------------ the step
+    def step(self) -> list[RequestOutput]:
+        if self.config.cache.conversation_ttl is not None:
+            self.kv.expire_conversations(self.config.cache.conversation_ttl)
+        plan = self.scheduler.schedule()
+        result = self.runner.execute(plan)
+        self.kv.end_step()
+        return self._postprocess(plan, result)
+
+    def _postprocess(self, plan: StepPlan, result) -> list[RequestOutput]:
+        now = time.monotonic()
+        outputs: list[RequestOutput] = []
+        sampled = iter(range(len(result.token_ids)))
+        for chunk in plan.chunks:
+            seq = chunk.seq
+            t = self._tracked[seq.request_id]
+            if t.metrics.first_scheduled_time is None:
+                t.metrics.first_scheduled_time = now
+                self._prompt_tokens += seq.num_prompt_tokens
+            self.scheduler.commit_computed(chunk)
+            if not chunk.sample:
+                continue
+            i = next(sampled)
+            token = result.token_ids[i]
+            seq.append_token(token, self.config.cache.block_size)
+            self._generation_tokens += 1
+            if t.metrics.first_token_time is None:
+                t.metrics.first_token_time = now
+            if t.logprobs is not None and result.logprobs is not None:
+                t.logprobs.append(result.logprobs[i])
+            t.detok.append([token])
+            stop = t.stop.check(seq.output_token_ids, t.detok.text, seq.num_prompt_tokens)
+            if stop is None:
+                outputs.append(self._output(t, None, None, finished=False))
+                continue
+            self.scheduler.finish(seq)
+            if seq.conversation_id is not None:
+                # the last sampled token's KV was never computed: its block is not cached
+                computed_blocks = (seq.num_tokens - 1) // self.config.cache.block_size
+                self.kv.record_conversation(seq.conversation_id, seq.block_keys[:computed_blocks])
+            del self._tracked[seq.request_id]
+            self._finished += 1
+            t.metrics.finished_time = now
+            outputs.append(self._output(t, stop.finish_reason, stop.stop_reason, finished=True,
+                                        truncate_to=stop.truncate_to))
+        return outputs
+
+    def _output(self, t: _Tracked, finish_reason, stop_reason, finished: bool,
+                truncate_to: int | None = None) -> RequestOutput:
+        seq = t.seq
+        text = t.detok.text
+        if truncate_to is not None:
+            text = text[:truncate_to]
+        elif not finished:
+            text = text[:t.stop.safe_text_len(text)]
+        completion = CompletionOutput(0, text, list(seq.output_token_ids), finish_reason, stop_reason,
+                                      list(t.logprobs) if t.logprobs is not None else None)
+        return RequestOutput(seq.request_id, seq.token_ids[:seq.num_prompt_tokens], [completion], finished,
+                             seq.cache, t.metrics, seq.conversation_id)
+
+    # ------------------------------------------------------------ visibility
+    def stats(self) -> EngineStats:
+        c = self.kv.counters
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            gpu_blocks_total=self.kv.num_gpu_blocks, gpu_blocks_used=self.kv.num_used_gpu,
+            gpu_blocks_cached=self.kv.num_cached_gpu, cpu_blocks_total=self.kv.num_cpu_blocks,
+            cpu_blocks_used=self.kv.num_used_cpu, prompt_tokens=self._prompt_tokens,
+            generation_tokens=self._generation_tokens, gpu_hit_tokens=c.gpu_hit_tokens,
+            cpu_hit_tokens=c.cpu_hit_tokens, recomputed_tokens=c.recomputed_tokens,
+            swapped_out_blocks=c.swapped_out_blocks, swapped_in_blocks=c.swapped_in_blocks,
+            dropped_blocks=c.dropped_blocks, preemptions=self.scheduler.num_preemptions,
+            finished_requests=self._finished, num_conversations=len(self.kv.conversations))

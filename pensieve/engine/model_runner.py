@@ -1,0 +1,237 @@
+"""The only part of the engine that touches tensors: batch -> forward -> sampled tokens.
+
+Owns the model, both KV tiers, the transfer stream and the decode CUDA graphs.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pensieve.cache.kv_pool import allocate_tier, block_bytes, default_cpu_cache_bytes
+from pensieve.cache.transfer import KVTransfer
+from pensieve.config import EngineConfig
+from pensieve.engine.sampler import Sampler, SamplerOutput, SamplingBatch
+from pensieve.engine.scheduler import StepPlan
+from pensieve.model.metadata import AttentionMetadata
+
+log = logging.getLogger(__name__)
+
+CPU_DEVICE_KV_BYTES = 1 << 30   # on a CPU-only machine the "GPU" tier is host memory too
+
+
+@dataclass(frozen=True)
+class StepResult:
+    token_ids: list[int]                                   # one per sampling chunk, in plan order
+    logprobs: list[tuple[float, dict[int, float]]] | None  # per sampling chunk, when any asked
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model: torch.nn.Module, kv_spec, dtype: torch.dtype,
+                 device: torch.device, max_model_len: int, vocab_size: int, eos_token_ids: list[int]) -> None:
+        self.config = config
+        self.model = model
+        self.kv_spec = kv_spec
+        self.dtype = dtype
+        self.device = device
+        self.block_size = config.cache.block_size
+        self.max_model_len = max_model_len
+        self.max_blocks_per_seq = -(-max_model_len // self.block_size)
+        self.vocab_size = vocab_size
+        self.eos_token_ids = eos_token_ids
+        self.sampler = Sampler()
+        self.on_cuda = device.type == "cuda"
+        self.num_gpu_blocks = self._size_gpu_tier()
+        self.gpu_tier = allocate_tier(kv_spec, self.num_gpu_blocks, self.block_size, dtype, device)
+        self.kv_caches = list(self.gpu_tier.unbind(0))
+        self.num_cpu_blocks = self._size_cpu_tier()
+        self.cpu_tier = allocate_tier(kv_spec, self.num_cpu_blocks, self.block_size, dtype,
+                                      torch.device("cpu"), pin=self.on_cuda)
+        self.transfer = KVTransfer(self.gpu_tier, self.cpu_tier, config.cache.pipelined_swap_in)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if self.on_cuda and not config.enforce_eager:
+            self._capture_decode_graphs()
+
+    # ------------------------------------------------------------ sizing
+    def _size_gpu_tier(self) -> int:
+        cache = self.config.cache
+        if cache.num_gpu_blocks is not None:
+            return cache.num_gpu_blocks
+        per_block = block_bytes(self.kv_spec, self.block_size, self.dtype)
+        if not self.on_cuda:
+            return max(CPU_DEVICE_KV_BYTES // per_block, 2 * self.max_blocks_per_seq)
+        peak = self._profile_peak_memory()
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        free = total * cache.gpu_memory_utilization - peak
+        n = int(free // per_block)
+        if n < self.max_blocks_per_seq:
+            raise RuntimeError(f"only {n} KV blocks fit in GPU memory; one sequence of max_model_len "
+                               f"{self.max_model_len} needs {self.max_blocks_per_seq}")
+        return n
+
+    def _size_cpu_tier(self) -> int:
+        cache = self.config.cache
+        if cache.cache_mode != "tiered":
+            return 0
+        if cache.num_cpu_blocks is not None:
+            return cache.num_cpu_blocks
+        per_block = block_bytes(self.kv_spec, self.block_size, self.dtype)
+        budget = cache.cpu_cache_gb * 1e9 if cache.cpu_cache_gb is not None else default_cpu_cache_bytes()
+        if not self.on_cuda and cache.cpu_cache_gb is None:
+            budget = min(budget, CPU_DEVICE_KV_BYTES)
+        return int(budget // per_block)
+
+    @torch.inference_mode()
+    def _profile_peak_memory(self) -> int:
+        """Peak memory of the largest step, run once on dummy tokens with a throwaway cache."""
+        n = min(self.config.scheduler.max_num_batched_tokens, self.max_model_len)
+        blocks = -(-n // self.block_size)
+        tier = allocate_tier(self.kv_spec, blocks, self.block_size, self.dtype, self.device)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        meta = self._metadata(
+            positions=np.arange(n), qsl=np.array([0, n]), seq_lens=np.array([n]),
+            tables=[list(range(blocks))], slots=np.arange(n), max_q=n, decode_only=False)
+        ids = torch.zeros(n, dtype=torch.long, device=self.device)
+        hidden = self.model(ids, meta.positions, list(tier.unbind(0)), meta)
+        self.model.compute_logits(hidden[-min(n, self.config.scheduler.max_num_seqs):])
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - tier.numel() * tier.element_size()
+        del tier, hidden
+        torch.cuda.empty_cache()
+        return int(peak)
+
+    # ------------------------------------------------------------ batch building
+    def _metadata(self, positions, qsl, seq_lens, tables, slots, max_q, decode_only, wait=None) -> AttentionMetadata:
+        width = max(len(t) for t in tables)
+        table = np.zeros((len(tables), width), np.int32)
+        for i, t in enumerate(tables):
+            table[i, :len(t)] = t
+        dev = self.device
+
+        def put(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+            t = torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
+            return t.pin_memory().to(dev, non_blocking=True) if self.on_cuda else t
+
+        return AttentionMetadata(
+            positions=put(positions, torch.int64), query_start_loc=put(qsl, torch.int32),
+            seq_lens=put(seq_lens, torch.int32), block_tables=put(table, torch.int32),
+            slot_mapping=put(slots, torch.int64), block_size=self.block_size,
+            max_query_len=int(max_q), max_seq_len=int(seq_lens.max()), decode_only=decode_only,
+            wait_for_layer=wait)
+
+    def _prepare(self, plan: StepPlan, wait) -> tuple[torch.Tensor, AttentionMetadata, list[int]]:
+        bs = self.block_size
+        ids, pos, slots, qsl, seq_lens, tables, logits_rows = [], [], [], [0], [], [], []
+        for chunk in plan.chunks:
+            seq = chunk.seq
+            p = np.concatenate([np.arange(lo, hi) for lo, hi in chunk.ranges])
+            table = np.asarray(seq.block_table, dtype=np.int64)
+            tokens = np.asarray(seq.token_ids, dtype=np.int64)
+            ids.append(tokens[p])
+            pos.append(p)
+            slots.append(table[p // bs] * bs + p % bs)
+            qsl.append(qsl[-1] + len(p))
+            seq_lens.append(int(p[-1]) + 1)
+            tables.append(seq.block_table)
+            if chunk.sample:
+                logits_rows.append(qsl[-1] - 1)
+        positions = np.concatenate(pos)
+        max_q = max(b - a for a, b in zip(qsl, qsl[1:]))
+        meta = self._metadata(positions, np.array(qsl), np.array(seq_lens), tables, np.concatenate(slots),
+                              max_q, decode_only=max_q == 1, wait=wait)
+        input_ids = torch.from_numpy(np.concatenate(ids))
+        input_ids = input_ids.pin_memory().to(self.device, non_blocking=True) if self.on_cuda else input_ids
+        return input_ids, meta, logits_rows
+
+    # ------------------------------------------------------------ execution
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult:
+        wait = self.transfer.start(plan.transfers)
+        sampling = [c for c in plan.chunks if c.sample]
+        if plan.chunks:
+            input_ids, meta, rows = self._prepare(plan, wait)
+            graph_bs = self._graph_size(len(plan.chunks)) if (meta.decode_only and wait is None) else None
+            if graph_bs is not None:
+                hidden = self._replay(graph_bs, input_ids, meta)[:len(plan.chunks)]
+            else:
+                hidden = self.model(input_ids, meta.positions, self.kv_caches, meta)
+            result = self._sample(hidden, rows, sampling)
+        else:
+            result = StepResult([], None)
+        self.transfer.finish()
+        return result
+
+    def _sample(self, hidden: torch.Tensor, rows: list[int], chunks) -> StepResult:
+        if not rows:
+            return StepResult([], None)
+        idx = torch.tensor(rows, device=hidden.device)
+        logits = self.model.compute_logits(hidden.index_select(0, idx))
+        seqs = [c.seq for c in chunks]
+        batch = SamplingBatch.build([s.params for s in seqs], [s.token_ids[:s.num_prompt_tokens] for s in seqs],
+                                    [s.output_token_ids for s in seqs], self.eos_token_ids, logits.shape[-1],
+                                    logits.device)
+        out: SamplerOutput = self.sampler(logits, batch)
+        tokens = out.token_ids.tolist()
+        logprobs = None
+        if out.logprobs is not None:
+            lp = out.logprobs.tolist()
+            top_ids = out.top_ids.tolist() if out.top_ids is not None else [[] for _ in tokens]
+            top_lp = out.top_logprobs.tolist() if out.top_logprobs is not None else [[] for _ in tokens]
+            logprobs = [(lp[i], dict(zip(top_ids[i], top_lp[i]))) for i in range(len(tokens))]
+        return StepResult(tokens, logprobs)
+
+    # ------------------------------------------------------------ CUDA graphs (decode-only steps)
+    def _graph_size(self, batch: int) -> int | None:
+        for size in sorted(self.graphs):
+            if size >= batch:
+                return size
+        return None
+
+    def _capture_decode_graphs(self) -> None:
+        cap = self.config.scheduler.max_num_seqs
+        sizes = sorted(s for s in self.config.cuda_graph_batch_sizes if s <= max(cap, 1))
+        if not sizes:
+            return
+        n = sizes[-1]
+        dev = self.device
+        self._g_ids = torch.zeros(n, dtype=torch.long, device=dev)
+        self._g_pos = torch.zeros(n, dtype=torch.long, device=dev)
+        self._g_slots = torch.full((n,), -1, dtype=torch.long, device=dev)
+        self._g_qsl = torch.arange(n + 1, dtype=torch.int32, device=dev)
+        self._g_lens = torch.ones(n, dtype=torch.int32, device=dev)
+        self._g_tables = torch.zeros(n, self.max_blocks_per_seq, dtype=torch.int32, device=dev)
+        self._g_out: dict[int, torch.Tensor] = {}
+        pool = None
+        for size in reversed(sizes):
+            meta = AttentionMetadata(
+                positions=self._g_pos[:size], query_start_loc=self._g_qsl[:size + 1], seq_lens=self._g_lens[:size],
+                block_tables=self._g_tables[:size], slot_mapping=self._g_slots[:size], block_size=self.block_size,
+                max_query_len=1, max_seq_len=self.max_model_len, decode_only=True)
+            args = (self._g_ids[:size], self._g_pos[:size], self.kv_caches, meta)
+            with torch.inference_mode():
+                for _ in range(2):  # warm up: Triton compiles outside the capture
+                    self.model(*args)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._g_out[size] = self.model(*args)
+            pool = graph.pool()
+            self.graphs[size] = graph
+        torch.cuda.synchronize()
+        log.info("captured decode CUDA graphs for batch sizes %s", sizes)
+
+    def _replay(self, size: int, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        b = input_ids.shape[0]
+        self._g_ids[:b].copy_(input_ids)
+        self._g_pos[:b].copy_(meta.positions)
+        self._g_slots[:b].copy_(meta.slot_mapping)
+        self._g_slots[b:size].fill_(-1)
+        self._g_lens[:b].copy_(meta.seq_lens)
+        self._g_lens[b:size].fill_(1)
+        width = meta.block_tables.shape[1]
+        self._g_tables[:b, :width].copy_(meta.block_tables)
+        self.graphs[size].replay()
+        return self._g_out[size]

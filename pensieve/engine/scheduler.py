@@ -1,0 +1,140 @@
+"""Iteration-level scheduling: each step is one ragged batch of decode tokens and prefill chunks.
+
+The scheduler knows no phases: every sequence has pending positions (a new
+prompt, a prompt chunk left over, a dropped prefix to recompute, the one
+token of a decode) and each step takes some of them under a token budget.
+Running sequences go first; waiting ones are admitted while the budget,
+the sequence cap and the free blocks allow. When blocks run out, the most
+recently arrived running sequence is preempted: its full blocks stay in the
+cache, so taking it up again mostly reuses them.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from pensieve.cache.block_keys import extend_block_keys
+from pensieve.cache.manager import KVCacheManager, TransferPlan
+from pensieve.config import CacheConfig, SchedulerConfig
+from pensieve.engine.outputs import CacheUsage
+from pensieve.engine.sequence import SeqStatus, Sequence
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    seq: Sequence
+    ranges: tuple[tuple[int, int], ...]   # positions whose KV this step computes, ascending
+    sample: bool                          # the chunk reaches the last token: sample the next one
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(hi - lo for lo, hi in self.ranges)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    chunks: tuple[ScheduledChunk, ...]
+    transfers: TransferPlan
+    preempted: tuple[Sequence, ...]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, cfg: SchedulerConfig, cache_cfg: CacheConfig, kv: KVCacheManager) -> None:
+        self.cfg = cfg
+        self.kv = kv
+        self.block_size = cache_cfg.block_size
+        self.admit_reserve = int(cache_cfg.admit_watermark * kv.num_gpu_blocks)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, request_id: str) -> Sequence | None:
+        """Take a request out wherever it is and free its blocks at once."""
+        for seq in self.running:
+            if seq.request_id == request_id:
+                self.running.remove(seq)
+                self.kv.release(seq.block_table)
+                seq.status = SeqStatus.FINISHED
+                return seq
+        for seq in self.waiting:
+            if seq.request_id == request_id:
+                self.waiting.remove(seq)
+                seq.status = SeqStatus.FINISHED
+                return seq
+        return None
+
+    def finish(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.kv.release(seq.block_table)
+        seq.status = SeqStatus.FINISHED
+
+    def schedule(self) -> StepPlan:
+        budget = self.cfg.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        preempted: list[Sequence] = []
+        for seq in list(self.running):
+            if seq.status is not SeqStatus.RUNNING or budget == 0:
+                continue
+            n = min(seq.num_pending, budget)
+            if n == 0:
+                continue
+            while not self.kv.grow(seq.block_table, seq.num_tokens):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status is not SeqStatus.RUNNING:
+                continue
+            chunks.append(self._chunk(seq, n))
+            budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs and not preempted:
+            seq = self.waiting[0]
+            extend_block_keys(seq.block_keys, seq.token_ids, self.block_size)
+            reserve = self.admit_reserve if self.running else 0
+            adm = self.kv.admit(seq.block_keys, seq.num_tokens, reserve, seq.conversation_id)
+            if adm is None:
+                break
+            self.waiting.popleft()
+            seq.block_table, seq.pending = adm.block_table, adm.pending
+            seq.num_committed_blocks = 0
+            if seq.num_preemptions == 0:  # a resumed request reports its first admission's hits
+                seq.cache = CacheUsage(adm.gpu_hit_tokens, adm.cpu_hit_tokens, adm.recomputed_tokens)
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            n = min(seq.num_pending, budget)
+            chunks.append(self._chunk(seq, n))
+            budget -= n
+        self.kv.plan_swap_out()
+        return StepPlan(tuple(chunks), self.kv.take_plan(), tuple(preempted))
+
+    def _chunk(self, seq: Sequence, n: int) -> ScheduledChunk:
+        ranges = tuple(seq.take_pending(n))
+        return ScheduledChunk(seq, ranges, sample=not seq.pending and ranges[-1][1] == seq.num_tokens)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.kv.release(seq.block_table)
+        seq.pending = []
+        seq.status = SeqStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def commit_computed(self, chunk: ScheduledChunk) -> None:
+        """Offer every block this chunk completed to the cache (prompt and generated tokens alike)."""
+        seq, bs = chunk.seq, self.block_size
+        extend_block_keys(seq.block_keys, seq.token_ids, bs)
+        for lo, hi in chunk.ranges:
+            for i in range(lo // bs, hi // bs):
+                self.kv.commit_block(seq.block_table, i, seq.block_keys[i])

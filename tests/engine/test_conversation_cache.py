@@ -1,0 +1,147 @@
+"""Caching never changes an answer: multi-turn conversations through every cache mode, tiny pools included."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from pensieve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from pensieve.engine.llm_engine import LLMEngine
+from pensieve.model.random_checkpoint import make_random_checkpoint
+from pensieve.sampling_params import SamplingParams
+
+BS = 4
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_random_checkpoint(tmp_path_factory.mktemp("llama"), "llama", seed=1, initializer_range=0.1)
+
+
+def make_engine(path, mode: str, num_gpu_blocks: int, num_cpu_blocks: int = 0, **cache_kw) -> LLMEngine:
+    return LLMEngine(EngineConfig(
+        model=ModelConfig(model=str(path), max_model_len=256),
+        cache=CacheConfig(block_size=BS, cache_mode=mode, num_gpu_blocks=num_gpu_blocks,
+                          num_cpu_blocks=num_cpu_blocks, **cache_kw),
+        scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=48),
+        device="cpu", enforce_eager=True))
+
+
+def run_all(engine: LLMEngine) -> dict:
+    done = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    return done
+
+
+def converse(engine: LLMEngine, num_convs: int = 6, num_turns: int = 4, seed: int = 0) -> dict:
+    """Interleaved multi-turn chats; each turn appends the reply and new user tokens to the history."""
+    rng = random.Random(seed)
+    vocab = engine.hf_config.vocab_size
+    histories = {f"conv{i}": [rng.randrange(10, vocab) for _ in range(rng.randrange(3, 12))] for i in range(num_convs)}
+    results = {}
+    for turn in range(num_turns):
+        for cid, hist in histories.items():
+            params = SamplingParams(temperature=0.0, max_tokens=rng.randrange(3, 8), ignore_eos=True)
+            engine.add_request(f"{cid}-t{turn}", hist, params, conversation_id=cid)
+        done = run_all(engine)
+        for cid in histories:
+            out = done[f"{cid}-t{turn}"]
+            results[(cid, turn)] = (out.outputs[0].token_ids, out.cache)
+            histories[cid] = hist_next = out.prompt_token_ids + out.outputs[0].token_ids
+            histories[cid] = hist_next + [rng.randrange(10, vocab) for _ in range(rng.randrange(1, 10))]
+    return results
+
+
+@pytest.fixture(scope="module")
+def stateless_results(checkpoint):
+    return converse(make_engine(checkpoint, "stateless", num_gpu_blocks=256))
+
+
+@pytest.mark.parametrize("mode,gpu,cpu,expect", [
+    ("gpu", 256, 0, "hits"),          # everything fits: pure reuse
+    ("gpu", 32, 0, "drops"),          # GPU pressure, no CPU tier: evict and recompute
+    ("tiered", 32, 128, "swaps"),     # GPU pressure, roomy CPU tier: swap out and back in
+    ("tiered", 32, 16, "all"),        # both tiers tight: swaps and drops
+])
+def test_cached_outputs_equal_stateless(checkpoint, stateless_results, mode, gpu, cpu, expect):
+    engine = make_engine(checkpoint, mode, num_gpu_blocks=gpu, num_cpu_blocks=cpu, swap_out_watermark=0.5)
+    results = converse(engine)
+    for key, (tokens, _) in stateless_results.items():
+        assert results[key][0] == tokens, f"{mode} diverged from stateless at {key}"
+    s = engine.stats()
+    assert s.gpu_hit_tokens + s.cpu_hit_tokens > 0
+    if expect in ("swaps", "all"):
+        assert s.swapped_out_blocks > 0 and s.swapped_in_blocks > 0 and s.cpu_hit_tokens > 0
+    if expect in ("drops", "all"):
+        assert s.dropped_blocks > 0 and s.recomputed_tokens > 0
+    engine.kv.check_integrity()
+    for i in range(6):
+        assert engine.delete_conversation(f"conv{i}")
+    engine.kv.check_integrity()
+    assert engine.kv.num_free_gpu == engine.kv.num_gpu_blocks
+    assert engine.kv.num_used_cpu == 0
+
+
+def test_second_turn_prefills_only_new_tokens(checkpoint):
+    engine = make_engine(checkpoint, "tiered", num_gpu_blocks=256, num_cpu_blocks=64)
+    prompt = list(range(20, 33))
+    engine.add_request("t0", prompt, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), "c")
+    first = run_all(engine)["t0"]
+    history = first.prompt_token_ids + first.outputs[0].token_ids   # 19 tokens, the last one never computed
+    engine.add_request("t1", history + [40, 41, 42], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True), "c")
+    second = run_all(engine)["t1"]
+    assert second.cache.gpu_hit_tokens == ((len(history) - 1) // BS) * BS == 16
+    assert second.cache.cpu_hit_tokens == 0 and second.cache.recomputed_tokens == 0
+    assert engine.stats().prompt_tokens == len(prompt) + len(history) + 3
+
+
+def test_output_does_not_depend_on_the_batch(checkpoint):
+    engine = make_engine(checkpoint, "gpu", num_gpu_blocks=256)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    engine.add_request("alone", list(range(30, 45)), params)
+    alone = run_all(engine)["alone"].outputs[0].token_ids
+    engine2 = make_engine(checkpoint, "gpu", num_gpu_blocks=256)
+    for i in range(5):
+        engine2.add_request(f"other{i}", list(range(50 + i, 70 + 3 * i)), params)
+    engine2.add_request("crowd", list(range(30, 45)), params)
+    assert run_all(engine2)["crowd"].outputs[0].token_ids == alone
+
+
+def test_preemption_keeps_outputs_and_frees_blocks(checkpoint, stateless_results):
+    # 20 blocks of 4 tokens cannot hold 6 growing conversations at once: decodes preempt
+    engine = make_engine(checkpoint, "gpu", num_gpu_blocks=20)
+    results = converse(engine)
+    for key, (tokens, _) in stateless_results.items():
+        assert results[key][0] == tokens
+    assert engine.stats().preemptions > 0
+    engine.kv.check_integrity()
+
+
+def test_abort_frees_every_block(checkpoint):
+    engine = make_engine(checkpoint, "tiered", num_gpu_blocks=64, num_cpu_blocks=16)
+    params = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
+    for i in range(3):
+        engine.add_request(f"r{i}", list(range(10 + i, 40 + i)), params)
+    for _ in range(3):
+        engine.step()
+    assert engine.kv.num_used_gpu > 0
+    for i in range(3):
+        out = engine.abort_request(f"r{i}")
+        assert out is not None and out.finished and out.outputs[0].finish_reason == "abort"
+    assert not engine.has_unfinished()
+    assert engine.kv.num_used_gpu == 0
+    engine.kv.check_integrity()
+    assert engine.abort_request("r0") is None
+
+
+def test_invalid_prompts_are_refused_with_numbers(checkpoint):
+    engine = make_engine(checkpoint, "gpu", num_gpu_blocks=256)
+    with pytest.raises(ValueError, match="256"):
+        engine.add_request("long", list(range(300)), SamplingParams())
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request("empty", [], SamplingParams())
+    with pytest.raises(ValueError, match="max_tokens"):
+        engine.add_request("big", [1, 2, 3], SamplingParams(max_tokens=300))

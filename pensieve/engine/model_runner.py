@@ -124,25 +124,27 @@ class ModelRunner:
 
     def _prepare(self, plan: StepPlan, wait) -> tuple[torch.Tensor, AttentionMetadata, list[int]]:
         bs = self.block_size
-        ids, pos, slots, qsl, seq_lens, tables, logits_rows = [], [], [], [0], [], [], []
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        qsl, seq_lens, tables, logits_rows = [0], [], [], []
         for chunk in plan.chunks:
             seq = chunk.seq
-            p = np.concatenate([np.arange(lo, hi) for lo, hi in chunk.ranges])
-            table = np.asarray(seq.block_table, dtype=np.int64)
-            tokens = np.asarray(seq.token_ids, dtype=np.int64)
-            ids.append(tokens[p])
-            pos.append(p)
-            slots.append(table[p // bs] * bs + p % bs)
-            qsl.append(qsl[-1] + len(p))
-            seq_lens.append(int(p[-1]) + 1)
-            tables.append(seq.block_table)
+            table, tokens = seq.block_table, seq.token_ids
+            for lo, hi in chunk.ranges:  # plain lists: a decode step is one token per sequence
+                ids.extend(tokens[lo:hi])
+                r = range(lo, hi)
+                pos.extend(r)
+                slots.extend(table[p // bs] * bs + p % bs for p in r)
+            qsl.append(len(pos))
+            seq_lens.append(chunk.ranges[-1][1])
+            tables.append(table)
             if chunk.sample:
                 logits_rows.append(qsl[-1] - 1)
-        positions = np.concatenate(pos)
         max_q = max(b - a for a, b in zip(qsl, qsl[1:]))
-        meta = self._metadata(positions, np.array(qsl), np.array(seq_lens), tables, np.concatenate(slots),
+        meta = self._metadata(np.array(pos), np.array(qsl), np.array(seq_lens), tables, np.array(slots),
                               max_q, decode_only=max_q == 1, wait=wait)
-        input_ids = torch.from_numpy(np.concatenate(ids))
+        input_ids = torch.tensor(ids, dtype=torch.int64)
         input_ids = input_ids.pin_memory().to(self.device, non_blocking=True) if self.on_cuda else input_ids
         return input_ids, meta, logits_rows
 
@@ -170,9 +172,11 @@ class ModelRunner:
         idx = torch.tensor(rows, device=hidden.device)
         logits = self.model.compute_logits(hidden.index_select(0, idx))
         seqs = [c.seq for c in chunks]
-        batch = SamplingBatch.build([s.params for s in seqs], [s.token_ids[:s.num_prompt_tokens] for s in seqs],
-                                    [s.output_token_ids for s in seqs], self.eos_token_ids, logits.shape[-1],
-                                    logits.device)
+        params = [s.params for s in seqs]
+        # prompt ids matter only to the repetition penalty: skip copying long prompts otherwise
+        prompts = [s.token_ids[:s.num_prompt_tokens] if p.repetition_penalty != 1.0 else [] for s, p in zip(seqs, params)]
+        batch = SamplingBatch.build(params, prompts, [s.output_token_ids for s in seqs], self.eos_token_ids,
+                                    logits.shape[-1], logits.device)
         out: SamplerOutput = self.sampler(logits, batch)
         tokens = out.token_ids.tolist()
         logprobs = None

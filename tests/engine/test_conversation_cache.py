@@ -1,6 +1,7 @@
 """Caching never changes an answer: multi-turn conversations through every cache mode, tiny pools included."""
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -11,6 +12,8 @@ from pensieve.model.random_checkpoint import make_random_checkpoint
 from pensieve.sampling_params import SamplingParams
 
 BS = 4
+# The same tests exercise the CUDA path (Triton kernels, copy stream, events, graphs) on a GPU machine.
+DEVICE = os.environ.get("PENSIEVE_TEST_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +27,7 @@ def make_engine(path, mode: str, num_gpu_blocks: int, num_cpu_blocks: int = 0, *
         cache=CacheConfig(block_size=BS, cache_mode=mode, num_gpu_blocks=num_gpu_blocks,
                           num_cpu_blocks=num_cpu_blocks, **cache_kw),
         scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=48),
-        device="cpu", enforce_eager=True))
+        device=DEVICE, enforce_eager=DEVICE == "cpu"))
 
 
 def run_all(engine: LLMEngine) -> dict:

@@ -1,0 +1,291 @@
+"""GPU benchmark of the engine: prefill and decode against the hardware floors, HF transformers
+side by side, and the CPU tier's swap-in bandwidth and overlap with the forward.
+
+Run on the GPU machine (random-weight checkpoints of real shapes, built here, loaded through the
+real loader):
+    python benchmarks/engine_bench.py --models llama-3.1-8b,llama-2-13b-gqa10 --out benchmarks/results/engine
+Writes engine.json and engine.md to --out and prints the table last.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pensieve.cache.manager import TransferPlan  # noqa: E402
+from pensieve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig  # noqa: E402
+from pensieve.engine.llm_engine import LLMEngine  # noqa: E402
+from pensieve.model.random_checkpoint import make_random_checkpoint  # noqa: E402
+from pensieve.sampling_params import SamplingParams  # noqa: E402
+
+PEAK_TFLOPS = 793.0     # measured bf16 GEMM on the H100 (DESIGN.md §5)
+HBM_TBPS = 3.0          # measured device copy bandwidth
+PCIE_GBPS = 54.0        # measured pinned host->device
+
+
+def sync() -> None:
+    torch.cuda.synchronize()
+
+
+def build(size: str, root: Path) -> Path:
+    arch = "opt" if size.startswith("opt") else "llama"
+    path = root / size
+    if not (path / "config.json").exists():
+        t = time.time()
+        make_random_checkpoint(path, arch, size=size, dtype=torch.bfloat16, seed=0, device="cuda")
+        print(f"built {size} in {time.time() - t:.0f}s", flush=True)
+    return path
+
+
+def engine_for(path: Path, mode: str = "tiered", **kw) -> LLMEngine:
+    cache_kw = dict(num_gpu_blocks=kw.pop("num_gpu_blocks", None), num_cpu_blocks=kw.pop("num_cpu_blocks", 4096),
+                    gpu_memory_utilization=kw.pop("gpu_memory_utilization", 0.85))
+    return LLMEngine(EngineConfig(
+        model=ModelConfig(model=str(path), dtype="bfloat16", max_model_len=kw.pop("max_model_len", 8192)),
+        cache=CacheConfig(cache_mode=mode, **cache_kw),
+        scheduler=SchedulerConfig(max_num_seqs=kw.pop("max_num_seqs", 128),
+                                  max_num_batched_tokens=kw.pop("max_num_batched_tokens", 8192)),
+        device="cuda", enforce_eager=kw.pop("enforce_eager", False)))
+
+
+def drain(engine: LLMEngine) -> None:
+    while engine.has_unfinished():
+        engine.step()
+
+
+def bench_prefill(engine: LLMEngine, tokens: int, per_seq: int, num_params: int, cfg) -> dict:
+    greedy = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    times = []
+    for rep in range(4):
+        for i in range(tokens // per_seq):
+            ids = torch.randint(10, cfg.vocab_size - 10, (per_seq,)).tolist()
+            engine.add_request(f"p{rep}-{i}", ids, greedy)
+        sync()
+        t = time.perf_counter()
+        engine.step()
+        sync()
+        times.append(time.perf_counter() - t)
+        drain(engine)
+    dt = sorted(times[1:])[len(times[1:]) // 2]
+    n = (tokens // per_seq) * per_seq
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    attn = 2 * 2 * cfg.num_hidden_layers * cfg.num_attention_heads * hd * (per_seq * per_seq / 2) * (tokens // per_seq)
+    flops = 2 * num_params * n + attn
+    return dict(kind="prefill", tokens=n, seq_len=per_seq, ms=dt * 1e3, tokens_per_s=n / dt,
+                tflops=flops / dt / 1e12, frac_peak=flops / dt / 1e12 / PEAK_TFLOPS)
+
+
+def bench_decode(engine: LLMEngine, batch: int, ctx: int, weight_bytes: int, kv_bytes_per_token: int, cfg) -> dict:
+    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"d{batch}-{i}", torch.randint(10, cfg.vocab_size - 10, (ctx,)).tolist(), params)
+    while any(s.pending and s.num_pending > 1 for s in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()  # prefill everything first
+    for _ in range(3):
+        engine.step()
+    sync()
+    steps = 20
+    t = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    sync()
+    dt = (time.perf_counter() - t) / steps
+    drain(engine)
+    floor = weight_bytes / (HBM_TBPS * 1e12)
+    kv_floor = (weight_bytes + batch * (ctx + 32) * kv_bytes_per_token) / (HBM_TBPS * 1e12)
+    return dict(kind="decode", batch=batch, ctx=ctx, ms=dt * 1e3, weight_floor_ms=floor * 1e3,
+                x_weight_floor=dt / floor, x_bytes_floor=dt / kv_floor, tokens_per_s=batch / dt)
+
+
+def bench_swap(engine: LLMEngine, num_tokens: int) -> dict:
+    """Swap-in bandwidth, and how much of it hides behind a forward of the same step."""
+    runner, kv = engine.runner, engine.kv
+    bs = runner.block_size
+    n_blocks = num_tokens // bs
+    gpu_ids = list(range(n_blocks))
+    cpu_ids = list(range(n_blocks))
+    plan = TransferPlan(swap_in=list(zip(cpu_ids, gpu_ids)))
+    bytes_moved = runner.cpu_tier[:, :n_blocks].numel() * runner.cpu_tier.element_size()
+
+    def copy_only() -> None:
+        runner.transfer.start(plan)
+        runner.transfer.finish()
+
+    for _ in range(3):
+        copy_only()
+    sync()
+    t = time.perf_counter()
+    for _ in range(10):
+        copy_only()
+    sync()
+    copy_s = (time.perf_counter() - t) / 10
+
+    # a prefill step of 2k new tokens that also reads the swapped-in blocks as its context
+    cfg = engine.hf_config
+    new = 2048
+    ctx_blocks = list(range(n_blocks))
+    fresh = list(range(n_blocks, n_blocks + new // bs))
+    import numpy as np
+
+    positions = np.arange(num_tokens, num_tokens + new)
+    meta_args = dict(positions=positions, qsl=np.array([0, new]), seq_lens=np.array([num_tokens + new]),
+                     tables=[ctx_blocks + fresh],
+                     slots=np.array([fresh[(p - num_tokens) // bs] * bs + p % bs for p in positions]),
+                     max_q=new, decode_only=False)
+    ids = torch.randint(10, cfg.vocab_size - 10, (new,), device="cuda")
+
+    def forward(wait) -> None:
+        meta = runner._metadata(**meta_args, wait=wait)
+        with torch.inference_mode():
+            runner.model(ids, meta.positions, runner.kv_caches, meta)
+
+    for _ in range(3):
+        forward(None)
+    sync()
+    t = time.perf_counter()
+    for _ in range(10):
+        forward(None)
+    sync()
+    fwd_s = (time.perf_counter() - t) / 10
+
+    def both(pipelined: bool) -> float:
+        runner.transfer.pipelined = pipelined
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(10):
+            wait = runner.transfer.start(plan)
+            forward(wait)
+            runner.transfer.finish()
+        sync()
+        return (time.perf_counter() - t0) / 10
+
+    both(True)
+    pipe_s = both(True)
+    serial_s = both(False)
+    runner.transfer.pipelined = True
+    hidden = max(0.0, min(1.0, (fwd_s + copy_s - pipe_s) / copy_s))
+    return dict(kind="swap", tokens=num_tokens, blocks=n_blocks, gb=bytes_moved / 1e9, copy_ms=copy_s * 1e3,
+                gbps=bytes_moved / copy_s / 1e9, frac_pcie=bytes_moved / copy_s / 1e9 / PCIE_GBPS,
+                forward_ms=fwd_s * 1e3, pipelined_ms=pipe_s * 1e3, serial_ms=serial_s * 1e3, hidden_share=hidden)
+
+
+def bench_transformers(path: Path, prompts: list[list[int]], max_new: int) -> dict:
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16, device_map="cuda")
+    gen = GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=None, pad_token_id=0)
+    model.generate_batch(inputs=prompts[:4], generation_config=gen)  # warm-up
+    sync()
+    t = time.perf_counter()
+    out = model.generate_batch(inputs=prompts, generation_config=gen)
+    sync()
+    dt = time.perf_counter() - t
+    n_out = sum(len(getattr(r, "generated_tokens", []) or []) for r in out.values()) if isinstance(out, dict) else 0
+    del model
+    torch.cuda.empty_cache()
+    return dict(kind="hf_generate_batch", requests=len(prompts), seconds=dt, output_tokens=n_out or len(prompts) * max_new)
+
+
+def bench_pensieve_batch(engine: LLMEngine, prompts: list[list[int]], max_new: int) -> dict:
+    params = SamplingParams(temperature=0, max_tokens=max_new, ignore_eos=True)
+    for i, p in enumerate(prompts[:4]):
+        engine.add_request(f"w{i}", p, params)
+    drain(engine)
+    sync()
+    t = time.perf_counter()
+    for i, p in enumerate(prompts):
+        engine.add_request(f"b{i}", p, params)
+    drain(engine)
+    sync()
+    return dict(kind="pensieve_batch", requests=len(prompts), seconds=time.perf_counter() - t,
+                output_tokens=len(prompts) * max_new)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="llama-3.1-8b")
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results/engine"))
+    ap.add_argument("--ckpt-dir", default="/tmp/pensieve-ckpt")
+    ap.add_argument("--decode-batches", default="1,8,32,64")
+    ap.add_argument("--decode-ctx", type=int, default=1024)
+    ap.add_argument("--hf", action="store_true", help="also run HF transformers generate_batch")
+    ap.add_argument("--hf-requests", type=int, default=64)
+    ap.add_argument("--keep-ckpt", action="store_true")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    device = torch.cuda.get_device_name()
+    for size in args.models.split(","):
+        path = build(size, Path(args.ckpt_dir))
+        engine = engine_for(path, num_cpu_blocks=8192)
+        cfg = engine.hf_config
+        num_params = sum(p.numel() for p in engine.runner.model.parameters())
+        weight_bytes = num_params * 2
+        spec = engine.runner.kv_spec
+        kv_per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * 2
+        base = dict(model=size, device=device, params_b=num_params / 1e9)
+        for per_seq in (4096, 1024):
+            r = bench_prefill(engine, 4096 if per_seq == 4096 else 8192, per_seq, num_params, cfg)
+            rows.append({**base, **r})
+            print(rows[-1], flush=True)
+        for b in map(int, args.decode_batches.split(",")):
+            rows.append({**base, **bench_decode(engine, b, args.decode_ctx, weight_bytes, kv_per_token, cfg)})
+            print(rows[-1], flush=True)
+        for n in (1024, 4096):
+            rows.append({**base, **bench_swap(engine, n)})
+            print(rows[-1], flush=True)
+        if args.hf:
+            g = torch.Generator().manual_seed(0)
+            prompts = [torch.randint(10, cfg.vocab_size - 10, (int(torch.randint(128, 1024, (1,), generator=g)),),
+                                     generator=g).tolist() for _ in range(args.hf_requests)]
+            ours = bench_pensieve_batch(engine, prompts, 128)
+            rows.append({**base, **ours})
+            del engine
+            torch.cuda.empty_cache()
+            try:
+                hf = bench_transformers(path, prompts, 128)
+                hf["pensieve_speedup"] = hf["seconds"] / ours["seconds"]
+            except Exception as exc:  # report, never sink the whole run
+                hf = dict(kind="hf_generate_batch", error=repr(exc)[:300])
+            rows.append({**base, **hf})
+            print(rows[-1], flush=True)
+        else:
+            del engine
+        torch.cuda.empty_cache()
+        if not args.keep_ckpt:
+            shutil.rmtree(path, ignore_errors=True)
+    (out / "engine.json").write_text(json.dumps(dict(device=device, command=" ".join(sys.argv), rows=rows), indent=1))
+    lines = [f"# Engine benchmark on {device}", "", f"`{' '.join(sys.argv)}`", ""]
+    lines += ["| model | kind | shape | ms | result |", "|---|---|---|---|---|"]
+    for r in rows:
+        if r["kind"] == "prefill":
+            shape, res = f"{r['tokens']} tok ({r['seq_len']}/seq)", f"{r['tflops']:.0f} TFLOP/s = {r['frac_peak']:.0%} of peak"
+        elif r["kind"] == "decode":
+            shape, res = f"batch {r['batch']}, ctx {r['ctx']}", f"{r['x_weight_floor']:.2f}x weight floor ({r['weight_floor_ms']:.2f} ms)"
+        elif r["kind"] == "swap":
+            shape = f"{r['tokens']} tok, {r['gb']:.2f} GB"
+            res = f"{r['gbps']:.1f} GB/s = {r['frac_pcie']:.0%} of 54; hidden {r['hidden_share']:.0%} (fwd {r['forward_ms']:.1f}, pipe {r['pipelined_ms']:.1f}, serial {r['serial_ms']:.1f} ms)"
+            r = {**r, "ms": r["copy_ms"]}
+        elif r["kind"] == "hf_generate_batch":
+            shape, res = f"{r.get('requests', '')} req", (f"HF {r['seconds']:.1f}s; Pensieve {r['pensieve_speedup']:.2f}x faster" if "seconds" in r else r.get("error", ""))
+            r = {**r, "ms": r.get("seconds", 0) * 1e3}
+        else:
+            shape, res = f"{r['requests']} req", f"{r['output_tokens'] / r['seconds']:.0f} out tok/s"
+            r = {**r, "ms": r["seconds"] * 1e3}
+        lines.append(f"| {r['model']} | {r['kind']} | {shape} | {r['ms']:.2f} | {res} |")
+    (out / "engine.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -170,6 +170,8 @@ class LLMEngine:
             if stop is None:
                 outputs.append(self._output(t, None, None, finished=False))
                 continue
+            if stop.truncate_to is None:
+                t.detok.flush()  # emit a held-back partial character
             self.scheduler.finish(seq)
             if seq.conversation_id is not None:
                 # the last sampled token's KV was never computed: its block is not cached

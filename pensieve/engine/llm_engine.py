@@ -58,7 +58,9 @@ class _Tracked:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, preloaded: tuple | None = None) -> None:
+        """preloaded: (model, hf_config, dtype) from an earlier `load_model`, so that a benchmark
+        comparing cache modes loads the weights once (the model holds no per-engine state)."""
         from transformers import AutoTokenizer
 
         from pensieve.model.loader import load_model, max_context_len, model_kv_spec
@@ -67,7 +69,8 @@ class LLMEngine:
         self.device = resolve_device(config.device)
         mc = config.model
         torch.manual_seed(mc.seed)
-        model, hf_config, dtype = load_model(mc.model, mc.dtype, self.device)
+        model, hf_config, dtype = preloaded or load_model(mc.model, mc.dtype, self.device)
+        self.loaded = (model, hf_config, dtype)
         self.hf_config = hf_config
         self.tokenizer = AutoTokenizer.from_pretrained(mc.tokenizer or mc.model)
         self.max_model_len = min(mc.max_model_len or max_context_len(hf_config), max_context_len(hf_config))

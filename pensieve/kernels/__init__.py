@@ -30,13 +30,34 @@ def _use_triton(t: torch.Tensor) -> bool:
     return backend == "triton"
 
 
+# The Triton modules are imported on first use: @triton.jit fixes interpreter mode when it runs,
+# so importing them here would freeze it before a test or the runner sets TRITON_INTERPRET.
+
+
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    if _use_triton(q):
+        from pensieve.kernels.attention import paged_attention_triton
+
+        return paged_attention_triton(q, kv_cache, meta, scale)
     return paged_attention_reference(q, kv_cache, meta, scale)
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    if _use_triton(k):
+        from pensieve.kernels.store import store_kv_triton
+
+        store_kv_triton(k, v, kv_cache, slot_mapping)
+        return
     store_kv_reference(k, v, kv_cache, slot_mapping)
 
 
 def copy_blocks(src: torch.Tensor, dst: torch.Tensor, src_ids: torch.Tensor, dst_ids: torch.Tensor) -> None:
+    # The kernel needs a CUDA side (the other may be pinned host memory, mapped through UVA);
+    # CPU<->CPU copies always use the reference.
+    gpu_side = src if src.is_cuda else dst
+    if gpu_side.is_cuda and _use_triton(gpu_side):
+        from pensieve.kernels.block_copy import copy_blocks_triton
+
+        copy_blocks_triton(src, dst, src_ids, dst_ids)
+        return
     copy_blocks_reference(src, dst, src_ids, dst_ids)

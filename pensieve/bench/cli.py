@@ -1,0 +1,359 @@
+"""`pensieve bench`: run the multi-turn workload against one or more systems and write the report.
+
+The top-level CLI calls `add_bench_arguments(parser)` and `run_bench(args)`; benchmarks/multiturn.py reuses
+them with checkpoint building on top.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from pensieve.bench.backends import (Backend, EngineBackend, HttpBackend, SystemSpec, TransformersBackend,
+                                     blocks_for_budget, kv_bytes_per_token, parse_system)
+from pensieve.bench.datasets import (DEFAULT_MAX_CONTEXT, SYNTHETIC_SPECS, Conversation, SyntheticSpec, cap_context,
+                                     conversation_stats, generate_synthetic, load_sharegpt, load_ultrachat,
+                                     vocab_ids_of)
+from pensieve.bench.metrics import headline, stats_delta, summarize
+from pensieve.bench.report import write_report
+from pensieve.bench.runner import describe_run, run_schedule, warm_up
+from pensieve.bench.workload import WorkloadConfig, build_schedule, num_arrivals
+
+DATASETS = ("synthetic-sharegpt", "synthetic-ultrachat", "sharegpt", "ultrachat")
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `pensieve bench` (and of benchmarks/multiturn.py)."""
+    g = parser.add_argument_group("systems")
+    g.add_argument("--systems", default="tiered,gpu,stateless",
+                   help="comma list: tiered, gpu, stateless (suffixes -lru, -noaot, -nopipe make ablation "
+                        "variants, e.g. tiered-lru), transformers (HF continuous batching), http (--url)")
+    g.add_argument("--model", default=None, help="checkpoint directory (default: the demo model)")
+    g.add_argument("--tokenizer", default=None, help="tokenizer directory for http runs (default: the model's)")
+    g.add_argument("--dtype", default="auto")
+    g.add_argument("--device", default="auto")
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--gpu-kv-gb", type=float, default=None,
+                   help="GPU KV budget per system in GiB (-> num_gpu_blocks; transformers gets the same tokens)")
+    g.add_argument("--num-gpu-blocks", type=int, default=None, help="overrides --gpu-kv-gb")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    g.add_argument("--cpu-kv-gb", type=float, default=None, help="CPU tier size of tiered systems in GiB")
+    g.add_argument("--num-cpu-blocks", type=int, default=None, help="overrides --cpu-kv-gb")
+    g.add_argument("--eviction-policy", choices=("retention", "lru"), default="retention")
+    g.add_argument("--no-aot-swap-out", action="store_true", help="disable ahead-of-time swap-out (ablation)")
+    g.add_argument("--no-pipelined-swap-in", action="store_true", help="disable layer-wise swap-in (ablation)")
+    g.add_argument("--max-num-seqs", type=int, default=256)
+    g.add_argument("--max-num-batched-tokens", type=int, default=4096)
+    g.add_argument("--enforce-eager", action="store_true")
+    g.add_argument("--url", default=None, help="base URL of a running OpenAI-compatible server (system http)")
+    g.add_argument("--served-model", default=None, help="model name at --url (default: the first listed)")
+    g.add_argument("--api-key", default=None)
+    g.add_argument("--api", choices=("completions", "chat"), default="completions",
+                   help="http: token-id prompts to /v1/completions, or chat messages to /v1/chat/completions")
+    g.add_argument("--transformers-page-size", type=int, default=256)
+    g.add_argument("--transformers-prefix-sharing", action="store_true",
+                   help="let transformers share prefix blocks (off: a stateless baseline)")
+
+    w = parser.add_argument_group("workload")
+    w.add_argument("--dataset", choices=DATASETS, default="synthetic-sharegpt")
+    w.add_argument("--dataset-path", default=None, help="ShareGPT JSON or UltraChat JSONL file")
+    w.add_argument("--rates", default="0.5,1,2,4", help="conversation arrival rates (per second) to sweep")
+    w.add_argument("--duration", type=float, default=60.0,
+                   help="seconds during which new conversations arrive (0: no limit, needs --max-conversations)")
+    w.add_argument("--max-conversations", type=int, default=None, help="cap on conversations per rate")
+    w.add_argument("--think-time", type=float, default=60.0, help="mean think time between turns (s)")
+    w.add_argument("--time-limit", type=float, default=None,
+                   help="seconds after which no new turn starts in a rate point (default: none)")
+    w.add_argument("--warmup", type=float, default=0.0, help="turns sent before this many seconds are not measured")
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--max-context", type=int, default=DEFAULT_MAX_CONTEXT)
+    w.add_argument("--turns-mean", type=float, default=None, help="synthetic: override the mean turns")
+    w.add_argument("--input-mean", type=float, default=None, help="synthetic: override mean input tokens/turn")
+    w.add_argument("--output-mean", type=float, default=None, help="synthetic: override mean output tokens/turn")
+    w.add_argument("--max-input-tokens", type=int, default=None, help="clip user turns (quick runs)")
+    w.add_argument("--max-output-tokens", type=int, default=None, help="clip reply lengths (quick runs)")
+    w.add_argument("--end-conversations", action="store_true",
+                   help="delete a conversation's cache after its last turn (default: keep it until evicted)")
+
+    r = parser.add_argument_group("report")
+    r.add_argument("--bounds", default="0.05,0.1,0.15,0.2", help="normalized-latency bounds (s/token)")
+    r.add_argument("--x-axis", choices=("throughput_rps", "rate"), default="throughput_rps",
+                   help="x of the sustained-rate interpolation: measured requests/s or conversation rate")
+    r.add_argument("--out", default="bench_results", help="output directory")
+    r.add_argument("--save-records", action="store_true", help="also write every turn to records.jsonl")
+    r.add_argument("--no-progress", action="store_true")
+
+
+def _model_path(args: argparse.Namespace) -> str:
+    if args.model:
+        return str(args.model)
+    from pensieve.demo import demo_model_path
+
+    return str(demo_model_path())
+
+
+def _resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_name(device: str) -> str:
+    """The GPU's name, or "cpu"."""
+    if device.startswith("cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    return device if device == "remote" else "cpu"
+
+
+def kv_budget(args: argparse.Namespace, model_path: str, device: str) -> dict[str, Any]:
+    """num_gpu_blocks / num_cpu_blocks from the GiB budgets and the model's KV bytes per token."""
+    try:
+        per_token = kv_bytes_per_token(model_path, args.dtype, device)
+    except (OSError, KeyError, ValueError):
+        per_token = None
+    gpu_blocks = args.num_gpu_blocks
+    if gpu_blocks is None and args.gpu_kv_gb is not None and per_token:
+        gpu_blocks = blocks_for_budget(args.gpu_kv_gb, per_token, args.block_size)
+    cpu_blocks = args.num_cpu_blocks
+    if cpu_blocks is None and args.cpu_kv_gb is not None and per_token:
+        cpu_blocks = blocks_for_budget(args.cpu_kv_gb, per_token, args.block_size)
+    return {"kv_bytes_per_token": per_token, "block_size": args.block_size, "num_gpu_blocks": gpu_blocks,
+            "num_cpu_blocks": cpu_blocks, "gpu_kv_gb": args.gpu_kv_gb, "cpu_kv_gb": args.cpu_kv_gb,
+            "gpu_kv_tokens": None if gpu_blocks is None else gpu_blocks * args.block_size,
+            "cpu_kv_tokens": None if cpu_blocks is None else cpu_blocks * args.block_size}
+
+
+def engine_config(spec: SystemSpec, args: argparse.Namespace, model_path: str, budget: dict[str, Any]) -> Any:
+    from pensieve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+
+    cache: dict[str, Any] = dict(
+        block_size=args.block_size, cache_mode=spec.cache_mode, gpu_memory_utilization=args.gpu_memory_utilization,
+        num_gpu_blocks=budget["num_gpu_blocks"], eviction_policy=args.eviction_policy,
+        ahead_of_time_swap_out=not args.no_aot_swap_out, pipelined_swap_in=not args.no_pipelined_swap_in)
+    if spec.cache_mode == "tiered":
+        cache["num_cpu_blocks"] = budget["num_cpu_blocks"]
+        cache["cpu_cache_gb"] = args.cpu_kv_gb
+    else:
+        cache["num_cpu_blocks"] = 0          # only the tiered system has a CPU tier
+    cache.update(dict(spec.overrides))
+    return EngineConfig(
+        model=ModelConfig(model=model_path, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed),
+        cache=CacheConfig(**cache),
+        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
+        device=args.device, enforce_eager=args.enforce_eager)
+
+
+def make_backend(spec: SystemSpec, args: argparse.Namespace, model_path: str, budget: dict[str, Any]) -> Backend:
+    if spec.kind == "engine":
+        return EngineBackend(spec.name, engine_config(spec, args, model_path, budget))
+    if spec.kind == "transformers":
+        return TransformersBackend(spec.name, model_path, dtype=args.dtype, device=args.device,
+                                   num_kv_tokens=budget["gpu_kv_tokens"], page_size=args.transformers_page_size,
+                                   allow_prefix_sharing=args.transformers_prefix_sharing)
+    if not args.url:
+        raise ValueError("system http needs --url")
+    return HttpBackend(spec.name, args.url, model=args.served_model, api=args.api,
+                       tokenizer_path=args.tokenizer or args.model, api_key=args.api_key)
+
+
+def synthetic_spec(args: argparse.Namespace) -> SyntheticSpec:
+    base = SYNTHETIC_SPECS[args.dataset.removeprefix("synthetic-")]
+    return SyntheticSpec(base.name, mean_turns=args.turns_mean or base.mean_turns,
+                         mean_input_tokens=args.input_mean or base.mean_input_tokens,
+                         mean_output_tokens=args.output_mean or base.mean_output_tokens,
+                         sigma_input=base.sigma_input, sigma_output=base.sigma_output)
+
+
+class ConversationSource:
+    """The conversations of each rate point: the same for every system; disjoint between rate points so that
+    no system can reuse a previous point's cache by content."""
+
+    def __init__(self, args: argparse.Namespace, tokenizer: Any) -> None:
+        self.args = args
+        self.tokenizer = tokenizer
+        self.encode = (lambda s: tokenizer.encode(s, add_special_tokens=False)) if tokenizer is not None else None
+        self.real: list[Conversation] | None = None
+        self.used = 0
+        if not args.dataset.startswith("synthetic"):
+            if not args.dataset_path:
+                raise ValueError(f"--dataset {args.dataset} needs --dataset-path")
+            loader = load_sharegpt if args.dataset == "sharegpt" else load_ultrachat
+            convs = [cap_context(c, args.max_context, self.encode) for c in loader(args.dataset_path, self.encode)]
+            real = [c for c in convs if c is not None]
+            order = np.random.default_rng(args.seed).permutation(len(real))
+            self.real = [self._clip(real[i]) for i in order]
+        self.vocab = vocab_ids_of(tokenizer) if tokenizer is not None else list(range(1000))
+
+    def _clip(self, conv: Conversation) -> Conversation:
+        from dataclasses import replace
+
+        cap = self.args.max_output_tokens
+        if cap is None:
+            return conv
+        return replace(conv, turns=tuple(replace(t, reply_len=min(t.reply_len, cap)) for t in conv.turns))
+
+    def for_point(self, cfg: WorkloadConfig, point_index: int) -> list[Conversation]:
+        n = num_arrivals(cfg)
+        if self.real is None:
+            return generate_synthetic(synthetic_spec(self.args), n, self.vocab, seed=self.args.seed * 1000 + point_index,
+                                      max_context=self.args.max_context, max_input_tokens=self.args.max_input_tokens,
+                                      max_output_tokens=self.args.max_output_tokens, id_prefix=f"p{point_index}")
+        if self.used + n > len(self.real):
+            raise ValueError(f"rate point {point_index} needs {n} conversations; the data set has "
+                             f"{len(self.real) - self.used} left (lower --duration or --max-conversations)")
+        out = self.real[self.used:self.used + n]
+        self.used += n
+        return [Conversation(f"p{point_index}-{c.conv_id}", c.turns, c.system) for c in out]
+
+
+def workload_record(args: argparse.Namespace, rates: Sequence[float]) -> dict[str, Any]:
+    """Everything about the workload a reader needs, scaled time included, exactly as run."""
+    rec: dict[str, Any] = {
+        "dataset": args.dataset, "dataset_path": args.dataset_path, "rates": list(rates),
+        "think_time_mean_s": args.think_time, "duration_s": args.duration, "time_limit_s": args.time_limit,
+        "max_conversations": args.max_conversations, "warmup_s": args.warmup, "seed": args.seed,
+        "max_context": args.max_context, "max_input_tokens": args.max_input_tokens,
+        "max_output_tokens": args.max_output_tokens, "api": args.api, "end_conversations": args.end_conversations,
+    }
+    if args.dataset.startswith("synthetic"):
+        spec = synthetic_spec(args)
+        rec["synthetic"] = {"mean_turns": spec.mean_turns, "mean_input_tokens": spec.mean_input_tokens,
+                            "mean_output_tokens": spec.mean_output_tokens, "turns": "geometric on {1,2,...}",
+                            "lengths": f"lognormal (sigma_in={spec.sigma_input}, sigma_out={spec.sigma_output}), "
+                                       "rounded, clipped to >= 1"}
+    return rec
+
+
+async def bench_async(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    rates = _floats(args.rates)
+    bounds = _floats(args.bounds)
+    specs = [parse_system(s) for s in args.systems.split(",") if s.strip()]
+    if not specs or not rates:
+        raise ValueError("need at least one system and one rate")
+    local = any(s.kind != "http" for s in specs)
+    model_path = _model_path(args) if local or args.model else None
+    device = _resolve_device(args.device)
+    budget = kv_budget(args, model_path, device) if model_path else {}
+    source: ConversationSource | None = None
+    points: dict[str, list[dict[str, Any]]] = {}
+    records: dict[str, list[dict[str, Any]]] = {}
+    describe: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    dataset_stats: dict[str, Any] = {}
+    workloads: dict[int, list[Conversation]] = {}
+    for spec in specs:
+        backend = make_backend(spec, args, model_path or "", budget)
+        try:
+            await backend.start()
+        except Exception as exc:  # one system failing to start must not lose the others' results
+            errors[spec.name] = f"{type(exc).__name__}: {exc}"
+            print(f"[bench] {spec.name}: could not start: {errors[spec.name]}", file=sys.stderr)
+            await _safe_close(backend)
+            continue
+        try:
+            if source is None:
+                source = ConversationSource(args, backend.tokenizer)
+            await warm_up(backend, source.vocab)
+            points[spec.name] = []
+            for i, rate in enumerate(rates):
+                cfg = WorkloadConfig(rate=rate, think_time_mean=args.think_time, duration=args.duration or None,
+                                     max_conversations=args.max_conversations, seed=args.seed + i)
+                if i not in workloads:
+                    workloads[i] = source.for_point(cfg, i)
+                    dataset_stats[f"{rate:g}"] = conversation_stats(workloads[i], source.encode)
+                schedule = build_schedule(workloads[i], cfg)
+                run = await run_schedule(backend, schedule, encode=source.encode, time_limit=args.time_limit,
+                                         end_conversations=args.end_conversations, progress=not args.no_progress,
+                                         desc=f"{spec.name} @ {rate:g} conv/s")
+                for sc in schedule:   # a clean cache for the next point
+                    await backend.end_conversation(sc.conversation.conv_id)
+                points[spec.name].append({"rate": rate, "summary": summarize(run.records, args.warmup),
+                                          "run": describe_run(run),
+                                          "stats_delta": stats_delta(run.stats_before, run.stats_after)})
+                if args.save_records:
+                    records[f"{spec.name}@{rate:g}"] = [r.to_json() for r in run.records]
+                s = points[spec.name][-1]["summary"]
+                print(f"[bench] {spec.name} @ {rate:g} conv/s: {s['throughput_rps']:.3f} req/s, norm latency "
+                      f"mean {_f(s['normalized_latency']['mean'])} P90 {_f(s['normalized_latency']['p90'])} s/tok, "
+                      f"hit rate {100 * s['cache']['hit_rate']:.1f}%", file=sys.stderr)
+            describe[spec.name] = backend.describe()
+        except Exception as exc:
+            errors[spec.name] = f"{type(exc).__name__}: {exc}"
+            print(f"[bench] {spec.name}: failed: {errors[spec.name]}", file=sys.stderr)
+        finally:
+            if spec.name not in describe:
+                describe[spec.name] = backend.describe()
+            await _safe_close(backend)
+    systems = [s.name for s in specs if s.name in points]
+    results: dict[str, Any] = {
+        "device": device_name(device) if local else "remote",
+        "systems": systems,
+        "bounds": bounds,
+        "model": model_path or args.served_model,
+        "kv_budget": budget,
+        "workload": workload_record(args, rates),
+        "dataset_stats": dataset_stats,
+        "points": points,
+        "system_configs": describe,
+        "errors": errors,
+        "command": " ".join(shlex.quote(a) for a in getattr(args, "argv", None) or sys.argv),
+        "host": {"python": platform.python_version(), "platform": platform.platform(), "pid": os.getpid()},
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    results.update(headline({s: points[s] for s in systems}, bounds, x_key=args.x_axis))
+    if extra:
+        results.update(extra)
+    paths = write_report(results, args.out, records if args.save_records else None)
+    print(f"[bench] wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
+    return results
+
+
+def _f(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+async def _safe_close(backend: Backend) -> None:
+    try:
+        await backend.close()
+    except Exception as exc:  # noqa: BLE001 - closing must not hide the results
+        print(f"[bench] {backend.name}: close failed: {exc}", file=sys.stderr)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Entry point of `pensieve bench`: 0 when every system ran, 1 when some failed, 2 on bad arguments."""
+    try:
+        results = asyncio.run(bench_async(args))
+    except ValueError as exc:
+        print(f"pensieve bench: {exc}", file=sys.stderr)
+        return 2
+    return 1 if results["errors"] else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pensieve bench", description=__doc__)
+    add_bench_arguments(parser)
+    args = parser.parse_args(argv)
+    args.argv = ["pensieve", "bench", *(argv if argv is not None else sys.argv[1:])]
+    return run_bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

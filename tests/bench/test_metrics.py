@@ -1,0 +1,121 @@
+"""Metrics on hand-made timelines with known answers."""
+from __future__ import annotations
+
+import pytest
+
+from pensieve.bench.metrics import headline, percentile, ratio, stats_delta, summarize, sustained_rate
+from pensieve.bench.records import TurnResult
+
+
+def rec(send: float, first: float, finish: float, out: int, prompt: int = 10, gpu: int = 0, cpu: int = 0,
+        recomputed: int = 0, error: str | None = None) -> TurnResult:
+    return TurnResult(request_id=f"r{send}", conversation_id="c", turn_index=0, send_time=send,
+                      first_token_time=first, finish_time=finish, prompt_tokens=prompt, output_tokens=out,
+                      gpu_hit_tokens=gpu, cpu_hit_tokens=cpu, recomputed_tokens=recomputed,
+                      cached_tokens=gpu + cpu, error=error)
+
+
+def test_record_latencies():
+    r = rec(1.0, 1.5, 3.0, out=4)
+    assert r.ttft == pytest.approx(0.5)
+    assert r.e2e == pytest.approx(2.0)
+    assert r.normalized_latency == pytest.approx(0.5)
+    assert r.tpot == pytest.approx(0.5)          # 1.5 s for the 3 tokens after the first
+    assert rec(0, 1, 1, out=1).tpot is None
+
+
+def test_percentile_linear_interpolation():
+    assert percentile([1, 2, 3, 4], 50) == pytest.approx(2.5)
+    assert percentile([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 90) == pytest.approx(9.1)
+    assert percentile([], 50) is None
+
+
+def test_summarize_known_timeline():
+    records = [
+        rec(0.0, 0.5, 2.0, out=10, prompt=100, gpu=60, cpu=20, recomputed=5),   # norm 0.2
+        rec(1.0, 1.2, 2.0, out=4, prompt=50, gpu=0, cpu=0),                       # norm 0.25
+        rec(2.0, 2.1, 4.0, out=20, prompt=50, gpu=40),                             # norm 0.1
+        rec(3.0, 3.1, 3.2, out=0, error="boom"),                                   # error: not counted
+    ]
+    s = summarize(records)
+    assert s["num_requests"] == 3 and s["num_errors"] == 1
+    assert s["span_s"] == pytest.approx(4.0)
+    assert s["throughput_rps"] == pytest.approx(3 / 4.0)
+    assert s["output_tokens_per_s"] == pytest.approx(34 / 4.0)
+    assert s["normalized_latency"]["mean"] == pytest.approx((0.2 + 0.25 + 0.1) / 3)
+    assert s["normalized_latency"]["p50"] == pytest.approx(0.2)
+    assert s["normalized_latency"]["p90"] == pytest.approx(0.24)       # 0.2 + 0.8 * (0.25 - 0.2)
+    assert s["ttft"]["mean"] == pytest.approx((0.5 + 0.2 + 0.1) / 3)
+    assert s["tpot"]["mean"] == pytest.approx((1.5 / 9 + 0.8 / 3 + 1.9 / 19) / 3)
+    c = s["cache"]
+    assert (c["prompt_tokens"], c["gpu_hit_tokens"], c["cpu_hit_tokens"], c["recomputed_tokens"]) == (200, 100, 20, 5)
+    assert c["computed_prompt_tokens"] == 80
+    assert c["hit_rate"] == pytest.approx(0.6) and c["cpu_hit_rate"] == pytest.approx(0.1)
+    # warmup drops the turns sent before it
+    assert summarize(records, warmup=1.5)["num_requests"] == 1
+    assert summarize([])["throughput_rps"] == 0.0
+
+
+def test_sustained_rate_interpolation():
+    xs = [0.5, 1.0, 2.0, 4.0]
+    lats = [0.04, 0.06, 0.12, 0.30]
+    r = sustained_rate(xs, lats, 0.1)
+    assert r.status == "interpolated"
+    assert r.value == pytest.approx(1.0 + (0.1 - 0.06) / (0.12 - 0.06) * 1.0)
+    assert sustained_rate(xs, lats, 0.5).value == 4.0 and sustained_rate(xs, lats, 0.5).status == "at_least"
+    low = sustained_rate(xs, lats, 0.01)
+    assert low.value is None and low.status == "below_range"
+    # unsorted input, a failed point (None) counts as over the bound
+    r2 = sustained_rate([2.0, 1.0], [None, 0.05], 0.1)
+    assert r2.value == 1.0 and r2.status == "interpolated"
+    # first crossing wins even if a later point dips back
+    assert sustained_rate([1, 2, 3], [0.05, 0.15, 0.05], 0.1).value == pytest.approx(1.5)
+
+
+def test_ratio_and_delta():
+    assert ratio(3.0, 2.0) == pytest.approx(1.5)
+    assert ratio(None, 2.0) is None and ratio(1.0, 0.0) is None
+    assert stats_delta({"a": 1, "b": 2.5, "s": "x"}, {"a": 4, "b": 3.0, "s": "y", "new": 1}) == {"a": 3, "b": 0.5}
+    assert stats_delta(None, {"a": 1}) == {}
+
+
+def _point(rate: float, thr: float, mean: float, p90: float) -> dict:
+    return {"rate": rate, "summary": {"throughput_rps": thr, "normalized_latency": {"mean": mean, "p90": p90}}}
+
+
+def test_headline_ratios():
+    pts = {
+        "tiered": [_point(1, 5.0, 0.05, 0.08), _point(2, 10.0, 0.08, 0.12), _point(4, 20.0, 0.2, 0.3)],
+        "stateless": [_point(1, 5.0, 0.08, 0.1), _point(2, 10.0, 0.2, 0.4), _point(4, 20.0, 0.5, 0.9)],
+        "gpu": [_point(1, 5.0, 0.06, 0.09), _point(2, 10.0, 0.1, 0.14), _point(4, 20.0, 0.3, 0.5)],
+    }
+    h = headline(pts, [0.1, 0.2])
+    tiered = h["sustained_rates"]["mean"]["0.1"]["tiered"]["value"]
+    stateless = h["sustained_rates"]["mean"]["0.1"]["stateless"]["value"]
+    assert tiered == pytest.approx(10.0 + (0.1 - 0.08) / 0.12 * 10.0)
+    assert stateless == pytest.approx(5.0 + (0.1 - 0.08) / 0.12 * 5.0)
+    assert h["tiered_vs_stateless"]["mean"]["0.1"] == pytest.approx(tiered / stateless)
+    assert h["tiered_vs_gpu"]["mean"]["0.1"] == pytest.approx(tiered / 10.0)
+    assert h["tiered_vs_transformers"]["mean"]["0.1"] is None       # not run
+    assert h["sustained_rates"]["mean"]["0.2"]["tiered"]["status"] == "at_least"
+    assert h["ratio_status"]["tiered_vs_stateless"]["mean"]["0.1"] == "exact"
+    assert h["ratio_status"]["tiered_vs_transformers"]["mean"]["0.1"] == "not_run"
+    # tiered never crosses 0.2 (a lower bound), gpu crosses it at 4.0 -> 20 req/s... interpolated
+    assert h["ratio_status"]["tiered_vs_gpu"]["mean"]["0.2"] == "lower_bound"
+    assert h["tiered_vs_gpu"]["mean"]["0.2"] == pytest.approx(20.0 / (10.0 + 0.1 / 0.2 * 10.0))
+    # P90 variant and the rate axis
+    assert h["sustained_rates"]["p90"]["0.1"]["tiered"]["value"] == pytest.approx(5.0 + 0.02 / 0.04 * 5.0)
+    hr = headline(pts, [0.1], x_key="rate")
+    assert hr["sustained_rates"]["mean"]["0.1"]["gpu"]["value"] == pytest.approx(2.0)
+
+
+def test_tiered_ratio_statuses():
+    from pensieve.bench.metrics import tiered_ratio
+
+    interp = {"value": 4.0, "status": "interpolated"}
+    assert tiered_ratio(interp, {"value": 2.0, "status": "interpolated"}) == (2.0, "exact")
+    assert tiered_ratio({"value": 8.0, "status": "at_least"}, interp) == (2.0, "lower_bound")
+    assert tiered_ratio(interp, {"value": 8.0, "status": "at_least"}) == (0.5, "upper_bound")
+    assert tiered_ratio({"value": 8.0, "status": "at_least"}, {"value": 8.0, "status": "at_least"}) == \
+        (None, "unknown")
+    assert tiered_ratio(interp, {"value": None, "status": "below_range"}) == (None, "base_below_range")

@@ -1,0 +1,42 @@
+"""The report writer: files, JSON keys, markdown rows."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pensieve.bench.metrics import headline, summarize
+from pensieve.bench.records import TurnResult
+from pensieve.bench.report import REQUIRED_KEYS, write_report
+
+
+def _summary(scale: float) -> dict:
+    recs = [TurnResult(request_id=f"r{i}", conversation_id="c", turn_index=0, send_time=float(i),
+                       first_token_time=i + 0.1 * scale, finish_time=i + scale, prompt_tokens=20, output_tokens=10,
+                       gpu_hit_tokens=5, cpu_hit_tokens=2) for i in range(5)]
+    return summarize(recs)
+
+
+def test_write_report(tmp_path):
+    systems = ["tiered", "stateless"]
+    points = {s: [{"rate": r, "summary": _summary(r * (1 if s == "tiered" else 2))} for r in (0.5, 1.0)]
+              for s in systems}
+    results = {"device": "cpu", "systems": systems, "bounds": [0.1, 0.2], "points": points,
+               "workload": {"think_time_mean_s": 0.0}, "command": "pensieve bench"}
+    results.update(headline(points, [0.1, 0.2]))
+    recs = {"tiered@0.5": [{"request_id": "r0", "e2e": 1.0}]}
+    paths = write_report(results, tmp_path / "out", recs)
+    for p in paths.values():
+        assert p.exists() and p.stat().st_size > 0
+    data = json.loads(paths["json"].read_text())
+    for key in REQUIRED_KEYS:
+        assert key in data
+    assert set(data["tiered_vs_stateless"]["mean"]) == {"0.1", "0.2"}
+    md = paths["markdown"].read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| tiered |") or line.startswith("| stateless |")]
+    assert len(rows) == 4                                        # one per (system, rate)
+    assert any(line.startswith("| mean | 0.1 |") for line in md.splitlines())
+    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(paths["records"].read_text().splitlines()[0])["point"] == "tiered@0.5"
+    with pytest.raises(ValueError, match="lack"):
+        write_report({"device": "cpu"}, tmp_path / "bad")

@@ -127,15 +127,20 @@ def _free_accelerator_memory() -> None:
 class EngineBackend(Backend):
     """An in-process Pensieve AsyncEngine."""
 
-    def __init__(self, name: str, config: Any) -> None:   # config: pensieve.config.EngineConfig
+    def __init__(self, name: str, config: Any, weights: dict[str, Any] | None = None) -> None:
         self.name = name
-        self.config = config
+        self.config = config      # pensieve.config.EngineConfig
+        self.weights = weights    # model path -> (model, hf_config, dtype), shared by the systems of one run
         self.engine: Any = None
 
     async def start(self) -> None:
         from pensieve.engine.async_engine import AsyncEngine
 
-        self.engine = AsyncEngine(self.config)
+        key = self.config.model.model
+        preloaded = self.weights.get(key) if self.weights is not None else None
+        self.engine = AsyncEngine(self.config, preloaded=preloaded)
+        if self.weights is not None:
+            self.weights[key] = self.engine.engine.loaded
         self.tokenizer = self.engine.tokenizer
         self.max_model_len = int(self.engine.max_model_len)
         self.device = str(self.engine.device)

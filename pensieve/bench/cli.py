@@ -161,9 +161,10 @@ def engine_config(spec: SystemSpec, args: argparse.Namespace, model_path: str, b
         device=args.device, enforce_eager=args.enforce_eager)
 
 
-def make_backend(spec: SystemSpec, args: argparse.Namespace, model_path: str, budget: dict[str, Any]) -> Backend:
+def make_backend(spec: SystemSpec, args: argparse.Namespace, model_path: str, budget: dict[str, Any],
+                 weights: dict[str, Any] | None = None) -> Backend:
     if spec.kind == "engine":
-        return EngineBackend(spec.name, engine_config(spec, args, model_path, budget))
+        return EngineBackend(spec.name, engine_config(spec, args, model_path, budget), weights)
     if spec.kind == "transformers":
         return TransformersBackend(spec.name, model_path, dtype=args.dtype, device=args.device,
                                    num_kv_tokens=budget["gpu_kv_tokens"], page_size=args.transformers_page_size,
@@ -259,8 +260,9 @@ async def bench_async(args: argparse.Namespace, extra: dict[str, Any] | None = N
     errors: dict[str, str] = {}
     dataset_stats: dict[str, Any] = {}
     workloads: dict[int, list[Conversation]] = {}
+    weights: dict[str, Any] = {}  # engine systems share one copy of the loaded model
     for spec in specs:
-        backend = make_backend(spec, args, model_path or "", budget)
+        backend = make_backend(spec, args, model_path or "", budget, weights)
         try:
             await backend.start()
         except Exception as exc:  # one system failing to start must not lose the others' results

@@ -34,9 +34,9 @@ class _Stream:
 
 
 class AsyncEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, preloaded: tuple | None = None) -> None:
         self.config = config
-        self.engine = LLMEngine(config)
+        self.engine = LLMEngine(config, preloaded)
         self.tokenizer = self.engine.tokenizer
         self.max_model_len = self.engine.max_model_len
         self.model_name = config.model.model
@@ -65,13 +65,13 @@ class AsyncEngine:
                     self.engine.abort_request(rid)
                     self._streams.pop(rid).put(RuntimeError(f"engine step failed: {exc}"))
                 continue
+            self._stats = self.engine.stats()  # before the outputs: a caller that saw its last token sees this step
             for out in outputs:
                 stream = self._streams.get(out.request_id)
                 if stream is not None:
                     stream.put(out)
                 if out.finished:
                     self._streams.pop(out.request_id, None)
-            self._stats = self.engine.stats()
 
     def _drain(self) -> None:
         changed = False

@@ -1,0 +1,223 @@
+"""Building blocks shared by the model implementations: linears, norms, rotary embedding, weight loading.
+
+Parameters are allocated with torch.empty (no random init): load_weights fills
+every one of them, and skipping init makes building a 13B model on the GPU
+instant. A model that is used without load_weights holds garbage.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+class Linear(nn.Module):
+    """y = x W^T + b. `output_sizes` lists the stacked sub-matrices of a fused linear (qkv, gate_up)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int | Sequence[int],
+        bias: bool,
+        dtype: torch.dtype,
+    ) -> None:
+        super().__init__()
+        sizes = (out_features,) if isinstance(out_features, int) else tuple(out_features)
+        self.output_sizes: tuple[int, ...] = sizes
+        self.weight = nn.Parameter(torch.empty(sum(sizes), in_features, dtype=dtype), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(sum(sizes), dtype=dtype), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
+        return F.linear(x, self.weight, self.bias)
+
+    def shard_slice(self, shard: int) -> slice:
+        start = sum(self.output_sizes[:shard])
+        return slice(start, start + self.output_sizes[shard])
+
+
+class Embedding(nn.Module):
+    def __init__(self, num_embeddings: int, dim: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_embeddings, dim, dtype=dtype), requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, dim]
+        return F.embedding(ids, self.weight)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with an optional fused residual add.
+
+    forward(x) -> norm(x); forward(x, residual) -> (norm(x + residual), x + residual).
+    """
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim, dtype=dtype), requires_grad=False)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        # One fused op (it accumulates in float32 for half inputs): per-op launch
+        # overhead, not bandwidth, bounds small decode batches in eager mode.
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None  # [..., dim], [..., dim]
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            return self._norm(x)
+        x = x + residual
+        return self._norm(x), x
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, elementwise_affine: bool, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.eps = eps
+        self.dim = dim
+        if elementwise_affine:
+            self.weight: nn.Parameter | None = nn.Parameter(torch.empty(dim, dtype=dtype), requires_grad=False)
+            self.bias: nn.Parameter | None = nn.Parameter(torch.empty(dim, dtype=dtype), requires_grad=False)
+        else:
+            self.weight = self.bias = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim]
+        return F.layer_norm(x, (self.dim,), self.weight, self.bias, self.eps)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # [T, 2 * I] -> [T, I]
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+# ---------------------------------------------------------------- rotary embedding
+
+
+def rope_parameters(config: Any) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, scaling dict or None) from a transformers 4.x or 5.x config."""
+    params = getattr(config, "rope_parameters", None)  # transformers 5: theta and scaling in one dict
+    if isinstance(params, dict) and params:
+        theta = float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+        scaling = dict(params)
+    else:
+        theta = float(getattr(config, "rope_theta", 10000.0))
+        scaling = dict(getattr(config, "rope_scaling", None) or {})
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "default":
+        return theta, None
+    scaling["rope_type"] = rope_type
+    return theta, scaling
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:  # [head_dim // 2] fp32
+    # float32 on the CPU, as the reference implementations compute it: at
+    # position 100k a float64 inv_freq would shift angles by ~1e-2 rad.
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim))
+    if scaling is None:
+        return inv_freq
+    rope_type = scaling["rope_type"]
+    factor = float(scaling["factor"])
+    if rope_type == "linear":
+        return inv_freq / factor
+    if rope_type == "llama3":
+        # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept,
+        # and the band between interpolates smoothly between the two.
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_len = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((old_len / wavelen - low) / (high - low)).clamp(0.0, 1.0)
+        scaled = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        out = torch.where(wavelen > old_len / low, inv_freq / factor, scaled)
+        out = torch.where(wavelen < old_len / high, inv_freq, out)
+        return out
+    # dynamic NTK rescales with the sequence length (no fixed cache); yarn etc. are not needed yet.
+    raise NotImplementedError(f"rope_type {rope_type!r} is not supported")
+
+
+class RotaryEmbedding(nn.Module):
+    """Neox-style rotary embedding (rotate halves) from a float32 cos/sin table indexed by position.
+
+    One table per model (64 MB for Llama 3.1's 128k positions): the model looks
+    up cos/sin once per step and every layer applies them. Indexing by per-token
+    position makes non-contiguous positions (a recomputed prefix next to a new
+    turn) work with no special case.
+    """
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        inv_freq = rope_inv_freq(head_dim, theta, scaling).to(torch.get_default_device())
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32, device=inv_freq.device), inv_freq)
+        # [max_positions, head_dim]: cos of the half frequencies, then sin.
+        self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], dim=-1), persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [T] -> 2 x [T, 1, D] fp32
+        cos, sin = self.cos_sin.index_select(0, positions).unsqueeze(1).chunk(2, dim=-1)
+        return torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
+
+
+def apply_rotary(
+    x: torch.Tensor,    # [T, H, D]: q and k heads together, one pass for both
+    cos: torch.Tensor,  # [T, 1, D] fp32
+    sin: torch.Tensor,  # [T, 1, D] fp32
+) -> torch.Tensor:      # [T, H, D] in x's dtype
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return torch.addcmul(xf * cos, rotated, sin).to(x.dtype)
+
+
+# ---------------------------------------------------------------- weight loading
+
+
+def load_named_weights(
+    model: nn.Module,
+    weights: Iterable[tuple[str, torch.Tensor]],
+    stacked: Sequence[tuple[str, str, int]] = (),
+    skip: Sequence[str] = (),
+) -> None:
+    """Copy checkpoint tensors into `model`'s parameters by name.
+
+    stacked: (fused module name, checkpoint module name, shard index), e.g.
+    ("qkv_proj", "k_proj", 1): "...k_proj.weight" goes to rows of shard 1 of
+    "...qkv_proj.weight". Names containing any of `skip` are ignored; other
+    unknown names are logged and ignored. Raises if a parameter stays unloaded.
+    """
+    params = dict(model.named_parameters())
+    expected: set[tuple[str, int]] = set()
+    for name, _ in params.items():
+        owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        if isinstance(owner, Linear):
+            expected.update((name, shard) for shard in range(len(owner.output_sizes)))
+        else:
+            expected.add((name, 0))
+
+    loaded: set[tuple[str, int]] = set()
+    for ckpt_name, tensor in weights:
+        if any(s in ckpt_name for s in skip):
+            continue
+        target, shard = ckpt_name, 0
+        for fused, part, index in stacked:
+            if f".{part}." in ckpt_name:
+                target, shard = ckpt_name.replace(f".{part}.", f".{fused}."), index
+                break
+        param = params.get(target)
+        if param is None:
+            logger.warning("ignoring checkpoint tensor %s", ckpt_name)
+            continue
+        owner = model.get_submodule(target.rsplit(".", 1)[0])
+        dst = param.data
+        if isinstance(owner, Linear) and len(owner.output_sizes) > 1:
+            dst = dst[owner.shard_slice(shard)]
+        if dst.shape != tensor.shape:
+            raise ValueError(f"{ckpt_name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(dst.shape)}")
+        dst.copy_(tensor)
+        loaded.add((target, shard))
+    missing = sorted(expected - loaded)
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:5]}")

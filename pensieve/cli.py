@@ -1,0 +1,164 @@
+"""The `pensieve` console script: `serve`, `chat` and `bench`."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from pensieve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+
+
+def _default_model() -> str:
+    from pensieve.demo import demo_model_path
+
+    return str(demo_model_path())
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """Engine flags, named like vLLM's where vLLM has them."""
+    parser.add_argument("model", nargs="?", default=None,
+                        help="checkpoint directory (default: the built-in demo model)")
+    g = parser.add_argument_group("engine")
+    g.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    g.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"))
+    g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--max-num-seqs", type=int, default=256)
+    g.add_argument("--max-num-batched-tokens", type=int, default=4096)
+    g.add_argument("--max-waiting", type=int, default=4096, help="refuse new requests (503) while this many wait")
+    g.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
+    c = parser.add_argument_group("KV cache")
+    c.add_argument("--cache-mode", choices=("stateless", "gpu", "tiered"), default="tiered")
+    c.add_argument("--block-size", type=int, default=16)
+    c.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    c.add_argument("--num-gpu-blocks", type=int, default=None, help="overrides --gpu-memory-utilization")
+    c.add_argument("--cpu-cache-gb", type=float, default=None, help="CPU tier size in GiB")
+    c.add_argument("--num-cpu-blocks", type=int, default=None, help="overrides --cpu-cache-gb")
+    c.add_argument("--eviction-policy", choices=("retention", "lru"), default="retention")
+    c.add_argument("--conversation-ttl", type=float, default=None, help="seconds an idle conversation is kept")
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    model = args.model or _default_model()
+    return EngineConfig(
+        model=ModelConfig(model=model, dtype=args.dtype, max_model_len=args.max_model_len,
+                          tokenizer=args.tokenizer, seed=args.seed),
+        cache=CacheConfig(block_size=args.block_size, cache_mode=args.cache_mode,
+                          gpu_memory_utilization=args.gpu_memory_utilization, num_gpu_blocks=args.num_gpu_blocks,
+                          cpu_cache_gb=args.cpu_cache_gb, num_cpu_blocks=args.num_cpu_blocks,
+                          eviction_policy=args.eviction_policy, conversation_ttl=args.conversation_ttl),
+        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                                  max_waiting=args.max_waiting),
+        device=args.device, enforce_eager=args.enforce_eager)
+
+
+def parse_api_keys(values: Sequence[str] | None, env: str | None) -> tuple[str, ...]:
+    """`--api-key` may repeat and hold comma lists; PENSIEVE_API_KEY is used when no flag is given."""
+    raw = list(values or []) or ([env] if env else [])
+    return tuple(dict.fromkeys(k.strip() for item in raw for k in item.split(",") if k.strip()))
+
+
+def _add_serve(sub: Any) -> None:
+    p = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
+    add_engine_arguments(p)
+    s = p.add_argument_group("server")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", action="append", default=None,
+                   help="required bearer key; repeat or comma-separate for several (env PENSIEVE_API_KEY)")
+    s.add_argument("--served-model-name", nargs="+", default=None, help="model name(s) clients use")
+    s.add_argument("--max-stored-responses", type=int, default=10_000)
+    s.add_argument("--shutdown-timeout", type=float, default=5.0,
+                   help="seconds in-flight requests get on SIGINT/SIGTERM before they are cancelled")
+    s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+
+
+def _add_chat(sub: Any) -> None:
+    p = sub.add_parser("chat", help="interactive terminal chat (in-process engine, or a server with --url)")
+    add_engine_arguments(p)
+    p.add_argument("--url", default=None, help="base URL of a running server, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--api-key", default=None, help="key for --url (env PENSIEVE_API_KEY)")
+    p.add_argument("--served-model-name", default=None, help="model name to ask a server for (default: its first)")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7)
+
+
+def _served_names(args: argparse.Namespace) -> tuple[str, ...]:
+    if args.served_model_name:
+        return tuple(args.served_model_name)
+    if args.model is None:  # the demo model: a short name first, its path still accepted
+        return ("pensieve-demo", _default_model())
+    return ()  # the engine's model name
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from pensieve.engine.async_engine import AsyncEngine
+    from pensieve.server.app import build_app
+    from pensieve.server.settings import ServerSettings
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = engine_config_from_args(args)
+    settings = ServerSettings(
+        host=args.host, port=args.port,
+        api_keys=parse_api_keys(args.api_key, os.environ.get("PENSIEVE_API_KEY")),
+        served_model_names=_served_names(args), max_waiting=args.max_waiting,
+        max_stored_responses=args.max_stored_responses, conversation_ttl=args.conversation_ttl,
+        shutdown_timeout_s=args.shutdown_timeout)
+    engine = AsyncEngine(config)
+    app = build_app(engine, settings)
+    print(f"Pensieve serving {settings.served_model_names or engine.model_name} on {engine.device} at "
+          f"http://{args.host}:{args.port}/v1", flush=True)
+    # Uvicorn handles SIGINT/SIGTERM: it stops accepting, gives in-flight requests the grace period,
+    # cancels the rest (which aborts them in the engine), then runs the app's lifespan shutdown.
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=args.shutdown_timeout)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from pensieve.bench.cli import run_bench
+
+    return run_bench(args)
+
+
+def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
+    """`with_bench` imports the benchmark's options (lazily: only `pensieve bench` pays for the import)."""
+    parser = argparse.ArgumentParser(prog="pensieve", description="Stateful LLM serving for multi-turn chat.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
+    _add_chat(sub)
+    bench = sub.add_parser("bench", help="multi-turn serving benchmark")
+    if with_bench:
+        try:
+            from pensieve.bench.cli import add_bench_arguments
+        except ImportError as exc:  # optional module: say so instead of failing the whole CLI
+            bench.set_defaults(bench_missing=str(exc))
+        else:
+            add_bench_arguments(bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(with_bench=bool(argv) and argv[0] == "bench").parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    if args.command == "chat":
+        from pensieve.chat import run_chat
+
+        return run_chat(args)
+    if getattr(args, "bench_missing", None):
+        print(f"pensieve bench is not available: {args.bench_missing}", file=sys.stderr)
+        return 2
+    return _bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

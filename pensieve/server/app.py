@@ -1,0 +1,67 @@
+"""The FastAPI app factory: routes, error handlers, metrics and the engine's lifespan."""
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from pensieve import __version__
+from pensieve.server import openai_api, responses_api
+from pensieve.server.conversations import ConversationRegistry, ResponseStore
+from pensieve.server.errors import install_error_handlers
+from pensieve.server.metrics import MetricsMiddleware, ServerMetrics
+from pensieve.server.runtime import ServerState, authenticate, get_state
+from pensieve.server.settings import ServerSettings
+
+
+def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
+    """An app serving `engine` (an AsyncEngine). The app owns it: its shutdown runs at the app's end."""
+    settings = settings or ServerSettings()
+    metrics = ServerMetrics(engine.stats)
+    state = ServerState(
+        engine=engine, settings=settings, metrics=metrics,
+        responses=ResponseStore(settings.max_stored_responses),
+        conversations=ConversationRegistry(settings.conversation_ttl),
+        model_names=settings.served_model_names or (str(engine.model_name),),
+    )
+    started = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        # Uvicorn has stopped accepting and cancelled what outlived its grace period; abort any
+        # request still registered so the engine frees its blocks, then stop the engine loop.
+        for request_id in list(state.in_flight):
+            await engine.abort(request_id)
+        await engine.shutdown()
+
+    app = FastAPI(title="Pensieve", version=__version__, lifespan=lifespan,
+                  description="OpenAI-compatible server with conversation KV caching across turns.")
+    app.state.pensieve = state
+    install_error_handlers(app)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.include_router(openai_api.router)
+    app.include_router(responses_api.router)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/models", dependencies=[Depends(authenticate)])
+    async def models(request: Request) -> JSONResponse:
+        st = get_state(request)
+        data = [{"id": name, "object": "model", "created": started, "owned_by": "pensieve",
+                 "root": str(st.engine.model_name), "max_model_len": st.engine.max_model_len}
+                for name in st.model_names]
+        return JSONResponse({"object": "list", "data": data})
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,90 @@
+"""One real server for the whole session: the demo model on CPU, small pools, two API keys.
+
+Uvicorn runs in a background thread (its own event loop); tests drive it over loopback with the
+openai client or httpx, and read `engine.stats()` directly to check that blocks come back.
+"""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+
+KEY_A, KEY_B = "key-alpha", "key-beta"
+MAX_MODEL_LEN = 512
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServerHandle:
+    base_url: str        # http://127.0.0.1:PORT
+    engine: Any
+    app: Any
+    model: str
+
+    @property
+    def api_url(self) -> str:
+        return f"{self.base_url}/v1"
+
+    def client(self, key: str = KEY_A, **kwargs: Any):
+        from openai import OpenAI
+
+        return OpenAI(base_url=self.api_url, api_key=key, max_retries=0, timeout=60, **kwargs)
+
+    def http(self, key: str | None = KEY_A) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.base_url, headers=headers, timeout=60)
+
+    def wait_idle(self, timeout: float = 30.0) -> Any:
+        """Polls until the engine has no running or waiting request; returns the stats."""
+        deadline = time.monotonic() + timeout
+        while True:
+            stats = self.engine.stats()
+            if stats.num_running == 0 and stats.num_waiting == 0:
+                return stats
+            if time.monotonic() > deadline:
+                raise AssertionError(f"engine not idle after {timeout} s: {stats}")
+            time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[ServerHandle]:
+    import uvicorn
+
+    from pensieve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+    from pensieve.demo import demo_model_path
+    from pensieve.engine.async_engine import AsyncEngine
+    from pensieve.server.app import build_app
+    from pensieve.server.settings import ServerSettings
+
+    model = str(demo_model_path())
+    config = EngineConfig(
+        model=ModelConfig(model=model, dtype="float32", max_model_len=MAX_MODEL_LEN),
+        cache=CacheConfig(num_gpu_blocks=256, num_cpu_blocks=256, cache_mode="tiered"),
+        scheduler=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=1024),
+        device="cpu")
+    engine = AsyncEngine(config)
+    port = free_port()
+    app = build_app(engine, ServerSettings(port=port, api_keys=(KEY_A, KEY_B), served_model_names=("demo",)))
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                       timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=uv.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not uv.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.05)
+    yield ServerHandle(f"http://127.0.0.1:{port}", engine, app, "demo")
+    uv.should_exit = True
+    thread.join(timeout=30)

@@ -1,0 +1,342 @@
+"""GPU benchmark of the Pensieve kernels: correctness first, then prefill, decode and block copy.
+
+    python benchmarks/kernel_bench.py --out benchmarks/results/kernels [--quick]
+
+Writes kernel_bench.json (one row per measurement, each with the device name) and kernel_bench.md.
+Sections (each runs on its own; a failure is recorded and the rest go on):
+  correctness  every kernel vs the PyTorch reference on GPU-sized bf16 inputs (incl. >2^31-element pools)
+  prefill      paged attention over shuffled blocks vs SDPA(is_causal=True) on contiguous KV
+  decode       B x context, bytes of KV read per second as a share of 3.0 TB/s
+  copy         host<->device block copies (one gather kernel over pinned memory) vs a per-block loop
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pensieve.kernels.attention import paged_attention_triton  # noqa: E402
+from pensieve.kernels.block_copy import copy_blocks_triton  # noqa: E402
+from pensieve.kernels.reference import (  # noqa: E402
+    copy_blocks_reference,
+    paged_attention_reference,
+    store_kv_reference,
+)
+from pensieve.kernels.store import store_kv_triton  # noqa: E402
+from pensieve.model.metadata import AttentionMetadata  # noqa: E402
+
+HBM_BYTES_PER_S = 3.0e12      # H100 measured copy bandwidth (DESIGN.md §5)
+PCIE_BYTES_PER_S = 54e9       # pinned host<->device
+BLOCK_SIZE = 16
+DTYPE = torch.bfloat16
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+LLAMA3_8B = Shape("llama3-8b", 32, 8, 128)
+LLAMA2_13B_GQA = Shape("llama2-13b-gqa10", 40, 10, 128)
+
+
+def bench_ms(fn: Callable[[], Any]) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def bench_graph_ms(fn: Callable[[], Any]) -> float:
+    """Median time of fn replayed from a CUDA graph: GPU time without Python launch overhead
+    (how the runner executes decode), and a check that the launch is capturable."""
+    import triton.testing
+
+    return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))
+
+
+def build_meta(
+    seqs: list[tuple[int, list[int]]],   # (seq_len, new positions)
+    num_blocks: int,
+    device: torch.device,
+    gen: torch.Generator,
+    max_seq_len: int | None = None,
+    high_blocks: bool = False,           # use the top of the pool (block ids * stride > 2^31)
+) -> AttentionMetadata:
+    per_seq = [-(-s // BLOCK_SIZE) for s, _ in seqs]
+    need = sum(per_seq)
+    assert need <= num_blocks, (need, num_blocks)
+    if high_blocks:
+        ids = num_blocks - need + torch.randperm(need, generator=gen)
+    else:
+        ids = torch.randperm(num_blocks, generator=gen)[:need]  # shuffled: KV is non-contiguous
+    tables = torch.zeros((len(seqs), max(per_seq)), dtype=torch.int32)
+    positions: list[int] = []
+    slots: list[int] = []
+    starts = [0]
+    used = 0
+    for b, ((seq_len, pos), n) in enumerate(zip(seqs, per_seq)):
+        tables[b, :n] = ids[used:used + n].to(torch.int32)
+        used += n
+        positions += pos
+        row = tables[b].tolist()
+        slots += [row[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in pos]
+        starts.append(starts[-1] + len(pos))
+    return AttentionMetadata(
+        positions=torch.tensor(positions, dtype=torch.int64, device=device),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor([s for s, _ in seqs], dtype=torch.int32, device=device),
+        block_tables=tables.to(device),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        block_size=BLOCK_SIZE,
+        max_query_len=max(len(p) for _, p in seqs),
+        max_seq_len=max_seq_len or max(s for s, _ in seqs),
+        decode_only=all(len(p) == 1 for _, p in seqs),
+    )
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.float(), ref.float()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-12))
+
+
+class Bench:
+    def __init__(self, device: torch.device, quick: bool):
+        self.device, self.quick = device, quick
+        self.device_name = torch.cuda.get_device_name(device)
+        self.rows: list[dict[str, Any]] = []
+        self.gen = torch.Generator().manual_seed(0)
+
+    def add(self, section: str, name: str, **fields: Any) -> None:
+        row = {"section": section, "name": name, "device": self.device_name, **fields}
+        self.rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    def cache(self, num_blocks: int, shape: Shape) -> torch.Tensor:
+        c = torch.empty((num_blocks, 2, BLOCK_SIZE, shape.num_kv_heads, shape.head_dim), dtype=DTYPE, device=self.device)
+        return c.normal_()
+
+    # ---------------------------------------------------------------- correctness
+    def correctness(self) -> None:
+        shape = LLAMA3_8B
+        scale = 1.0 / math.sqrt(shape.head_dim)
+        mixed = [
+            (1500, [1499]),                                          # decode
+            (700, list(range(700))),                                 # prefill, no context
+            (2000, list(range(300)) + list(range(1200, 2000))),      # recompute: prefix + new turn
+            (900, list(range(600, 900))),                            # new turn over cached context
+        ]
+        decode = [(s, [s - 1]) for s in (4000, 130, 1, 2500, 9000)]
+        cases: list[tuple[str, list[tuple[int, list[int]]], int | None]] = [
+            ("mixed", mixed, None), ("decode", decode, None), ("decode_maxlen32k", decode, 32768)]
+        for hq, hkv, d in ((32, 8, 128), (32, 32, 128), (28, 4, 64), (16, 2, 96), (16, 16, 256)):
+            s = Shape(f"{hq}/{hkv}/d{d}", hq, hkv, d)
+            sc = 1.0 / math.sqrt(d)
+            for name, seqs, max_len in cases:
+                meta = build_meta(seqs, 1500, self.device, self.gen, max_seq_len=max_len)
+                cache = self.cache(1500, s)
+                q = torch.randn((meta.positions.shape[0], hq, d), dtype=DTYPE, device=self.device)
+                out = paged_attention_triton(q, cache, meta, sc)
+                ref = paged_attention_reference(q, cache, meta, sc)
+                err = rel_err(out, ref)
+                self.add("correctness", f"attention_{name}", shape=s.name, rel_err=err, ok=err < 2e-2)
+        # int64 offsets: block ids near the top of a pool of > 2^31 elements.
+        free = torch.cuda.mem_get_info(self.device)[0]
+        elems_per_block = 2 * BLOCK_SIZE * shape.num_kv_heads * shape.head_dim
+        big_blocks = (2**31 // elems_per_block) + 2048
+        if free > 2.5 * big_blocks * elems_per_block * 2:
+            cache = self.cache(big_blocks, shape)
+            meta = build_meta(mixed, big_blocks, self.device, self.gen, high_blocks=True)
+            q = torch.randn((meta.positions.shape[0], shape.num_heads, shape.head_dim), dtype=DTYPE, device=self.device)
+            err = rel_err(paged_attention_triton(q, cache, meta, scale), paged_attention_reference(q, cache, meta, scale))
+            self.add("correctness", "attention_int64_offsets", shape=shape.name, rel_err=err, ok=err < 2e-2)
+            k = torch.randn((meta.positions.shape[0], shape.num_kv_heads, shape.head_dim), dtype=DTYPE, device=self.device)
+            v = torch.randn_like(k)
+            store_kv_triton(k, v, cache, meta.slot_mapping)
+            blocks, offs = meta.slot_mapping // BLOCK_SIZE, meta.slot_mapping % BLOCK_SIZE
+            ok = torch.equal(cache[blocks, 0, offs], k) and torch.equal(cache[blocks, 1, offs], v)
+            self.add("correctness", "store_int64_offsets", shape=shape.name, ok=ok)
+            del cache
+            torch.cuda.empty_cache()
+        # Store: exact equality with the reference, skipped slots included.
+        cache = self.cache(512, shape)
+        expected = cache.clone()
+        T = 1000
+        slots = torch.randperm(512 * BLOCK_SIZE, generator=self.gen)[:T].to(self.device)
+        slots[::7] = -1
+        qkv = torch.randn((T, (shape.num_heads + 2 * shape.num_kv_heads) * shape.head_dim), dtype=DTYPE, device=self.device)
+        kd = shape.num_kv_heads * shape.head_dim
+        k = qkv[:, -2 * kd:-kd].view(T, shape.num_kv_heads, shape.head_dim)
+        v = qkv[:, -kd:].view(T, shape.num_kv_heads, shape.head_dim)
+        store_kv_reference(k, v, expected, slots)
+        store_kv_triton(k, v, cache, slots)
+        self.add("correctness", "store_kv", shape=shape.name, ok=torch.equal(cache, expected))
+        # Block copy in every direction: UVA (pinned host) and device<->device.
+        gpu = self.cache(256, shape)
+        host = torch.randn(gpu.shape, dtype=torch.float32).to(DTYPE).pin_memory()
+        src_ids = torch.randperm(256, generator=self.gen)[:100]
+        dst_ids = torch.randperm(256, generator=self.gen)[:100]
+        for direction, src, dst in (("h2d", host, gpu), ("d2h", gpu, host), ("d2d", gpu, gpu.clone())):
+            expected = dst.clone()
+            copy_blocks_reference(src, expected, src_ids, dst_ids)
+            copy_blocks_triton(src, dst, src_ids.to(self.device), dst_ids.to(self.device))
+            torch.cuda.synchronize()
+            self.add("correctness", f"copy_blocks_{direction}", shape=shape.name, ok=torch.equal(dst.cpu(), expected.cpu()))
+        pageable = host.clone()  # not pinned: takes the coalesced-runs fallback
+        expected = pageable.clone()
+        copy_blocks_reference(gpu, expected, src_ids, dst_ids)
+        copy_blocks_triton(gpu, pageable, src_ids, dst_ids)
+        torch.cuda.synchronize()
+        self.add("correctness", "copy_blocks_d2h_pageable", shape=shape.name, ok=torch.equal(pageable, expected))
+
+    # ---------------------------------------------------------------- prefill
+    def prefill(self) -> None:
+        import torch.nn.functional as F
+
+        shape = LLAMA3_8B
+        scale = 1.0 / math.sqrt(shape.head_dim)
+        configs = [(1, 4096), (4, 1024), (4, 2048), (2, 8192), (8, 2048), (4, 4096)]
+        if self.quick:
+            configs = [(1, 4096), (4, 2048)]
+        for batch, length in configs:
+            seqs = [(length, list(range(length)))] * batch
+            num_blocks = batch * length // BLOCK_SIZE + 64
+            meta = build_meta(seqs, num_blocks, self.device, self.gen)
+            cache = self.cache(num_blocks, shape)
+            T = batch * length
+            q = torch.randn((T, shape.num_heads, shape.head_dim), dtype=DTYPE, device=self.device)
+            ours = bench_ms(lambda: paged_attention_triton(q, cache, meta, scale))
+            # SDPA on contiguous KV of the same values, heads already expanded (GQA) outside the timing.
+            group = shape.num_heads // shape.num_kv_heads
+            qs = q.view(batch, length, shape.num_heads, shape.head_dim).transpose(1, 2).contiguous()
+            kv = cache[meta.block_tables.long()]                 # [B, nb, 2, bs, Hkv, D]
+            k = kv[:, :, 0].reshape(batch, -1, shape.num_kv_heads, shape.head_dim)[:, :length]
+            v = kv[:, :, 1].reshape(batch, -1, shape.num_kv_heads, shape.head_dim)[:, :length]
+            ks = k.repeat_interleave(group, dim=2).transpose(1, 2).contiguous()
+            vs = v.repeat_interleave(group, dim=2).transpose(1, 2).contiguous()
+            sdpa = bench_ms(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale))
+            flops = 4 * batch * (length * (length + 1) / 2) * shape.num_heads * shape.head_dim
+            out = paged_attention_triton(q, cache, meta, scale)
+            ref = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale).transpose(1, 2).reshape_as(out)
+            self.add("prefill", f"{batch}x{length}", shape=shape.name, tokens=T, ours_ms=ours, sdpa_ms=sdpa,
+                     ratio=ours / sdpa, ours_tflops=flops / ours / 1e9, sdpa_tflops=flops / sdpa / 1e9,
+                     rel_err_vs_sdpa=rel_err(out, ref))
+            del cache, q, qs, ks, vs, kv, k, v
+            torch.cuda.empty_cache()
+
+    # ---------------------------------------------------------------- decode
+    def decode(self) -> None:
+        shape = LLAMA3_8B
+        scale = 1.0 / math.sqrt(shape.head_dim)
+        grid = [(b, c) for b in (1, 8, 32, 64) for c in (4096, 16384, 32768)]
+        if self.quick:
+            grid = [(1, 4096), (8, 16384), (32, 4096), (64, 32768)]
+        for batch, ctx in grid:
+            seqs = [(ctx, [ctx - 1])] * batch
+            num_blocks = batch * ctx // BLOCK_SIZE + 16
+            meta = build_meta(seqs, num_blocks, self.device, self.gen)
+            cache = self.cache(num_blocks, shape)
+            q = torch.randn((batch, shape.num_heads, shape.head_dim), dtype=DTYPE, device=self.device)
+            kv_bytes = batch * ctx * 2 * shape.num_kv_heads * shape.head_dim * cache.element_size()
+            eager = bench_ms(lambda: paged_attention_triton(q, cache, meta, scale))
+            ms = bench_graph_ms(lambda: paged_attention_triton(q, cache, meta, scale))
+            # As the runner captures it: max_seq_len = max_model_len (32k) fixes the split count.
+            graph_meta = dataclasses.replace(meta, max_seq_len=32768)
+            ms_graph = bench_graph_ms(lambda: paged_attention_triton(q, cache, graph_meta, scale))
+            self.add("decode", f"B{batch}_ctx{ctx}", shape=shape.name, ms=ms, ms_maxlen32k=ms_graph, eager_ms=eager,
+                     gb_per_s=kv_bytes / ms / 1e6, hbm_fraction=kv_bytes / (ms * 1e-3) / HBM_BYTES_PER_S,
+                     hbm_fraction_maxlen32k=kv_bytes / (ms_graph * 1e-3) / HBM_BYTES_PER_S)
+            del cache
+            torch.cuda.empty_cache()
+
+    # ---------------------------------------------------------------- block copy
+    def copy(self) -> None:
+        counts = (32, 256, 1024) if not self.quick else (256,)
+        for shape in (LLAMA2_13B_GQA, LLAMA3_8B):
+            pool = 4096
+            gpu = self.cache(pool, shape)
+            host = torch.empty(gpu.shape, dtype=DTYPE).pin_memory()
+            block_bytes = gpu[0].numel() * gpu.element_size()
+            for n in counts:
+                src_ids = torch.randperm(pool, generator=self.gen)[:n]
+                dst_ids = torch.randperm(pool, generator=self.gen)[:n]
+                s_dev, d_dev = src_ids.to(self.device), dst_ids.to(self.device)
+                s_list, d_list = src_ids.tolist(), dst_ids.tolist()
+                for direction, src, dst in (("h2d", host, gpu), ("d2h", gpu, host)):
+                    ours = bench_ms(lambda: copy_blocks_triton(src, dst, s_dev, d_dev))
+
+                    def loop() -> None:
+                        for s, d in zip(s_list, d_list):
+                            dst[d].copy_(src[s], non_blocking=True)
+
+                    naive = bench_ms(loop)
+                    nbytes = n * block_bytes
+                    self.add("copy", f"{direction}_{n}blk", shape=shape.name, block_kb=block_bytes / 1024,
+                             ours_ms=ours, loop_ms=naive, ours_gb_per_s=nbytes / ours / 1e6,
+                             loop_gb_per_s=nbytes / naive / 1e6, ours_fraction=nbytes / (ours * 1e-3) / PCIE_BYTES_PER_S)
+            del gpu, host
+            torch.cuda.empty_cache()
+
+    # ---------------------------------------------------------------- report
+    def markdown(self) -> str:
+        lines = [f"# Kernel bench on {self.device_name}", ""]
+        for section in ("correctness", "prefill", "decode", "copy", "error"):
+            rows = [r for r in self.rows if r["section"] == section]
+            if not rows:
+                continue
+            keys = [k for k in rows[0] if k not in ("section", "device")]
+            for r in rows[1:]:
+                keys += [k for k in r if k not in keys and k not in ("section", "device")]
+            lines += [f"## {section}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+            for r in rows:
+                lines.append("| " + " | ".join(_fmt(r.get(k, "")) for k in keys) + " |")
+            lines.append("")
+        return "\n".join(lines)
+
+
+def _fmt(x: Any) -> str:
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    return str(x).replace("|", "/").replace("\n", " ")[:200]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--quick", action="store_true", help="a small subset of every section")
+    parser.add_argument("--sections", default="correctness,prefill,decode,copy")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("kernel_bench.py needs a CUDA GPU")
+    args.out.mkdir(parents=True, exist_ok=True)
+    bench = Bench(torch.device("cuda", torch.cuda.current_device()), args.quick)
+    for section in args.sections.split(","):
+        t0 = time.time()
+        try:
+            getattr(bench, section)()
+        except Exception as exc:  # record and go on: one broken section must not hide the others
+            traceback.print_exc()
+            bench.add("error", section, error=f"{type(exc).__name__}: {exc}")
+            torch.cuda.empty_cache()
+        print(f"[{section}: {time.time() - t0:.1f}s]", flush=True)
+    (args.out / "kernel_bench.json").write_text(json.dumps(bench.rows, indent=1))
+    md = bench.markdown()
+    (args.out / "kernel_bench.md").write_text(md)
+    print("\n" + md)
+
+
+if __name__ == "__main__":
+    main()

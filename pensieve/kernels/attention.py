@@ -1,0 +1,305 @@
+"""Unified paged attention in Triton: one kernel for prefill, chunked prefill, decode and recompute.
+
+Layout of the work (DESIGN.md §2/§7):
+  * rows of a program = BLOCK_Q query tokens x GROUP_PAD query heads that share one KV head,
+    so every KV tile is read once for the whole GQA group;
+  * grid axis 0 = query tiles: an upper bound cdiv(T, BLOCK_Q) + B computed from host ints only;
+    a program finds its sequence by binary search over query_start_loc and exits if it is spare.
+    Decode (every q_len == 1) uses one program per sequence instead;
+  * grid axis 1 = KV heads; axis 2 = KV splits (flash-decoding): with more than one split each
+    program writes an unnormalised partial (acc, running max, running sum) and a reduction kernel
+    merges them. An empty KV range just writes the neutral partial (max=-inf, sum=0).
+The mask follows per-token positions (kv_pos <= q_pos, kv_pos < seq_len), never batch order, so
+non-contiguous new tokens (recomputed prefix + new turn) are handled like any other batch.
+Nothing here reads a device tensor on the host, so decode launches can be captured in CUDA graphs.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from pensieve.model.metadata import AttentionMetadata
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _find_seq(query_start_loc, num_seqs, pid, BLOCK_Q: tl.constexpr):
+    # Largest b whose first tile index (query_start_loc[b] // BLOCK_Q + b) is <= pid.
+    # Sequence b owns tiles [first_b, first_{b+1}), a range at least cdiv(q_len_b, BLOCK_Q) long.
+    lo = tl.program_id(0) * 0          # a tensor, not a constexpr: it is loop-carried
+    hi = lo + num_seqs - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        first = tl.load(query_start_loc + mid) // BLOCK_Q + mid
+        ok = first <= pid
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid - 1)
+    return lo
+
+
+@triton.jit
+def _attend_tile(
+    acc, m_i, l_i, q, q_pos, qk_scale,
+    kv_cache, bt_row, tile, kv_end, kvh,
+    stride_cb, stride_ckv, stride_cs, stride_ch,
+    offs_d, offs_n,
+    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    MASKED: tl.constexpr, PRECISION: tl.constexpr,
+):
+    kv_pos = tile * BLOCK_N + offs_n                                   # [N] int
+    if MASKED:
+        kv_ok = kv_pos < kv_end
+        blk = tl.load(bt_row + kv_pos // BLOCK_SIZE, mask=kv_ok, other=0).to(tl.int64)
+    else:
+        kv_ok = offs_n < BLOCK_N                                         # all true: the tile is in range
+        blk = tl.load(bt_row + kv_pos // BLOCK_SIZE).to(tl.int64)
+    # int64 offsets: block ids times the block stride overflow 32 bits on large pools.
+    base = kv_cache + blk * stride_cb + (kv_pos % BLOCK_SIZE).to(tl.int64) * stride_cs + kvh * stride_ch
+    if D_PAD == HEAD_DIM:
+        if MASKED:
+            k = tl.load(base[None, :] + offs_d[:, None], mask=kv_ok[None, :], other=0.0)       # [D, N]
+            v = tl.load(base[:, None] + stride_ckv + offs_d[None, :], mask=kv_ok[:, None], other=0.0)  # [N, D]
+        else:
+            k = tl.load(base[None, :] + offs_d[:, None])
+            v = tl.load(base[:, None] + stride_ckv + offs_d[None, :])
+    else:
+        d_ok = offs_d < HEAD_DIM
+        k = tl.load(base[None, :] + offs_d[:, None], mask=kv_ok[None, :] & d_ok[:, None], other=0.0)
+        v = tl.load(base[:, None] + stride_ckv + offs_d[None, :], mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
+    qk = tl.dot(q, k.to(q.dtype), input_precision=PRECISION) * qk_scale    # [M, N] fp32, log2 domain
+    if MASKED:
+        ok = (kv_pos[None, :] <= q_pos[:, None]) & kv_ok[None, :]
+        qk = tl.where(ok, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    # A row with nothing visible yet keeps max=-inf; subtract 0 instead to avoid inf-inf=nan.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(qk - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _paged_attention_kernel(
+    out, q, kv_cache, block_tables, positions, query_start_loc, seq_lens,
+    part_acc, part_ml,                      # split-KV partials (unused when NUM_SPLITS == 1)
+    qk_scale, num_seqs,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_cb, stride_ckv, stride_cs, stride_ch,
+    stride_bt,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, DECODE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    if DECODE:
+        pid = tl.program_id(0)
+    else:
+        # Highest tiles first: later query tiles see the longest KV ranges, so the causal
+        # triangle's long programs start early and the short ones fill the tail.
+        pid = tl.num_programs(0) - 1 - tl.program_id(0)
+    kvh = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    if DECODE:
+        seq = pid
+        q_lo = tl.load(query_start_loc + seq)
+    else:
+        seq = _find_seq(query_start_loc, num_seqs, pid, BLOCK_Q)
+        seq_first = tl.load(query_start_loc + seq)
+        q_lo = seq_first + (pid - (seq_first // BLOCK_Q + seq)) * BLOCK_Q
+    q_end = tl.load(query_start_loc + seq + 1)
+    if q_lo >= q_end:
+        return  # a spare program of the upper-bound grid
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    tok = (q_lo + offs_m // GROUP_PAD).to(tl.int64)
+    head = kvh * GROUP + offs_m % GROUP_PAD
+    row_ok = (offs_m % GROUP_PAD < GROUP) & (tok < q_end)
+    if D_PAD == HEAD_DIM:
+        qo_mask = row_ok[:, None]
+    else:
+        qo_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q_tile = tl.load(q + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :], mask=qo_mask, other=0.0)
+    q_tile = q_tile.to(kv_cache.dtype.element_ty)
+    q_pos = tl.load(positions + tok, mask=row_ok, other=0)
+
+    seq_len = tl.load(seq_lens + seq)
+    # Positions increase within a sequence: the tile's first/last tokens bound its visible KV.
+    last_tok = tl.minimum(q_lo + BLOCK_Q, q_end) - 1
+    kv_end = tl.minimum(tl.load(positions + last_tok) + 1, seq_len)      # KV loop bound of this tile
+    kv_full = tl.minimum(tl.load(positions + q_lo) + 1, seq_len)         # below it, no row needs a mask
+    num_tiles = tl.cdiv(kv_end, BLOCK_N)
+    tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+    t_lo = split * tiles_per_split
+    t_hi = tl.minimum(t_lo + tiles_per_split, num_tiles)
+    t_full = tl.maximum(tl.minimum(kv_full // BLOCK_N, t_hi), t_lo)
+
+    bt_row = block_tables + seq.to(tl.int64) * stride_bt
+    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for tile in range(t_lo, t_full):
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q_tile, q_pos, qk_scale, kv_cache, bt_row, tile, kv_end, kvh,
+            stride_cb, stride_ckv, stride_cs, stride_ch, offs_d, offs_n,
+            BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, False, PRECISION)
+    for tile in range(t_full, t_hi):
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q_tile, q_pos, qk_scale, kv_cache, bt_row, tile, kv_end, kvh,
+            stride_cb, stride_ckv, stride_cs, stride_ch, offs_d, offs_n,
+            BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, True, PRECISION)
+
+    if NUM_SPLITS == 1:
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        o = acc / l_safe[:, None]
+        tl.store(out + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+                 o.to(out.dtype.element_ty), mask=qo_mask)
+    else:
+        # Partials: acc [T, Hq, S, D_PAD], (max, sum) [T, Hq, S, 2], all fp32 and contiguous.
+        row = (tok * (GROUP * tl.num_programs(1)) + head) * NUM_SPLITS + split
+        tl.store(part_acc + row[:, None] * D_PAD + offs_d[None, :], acc, mask=row_ok[:, None])
+        tl.store(part_ml + row * 2, m_i, mask=row_ok)
+        tl.store(part_ml + row * 2 + 1, l_i, mask=row_ok)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    out, part_acc, part_ml, num_heads, stride_ot, stride_oh,
+    NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, S_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    row = (tok * num_heads + head) * NUM_SPLITS + offs_s
+    s_ok = offs_s < NUM_SPLITS
+    m = tl.load(part_ml + row * 2, mask=s_ok, other=float("-inf"))
+    l = tl.load(part_ml + row * 2 + 1, mask=s_ok, other=0.0)
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.exp2(m - m_max)                                    # empty splits: exp2(-inf) = 0
+    acc = tl.load(part_acc + row[:, None] * D_PAD + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    total = tl.sum(w * l, 0)
+    o = tl.sum(acc * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(out + tok * stride_ot + head * stride_oh + offs_d, o.to(out.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    block_m: int          # rows per program = block_q tokens x group_pad heads
+    block_q: int
+    block_n: int          # KV positions per inner-loop tile
+    num_splits: int
+    num_warps: int
+    num_stages: int
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_config(
+    num_seqs: int, max_query_len: int, max_seq_len: int, num_kv_heads: int, group: int,
+    head_dim: int, decode_only: bool, on_gpu: bool, num_sms: int = 132,
+) -> LaunchConfig:
+    """Tile sizes from host ints only (so a decode launch is graph-capturable).
+
+    GPU (H100): prefill tiles of 128 rows x 128 KV positions, 8 warps, 2 stages (64 x 32 for
+    head_dim > 128, to fit shared memory); measured on an H100 (Llama-3-8B heads, 4 x 2048 tokens)
+    every tile/warp/stage choice landed at 250-285 TFLOP/s, this one among the steadiest; decode tiles of >= 16 rows (every tl.dot side >= 16) x 64 positions, split
+    over KV until about two programs per SM are busy, but not below 256 positions per split.
+    CPU interpreter: its cost grows with the tile count, so fewer, bigger tiles.
+    """
+    group_pad = triton.next_power_of_2(group)
+    d_pad = triton.next_power_of_2(head_dim)
+    if decode_only:
+        block_m = max(16, group_pad)
+        block_n = 64 if on_gpu else 32
+        programs = max(1, num_seqs * num_kv_heads)
+        splits = 1
+        if on_gpu:
+            target = 2 * num_sms
+            splits = min(triton.cdiv(target, programs), max(1, max_seq_len // 256), 64)
+        else:
+            splits = min(4, max(1, triton.cdiv(max_seq_len, block_n)))  # exercise the split path in tests
+        splits = max(1, splits)
+        return LaunchConfig(block_m, 1, block_n, splits, 4, 3 if d_pad <= 128 else 2)
+    if on_gpu:
+        big = 128 if d_pad <= 128 else 64
+        rows = max(16, triton.next_power_of_2(max(1, max_query_len)) * group_pad)
+        block_m = max(group_pad, min(big, rows), 16)
+        block_n = 128 if d_pad <= 128 else 32
+        num_warps = 8 if block_m >= 128 else 4
+        num_stages = 2
+    else:
+        rows = max(16, triton.next_power_of_2(max(1, max_query_len)) * group_pad)
+        block_m = max(group_pad, min(64, rows), 16)
+        block_n = 32
+        num_warps, num_stages = 4, 1
+    return LaunchConfig(block_m, block_m // group_pad, block_n, 1, num_warps, num_stages)
+
+
+def paged_attention_triton(
+    q: torch.Tensor,             # [T, Hq, D]
+    kv_cache: torch.Tensor,      # [NB, 2, bs, Hkv, D]
+    meta: AttentionMetadata,
+    scale: float,
+    config: LaunchConfig | None = None,
+) -> torch.Tensor:               # [T, Hq, D]
+    T, num_heads, head_dim = q.shape
+    _, two, block_size, num_kv_heads, kv_dim = kv_cache.shape
+    assert two == 2 and kv_dim == head_dim and num_heads % num_kv_heads == 0
+    assert q.stride(2) == 1 and kv_cache.stride(4) == 1, "head_dim must be contiguous"
+    group = num_heads // num_kv_heads
+    num_seqs = meta.num_seqs
+    out = torch.empty_like(q)
+    if T == 0 or num_seqs == 0:
+        return out
+    on_gpu = q.is_cuda
+    if config is None:
+        sms = _num_sms(q.device.index if q.device.index is not None else torch.cuda.current_device()) if on_gpu else 132
+        config = choose_config(num_seqs, meta.max_query_len, meta.max_seq_len, num_kv_heads, group,
+                               head_dim, meta.decode_only, on_gpu, sms)
+    group_pad = triton.next_power_of_2(group)
+    d_pad = triton.next_power_of_2(head_dim)
+    decode = meta.decode_only and config.block_q == 1
+    splits = config.num_splits
+    if decode:
+        grid = (num_seqs, num_kv_heads, splits)
+    else:
+        assert splits == 1, "split-KV is for decode batches only"
+        grid = (triton.cdiv(T, config.block_q) + num_seqs, num_kv_heads, 1)
+    if splits > 1:
+        part_acc = torch.empty((T, num_heads, splits, d_pad), dtype=torch.float32, device=q.device)
+        part_ml = torch.empty((T, num_heads, splits, 2), dtype=torch.float32, device=q.device)
+    else:
+        part_acc = part_ml = out  # never touched
+    # fp32 runs are for testing: keep them exact (the GPU would default to tf32).
+    precision = "ieee" if kv_cache.dtype == torch.float32 else "tf32"
+    _paged_attention_kernel[grid](
+        out, q, kv_cache, meta.block_tables, meta.positions, meta.query_start_loc, meta.seq_lens,
+        part_acc, part_ml,
+        scale * _LOG2E, num_seqs,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        meta.block_tables.stride(0),
+        GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=config.block_q, BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n, BLOCK_SIZE=block_size, HEAD_DIM=head_dim, D_PAD=d_pad,
+        NUM_SPLITS=splits, DECODE=decode, PRECISION=precision,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    if splits > 1:
+        _merge_splits_kernel[(T, num_heads)](
+            out, part_acc, part_ml, num_heads, out.stride(0), out.stride(1),
+            NUM_SPLITS=splits, S_PAD=triton.next_power_of_2(splits), HEAD_DIM=head_dim, D_PAD=d_pad,
+            num_warps=4 if d_pad >= 128 else 1,
+        )
+    return out

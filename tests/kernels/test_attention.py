@@ -1,0 +1,162 @@
+"""Triton paged attention (CPU interpreter) vs the PyTorch reference and a dense float64 oracle."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from pensieve.kernels import paged_attention
+from pensieve.kernels.attention import LaunchConfig, choose_config, paged_attention_triton
+from pensieve.kernels.reference import paged_attention_reference
+from tests.kernels.helpers import default_scale, dense_attention, make_batch, random_cache, random_q
+
+# The interpreter converts 0-d arrays to ints in loop bounds (a NumPy deprecation, harmless here).
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+BLOCK_SIZE = 16
+NUM_BLOCKS = 24
+TOL = {torch.float32: 1e-4, torch.float16: 3e-3}
+
+# One ragged batch holding every shape of work the engine sends in one step.
+MIXED = [
+    (40, [39]),                                   # decode with 39 cached tokens (crosses 2 blocks)
+    (20, list(range(20))),                        # pure prefill, no context
+    (61, list(range(16)) + list(range(48, 61))),  # recompute: dropped prefix 0..15 + new turn 48..60, 16..47 cached
+    (35, list(range(30, 35))),                    # chunked prefill / new turn over 30 cached tokens
+    (1, [0]),                                     # a one-token prompt
+]
+
+
+def _check(out: torch.Tensor, q, cache, meta, scale, dtype) -> None:
+    ref = paged_attention_reference(q, cache, meta, scale).float()
+    dense = dense_attention(q, cache, meta, scale)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert torch.isfinite(out.float()).all()
+    torch.testing.assert_close(out.float(), ref, atol=TOL[dtype], rtol=TOL[dtype])
+    torch.testing.assert_close(out.float(), dense, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize(
+    "num_heads,num_kv_heads,head_dim,dtype",
+    [
+        (8, 2, 64, torch.float32),   # GQA 4:1
+        (8, 8, 32, torch.float16),   # MHA
+        (8, 1, 32, torch.float32),   # GQA 8:1
+        (4, 2, 80, torch.float16),   # non power-of-two head_dim (padded + masked)
+    ],
+)
+def test_mixed_ragged_batch(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+    meta = make_batch(MIXED, BLOCK_SIZE, NUM_BLOCKS)
+    cache = random_cache(NUM_BLOCKS, BLOCK_SIZE, num_kv_heads, head_dim, dtype)
+    q = random_q(meta.positions.shape[0], num_heads, head_dim, dtype)
+    scale = default_scale(head_dim)
+    _check(paged_attention_triton(q, cache, meta, scale), q, cache, meta, scale, dtype)
+
+
+def test_multi_tile_queries_and_groups() -> None:
+    """Small query tiles: one sequence spans several programs (exercises the tile -> sequence search)."""
+    meta = make_batch(MIXED, BLOCK_SIZE, NUM_BLOCKS)
+    cache = random_cache(NUM_BLOCKS, BLOCK_SIZE, 2, 32, torch.float32)
+    q = random_q(meta.positions.shape[0], 4, 32, torch.float32)
+    config = LaunchConfig(block_m=16, block_q=8, block_n=16, num_splits=1, num_warps=4, num_stages=1)
+    out = paged_attention_triton(q, cache, meta, 0.2, config=config)
+    _check(out, q, cache, meta, 0.2, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_split_kv(dtype: torch.dtype) -> None:
+    seqs = [(70, [69]), (1, [0]), (33, [32]), (17, [16])]
+    meta = make_batch(seqs, BLOCK_SIZE, NUM_BLOCKS)
+    assert meta.decode_only
+    cache = random_cache(NUM_BLOCKS, BLOCK_SIZE, 2, 64, dtype)
+    q = random_q(len(seqs), 8, 64, dtype)
+    scale = default_scale(64)
+    # The runner captures decode with max_seq_len = max_model_len: more splits, many of them empty.
+    for max_seq_len, splits in [(meta.max_seq_len, None), (4096, 8)]:
+        m = dataclasses.replace(meta, max_seq_len=max_seq_len)
+        config = None if splits is None else LaunchConfig(16, 1, 32, splits, 4, 1)
+        out = paged_attention_triton(q, cache, m, scale, config=config)
+        _check(out, q, cache, m, scale, dtype)
+    auto = choose_config(len(seqs), 1, meta.max_seq_len, 2, 4, 64, True, on_gpu=False)
+    assert auto.num_splits > 1  # the default CPU config does take the split path
+
+
+def test_decode_without_split_matches_split() -> None:
+    seqs = [(50, [49]), (9, [8])]
+    meta = make_batch(seqs, BLOCK_SIZE, NUM_BLOCKS)
+    cache = random_cache(NUM_BLOCKS, BLOCK_SIZE, 4, 32, torch.float32)
+    q = random_q(2, 4, 32, torch.float32)
+    one = paged_attention_triton(q, cache, meta, 0.3, config=LaunchConfig(16, 1, 32, 1, 4, 1))
+    many = paged_attention_triton(q, cache, meta, 0.3, config=LaunchConfig(16, 1, 16, 3, 4, 1))
+    torch.testing.assert_close(one, many, atol=1e-5, rtol=1e-5)
+    _check(one, q, cache, meta, 0.3, torch.float32)
+
+
+def test_padding_sequence_with_no_kv_gives_zeros() -> None:
+    """A padded decode slot (seq_len 0, as a graph-captured batch may carry) must not produce NaN."""
+    meta = make_batch([(20, [19]), (5, [4])], BLOCK_SIZE, NUM_BLOCKS)
+    meta = dataclasses.replace(meta, seq_lens=torch.tensor([20, 0], dtype=torch.int32))
+    cache = random_cache(NUM_BLOCKS, BLOCK_SIZE, 2, 32, torch.float32)
+    q = random_q(2, 4, 32, torch.float32)
+    out = paged_attention_triton(q, cache, meta, 0.2)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    ref = paged_attention_reference(q[:1], cache, make_batch([(20, [19])], BLOCK_SIZE, NUM_BLOCKS), 0.2)
+    torch.testing.assert_close(out[:1], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_sequence_output_independent_of_batch() -> None:
+    seqs = MIXED[:4]
+    meta = make_batch(seqs, BLOCK_SIZE, NUM_BLOCKS)
+    cache = random_cache(NUM_BLOCKS, BLOCK_SIZE, 2, 32, torch.float32)
+    q = random_q(meta.positions.shape[0], 8, 32, torch.float32)
+    full = paged_attention_triton(q, cache, meta, 0.2)
+    lo, hi = int(meta.query_start_loc[2]), int(meta.query_start_loc[3])
+    alone = dataclasses.replace(
+        meta,
+        positions=meta.positions[lo:hi],
+        query_start_loc=torch.tensor([0, hi - lo], dtype=torch.int32),
+        seq_lens=meta.seq_lens[2:3],
+        block_tables=meta.block_tables[2:3],
+        slot_mapping=meta.slot_mapping[lo:hi],
+        max_query_len=hi - lo,
+        max_seq_len=int(meta.seq_lens[2]),
+    )
+    torch.testing.assert_close(paged_attention_triton(q[lo:hi], cache, alone, 0.2), full[lo:hi], atol=1e-5, rtol=1e-5)
+
+
+def test_dispatch_uses_triton_when_forced(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pensieve.kernels.attention as attention_module
+
+    calls: list[int] = []
+    real = attention_module.paged_attention_triton
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention_module, "paged_attention_triton", spy)
+    meta = make_batch([(30, list(range(25, 30)))], BLOCK_SIZE, NUM_BLOCKS)
+    cache = random_cache(NUM_BLOCKS, BLOCK_SIZE, 2, 32, torch.float32)
+    q = random_q(5, 4, 32, torch.float32)
+    monkeypatch.setenv("PENSIEVE_ATTENTION_BACKEND", "triton")
+    out = paged_attention(q, cache, meta, 0.2)
+    monkeypatch.setenv("PENSIEVE_ATTENTION_BACKEND", "reference")
+    ref = paged_attention(q, cache, meta, 0.2)
+    assert calls == [1]
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_gpu_config_tiles_compile_on_h100() -> None:
+    """The interpreter accepts any tl.dot size; the H100 needs every side >= 16. Check every GPU config."""
+    for group in (1, 2, 4, 5, 8, 16):
+        for head_dim in (64, 80, 128, 256):
+            for max_q, decode in ((1, True), (1, False), (7, False), (4096, False)):
+                c = choose_config(64, max_q, 32768, 8, group, head_dim, decode, on_gpu=True)
+                assert c.block_m >= 16 and c.block_n >= 16 and c.block_m % c.block_q == 0
+                assert c.block_m >= triton_next_pow2(group) * c.block_q or decode
+                assert c.num_splits >= 1 and (c.num_splits == 1 or decode)
+
+
+def triton_next_pow2(x: int) -> int:
+    return 1 << (x - 1).bit_length()

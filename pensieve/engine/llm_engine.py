@@ -81,9 +81,10 @@ class LLMEngine:
         self.eos_token_ids = eos_ids
         spec = model_kv_spec(hf_config)
         vocab = hf_config.vocab_size
-        self.runner = ModelRunner(config, model, spec, dtype, self.device, self.max_model_len, vocab, eos_ids)
+        num_heads = hf_config.num_attention_heads
+        self.runner = ModelRunner(config, model, spec, dtype, self.device, self.max_model_len, vocab, eos_ids,
+                                  num_heads)
         num_params = sum(p.numel() for p in model.parameters())
-        num_heads = getattr(hf_config, "num_attention_heads")
         cost = RecomputeCost.for_model(num_params, spec.num_layers, num_heads, spec.head_dim)
         policy = (RetentionValuePolicy(config.cache.block_size, cost) if config.cache.eviction_policy == "retention"
                   else LRUPolicy())

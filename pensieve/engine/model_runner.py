@@ -30,7 +30,8 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, model: torch.nn.Module, kv_spec, dtype: torch.dtype,
-                 device: torch.device, max_model_len: int, vocab_size: int, eos_token_ids: list[int]) -> None:
+                 device: torch.device, max_model_len: int, vocab_size: int, eos_token_ids: list[int],
+                 num_heads: int) -> None:
         self.config = config
         self.model = model
         self.kv_spec = kv_spec
@@ -51,6 +52,13 @@ class ModelRunner:
                                       torch.device("cpu"), pin=self.on_cuda)
         self.transfer = KVTransfer(self.gpu_tier, self.cpu_tier, config.cache.pipelined_swap_in)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if self.on_cuda:
+            from pensieve.kernels.attention import warm_up_attention
+
+            try:  # a failed warm-up costs latency later, never the engine
+                log.info("compiled %d attention kernel variants", warm_up_attention(self.kv_caches[0], num_heads, dtype))
+            except Exception:
+                log.exception("attention kernel warm-up failed; variants compile on first use")
         if self.on_cuda and not config.enforce_eager:
             self._capture_decode_graphs()
 

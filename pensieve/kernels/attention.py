@@ -228,6 +228,9 @@ def choose_config(
         if on_gpu:
             target = 2 * num_sms
             splits = min(triton.cdiv(target, programs), max(1, max_seq_len // 256), 64)
+            # NUM_SPLITS is a compile-time constant: powers of two keep it to 7 compiled variants,
+            # all of which the model runner compiles at start-up (warm_up_attention).
+            splits = 1 << (splits.bit_length() - 1)
         else:
             splits = min(4, max(1, triton.cdiv(max_seq_len, block_n)))  # exercise the split path in tests
         splits = max(1, splits)
@@ -303,3 +306,49 @@ def paged_attention_triton(
             num_warps=4 if d_pad >= 128 else 1,
         )
     return out
+
+
+def warm_up_attention(kv_cache: torch.Tensor, num_heads: int, dtype: torch.dtype) -> int:
+    """Compile every kernel variant the engine can launch, so no request waits on the JIT.
+
+    Triton compiles on first use (about half a second per variant): without this, the first
+    requests of each new shape stall. Runs each decode split count and each prefill tile size
+    once on a tiny batch over the real cache tensor (same strides, same specialisations).
+    Returns the number of launches.
+    """
+    device = kv_cache.device
+    _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
+    group = num_heads // num_kv_heads
+    group_pad = triton.next_power_of_2(group)
+    launches = 0
+    for num_seqs in (1, 3):
+        base = choose_config(num_seqs, 1, 1 << 20, num_kv_heads, group, head_dim, True, True, _num_sms(
+            device.index if device.index is not None else torch.cuda.current_device()))
+        split_values = sorted({1 << i for i in range(7)})
+        for splits in split_values:  # decode: one token per sequence
+            meta = _tiny_meta(num_seqs, 1, block_size, device)
+            q = torch.randn(num_seqs, num_heads, head_dim, dtype=dtype, device=device)
+            paged_attention_triton(q, kv_cache, meta, 1.0, LaunchConfig(
+                base.block_m, 1, base.block_n, splits, base.num_warps, base.num_stages))
+            launches += 1
+        for q_len in (2, 4, 8, 16, 32, 64, 128):  # prefill tile sizes: block_m grows with the query length
+            if q_len * group_pad > 128 and q_len > 2:
+                break
+            meta = _tiny_meta(num_seqs, q_len, block_size, device)
+            q = torch.randn(num_seqs * q_len, num_heads, head_dim, dtype=dtype, device=device)
+            paged_attention_triton(q, kv_cache, meta, 1.0)
+            launches += 1
+    torch.cuda.synchronize(device)
+    return launches
+
+
+def _tiny_meta(num_seqs: int, q_len: int, block_size: int, device: torch.device) -> AttentionMetadata:
+    """num_seqs sequences of q_len new tokens each, all reading block 0 (warm-up only)."""
+    positions = torch.arange(q_len, device=device).repeat(num_seqs)
+    return AttentionMetadata(
+        positions=positions,
+        query_start_loc=torch.arange(0, (num_seqs + 1) * q_len, q_len, dtype=torch.int32, device=device),
+        seq_lens=torch.full((num_seqs,), q_len, dtype=torch.int32, device=device),
+        block_tables=torch.zeros(num_seqs, triton.cdiv(q_len, block_size), dtype=torch.int32, device=device),
+        slot_mapping=torch.full((num_seqs * q_len,), -1, dtype=torch.int64, device=device),
+        block_size=block_size, max_query_len=q_len, max_seq_len=q_len, decode_only=q_len == 1)

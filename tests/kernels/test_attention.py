@@ -160,3 +160,25 @@ def test_gpu_config_tiles_compile_on_h100() -> None:
 
 def triton_next_pow2(x: int) -> int:
     return 1 << (x - 1).bit_length()
+
+
+def test_gpu_split_counts_are_powers_of_two():
+    """NUM_SPLITS is compiled in: only the 7 powers of two the runner warms up may ever be chosen."""
+    from pensieve.kernels.attention import choose_config
+
+    seen = set()
+    for num_seqs in (1, 2, 3, 5, 8, 13, 64, 256):
+        for max_seq_len in (1, 100, 300, 1000, 4096, 5000, 32768, 131072):
+            cfg = choose_config(num_seqs, 1, max_seq_len, 8, 4, 128, True, True)
+            seen.add(cfg.num_splits)
+    assert seen <= {1, 2, 4, 8, 16, 32, 64} and len(seen) > 3
+
+
+@pytest.mark.gpu
+def test_warm_up_compiles_every_variant():
+    import torch
+
+    from pensieve.kernels.attention import warm_up_attention
+
+    cache = torch.randn(8, 2, 16, 8, 128, dtype=torch.bfloat16, device="cuda")
+    assert warm_up_attention(cache, 32, torch.bfloat16) > 7

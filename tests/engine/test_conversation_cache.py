@@ -63,14 +63,17 @@ def stateless_results(checkpoint):
     return converse(make_engine(checkpoint, "stateless", num_gpu_blocks=256))
 
 
-@pytest.mark.parametrize("mode,gpu,cpu,expect", [
-    ("gpu", 256, 0, "hits"),          # everything fits: pure reuse
-    ("gpu", 32, 0, "drops"),          # GPU pressure, no CPU tier: evict and recompute
-    ("tiered", 32, 128, "swaps"),     # GPU pressure, roomy CPU tier: swap out and back in
-    ("tiered", 32, 16, "all"),        # both tiers tight: swaps and drops
+@pytest.mark.parametrize("mode,gpu,cpu,expect,knobs", [
+    ("gpu", 256, 0, "hits", {}),          # everything fits: pure reuse
+    ("gpu", 32, 0, "drops", {}),          # GPU pressure, no CPU tier: evict and recompute
+    ("tiered", 32, 128, "swaps", {}),     # GPU pressure, roomy CPU tier: swap out and back in
+    ("tiered", 32, 16, "all", {}),        # both tiers tight: swaps and drops
+    # the paper's ablations: LRU instead of retention value; copies made only at eviction time
+    ("tiered", 32, 16, "all", {"eviction_policy": "lru"}),
+    ("tiered", 32, 128, "swaps", {"ahead_of_time_swap_out": False}),
 ])
-def test_cached_outputs_equal_stateless(checkpoint, stateless_results, mode, gpu, cpu, expect):
-    engine = make_engine(checkpoint, mode, num_gpu_blocks=gpu, num_cpu_blocks=cpu, swap_out_watermark=0.5)
+def test_cached_outputs_equal_stateless(checkpoint, stateless_results, mode, gpu, cpu, expect, knobs):
+    engine = make_engine(checkpoint, mode, num_gpu_blocks=gpu, num_cpu_blocks=cpu, swap_out_watermark=0.5, **knobs)
     results = converse(engine)
     for key, (tokens, _) in stateless_results.items():
         assert results[key][0] == tokens, f"{mode} diverged from stateless at {key}"

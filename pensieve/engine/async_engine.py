@@ -51,12 +51,20 @@ class AsyncEngine:
 
     # ------------------------------------------------------------ engine thread
     def _loop(self) -> None:
+        checked = True
         while self._running:
             self._drain()
             if not self.engine.has_unfinished():
+                if not checked:  # once per idle spell: both pools must add up (free + cached + used)
+                    checked = True
+                    try:
+                        self.engine.kv.check_integrity()
+                    except AssertionError:
+                        log.exception("KV cache integrity check failed")
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
+            checked = False
             try:
                 outputs = self.engine.step()
             except Exception as exc:  # keep serving: fail what was in flight, free its blocks

@@ -89,6 +89,11 @@ class LLMEngine:
         policy = (RetentionValuePolicy(config.cache.block_size, cost) if config.cache.eviction_policy == "retention"
                   else LRUPolicy())
         self.kv = KVCacheManager(config.cache, self.runner.num_gpu_blocks, self.runner.num_cpu_blocks, policy)
+        capacity = self.runner.num_gpu_blocks * config.cache.block_size
+        if capacity < self.max_model_len:
+            # a sequence that outgrew the whole pool could never be admitted again: cap the context instead
+            log.warning("the GPU KV pool holds %d tokens: max_model_len lowered from %d", capacity, self.max_model_len)
+            self.max_model_len = capacity
         self.scheduler = Scheduler(config.scheduler, config.cache, self.kv)
         self._tracked: dict[str, _Tracked] = {}
         self._prompt_tokens = 0

@@ -151,3 +151,15 @@ def test_invalid_prompts_are_refused_with_numbers(checkpoint):
         engine.add_request("empty", [], SamplingParams())
     with pytest.raises(ValueError, match="max_tokens"):
         engine.add_request("big", [1, 2, 3], SamplingParams(max_tokens=300))
+
+
+def test_context_is_capped_to_what_the_pool_can_hold(checkpoint):
+    engine = make_engine(checkpoint, "gpu", num_gpu_blocks=8)  # 8 blocks of 4 tokens
+    assert engine.max_model_len == 32
+    with pytest.raises(ValueError, match="32"):
+        engine.add_request("too-long", list(range(10, 50)), SamplingParams())
+    engine.add_request("to-the-end", list(range(10, 20)), SamplingParams(temperature=0, max_tokens=None,
+                                                                         ignore_eos=True))
+    out = run_all(engine)["to-the-end"]
+    assert out.outputs[0].finish_reason == "length" and len(out.outputs[0].token_ids) == 22
+    engine.kv.check_integrity()

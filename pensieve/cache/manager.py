@@ -434,27 +434,31 @@ class KVCacheManager:
 
     # ----------------------------------------------------------- invariants
     def check_integrity(self) -> None:
-        """free + cached + used == total in both tiers, and every index entry points back."""
-        free = set(self.g_free)
-        assert len(free) == len(self.g_free), "GPU block freed twice"
-        for b in range(self.num_gpu_blocks):
-            in_free, cached, used = b in free, bool(self.g_evictable[b]), self.g_ref[b] > 0
-            assert in_free + cached + used == 1, f"GPU block {b}: free={in_free} cached={cached} ref={self.g_ref[b]}"
-            if in_free:
-                assert self.g_key[b] is None and self.g_cpu[b] < 0, f"free GPU block {b} holds content"
-            if cached:
-                assert self.g_key[b] is not None, f"cached GPU block {b} has no key"
+        """free + cached + used == total in both tiers, and every index entry points back.
+
+        Vectorised where it can be: it runs on every idle spell of the server."""
+        free = np.zeros(self.num_gpu_blocks, bool)
+        free[self.g_free] = True
+        assert free.sum() == len(self.g_free), "GPU block freed twice"
+        used = self.g_ref > 0
+        states = free.astype(int) + self.g_evictable + used
+        bad = np.flatnonzero(states != 1)
+        assert len(bad) == 0, f"GPU blocks {bad[:8].tolist()} are in {states[bad[:8]].tolist()} states"
+        assert (self.g_ref >= 0).all(), "negative reference count"
+        has_key = np.array([k is not None for k in self.g_key], bool)
+        assert not (free & (has_key | (self.g_cpu >= 0))).any(), "a free GPU block holds content"
+        assert has_key[self.g_evictable].all(), "a cached GPU block has no key"
+        for b in np.flatnonzero(self.g_cpu >= 0):
             c = self.g_cpu[b]
-            if c >= 0:
-                assert self.c_gpu[c] == b and self.c_key[c] == self.g_key[b], f"bad link {b}->{c}"
+            assert self.c_gpu[c] == b and self.c_key[c] == self.g_key[b], f"bad link {b}->{c}"
         for key, b in self.g_index.items():
             assert self.g_key[b] == key
-        cfree = set(self.c_free)
-        assert len(cfree) == len(self.c_free), "CPU block freed twice"
-        for c in range(self.num_cpu_blocks):
-            assert (c in cfree) + bool(self.c_cached[c]) == 1, f"CPU block {c} state"
-            if c in cfree:
-                assert self.c_key[c] is None and self.c_pin[c] == 0
+        cfree = np.zeros(self.num_cpu_blocks, bool)
+        cfree[self.c_free] = True
+        assert cfree.sum() == len(self.c_free), "CPU block freed twice"
+        assert (cfree ^ self.c_cached).all(), "a CPU block is both free and cached, or neither"
+        assert not (cfree & (self.c_pin > 0)).any(), "a free CPU block is pinned"
+        assert all(self.c_key[c] is None for c in self.c_free), "a free CPU block holds content"
         for key, c in self.c_index.items():
             assert self.c_key[c] == key
         assert not self._pinned_gpu and not self._pinned_cpu, "pins outlived their step"

@@ -215,3 +215,17 @@ def test_random_workload_keeps_invariants(mode):
     if mode != "stateless":
         # anonymous leftovers may stay cached; named ones are all gone
         assert not kv.conversations
+
+
+def test_integrity_check_catches_corruption():
+    kv, _ = make(8, 4, mode="tiered")
+    run_turn(kv, list(range(9)), conv="x")
+    kv.check_integrity()
+    kv.g_free.append(kv.g_free[0])              # a block freed twice
+    with pytest.raises(AssertionError):
+        kv.check_integrity()
+    kv.g_free.pop()
+    b = int(np.flatnonzero(kv.g_evictable)[0])
+    kv.g_ref[b] = 1                             # cached and used at once
+    with pytest.raises(AssertionError):
+        kv.check_integrity()

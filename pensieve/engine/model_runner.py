@@ -57,10 +57,24 @@ class ModelRunner:
 
             try:  # a failed warm-up costs latency later, never the engine
                 log.info("compiled %d attention kernel variants", warm_up_attention(self.kv_caches[0], num_heads, dtype))
+                self._warm_up_copies()
             except Exception:
-                log.exception("attention kernel warm-up failed; variants compile on first use")
+                log.exception("kernel warm-up failed; variants compile on first use")
         if self.on_cuda and not config.enforce_eager:
             self._capture_decode_graphs()
+
+    def _warm_up_copies(self) -> None:
+        """Compile the block-copy variants (counts of 1, 16 and others specialise) before serving."""
+        from pensieve.kernels import copy_blocks
+
+        n = min(16, self.num_gpu_blocks, self.num_cpu_blocks)
+        for count in sorted({1, 3, n}):
+            if count > n:
+                continue
+            ids = torch.arange(count, device=self.device)
+            copy_blocks(self.gpu_tier[0], self.cpu_tier[0], ids, ids)  # pools are empty: nothing to lose
+            copy_blocks(self.cpu_tier[0], self.gpu_tier[0], ids, ids)
+        torch.cuda.synchronize(self.device)
 
     # ------------------------------------------------------------ sizing
     def _size_gpu_tier(self) -> int:

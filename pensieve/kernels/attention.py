@@ -321,7 +321,8 @@ def warm_up_attention(kv_cache: torch.Tensor, num_heads: int, dtype: torch.dtype
     group = num_heads // num_kv_heads
     group_pad = triton.next_power_of_2(group)
     launches = 0
-    for num_seqs in (1, 3):
+    # Triton also specialises integer arguments equal to 1 or divisible by 16 (num_seqs here)
+    for num_seqs in (1, 3, 16):
         base = choose_config(num_seqs, 1, 1 << 20, num_kv_heads, group, head_dim, True, True, _num_sms(
             device.index if device.index is not None else torch.cuda.current_device()))
         split_values = sorted({1 << i for i in range(7)})

@@ -13,7 +13,7 @@ GPU is just freeing.
 from __future__ import annotations
 
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -102,6 +102,11 @@ class KVCacheManager:
         self.plan = TransferPlan()
         self._pinned_gpu: list[int] = []
         self._pinned_cpu: list[int] = []
+        # Ahead-of-time swap-outs outlive their step: they overlap later steps and their pins are
+        # released, oldest group first, as the copy stream reports them done.
+        self._out_gpu: list[int] = []
+        self._out_cpu: list[int] = []
+        self._outbound: deque[tuple[list[int], list[int]]] = deque()
         self.conversations: dict[str, _Conversation] = {}
         self._owners: Counter[BlockKey] = Counter()
         self.counters = CacheCounters()
@@ -295,9 +300,9 @@ class KVCacheManager:
             c = self._allocate_cpu(float(scores[j]), now)
             if c is None:
                 break
-            self._store_on_cpu(b, c)
+            self._store_on_cpu(b, c, self._out_cpu)
             self._ref(b)                      # the source must not be reused while the copy runs
-            self._pinned_gpu.append(b)
+            self._out_gpu.append(b)
             self.plan.swap_out.append((b, c))
             self.counters.swapped_out_blocks += 1
 
@@ -306,15 +311,32 @@ class KVCacheManager:
         return plan
 
     def end_step(self) -> None:
-        """The step's copies have completed: drop the pins they held."""
-        for b in self._pinned_gpu:
+        """The step's forward has finished, and with it the swap-ins and eviction copies it waited
+        for: drop their pins. This step's ahead-of-time swap-outs may still be running."""
+        self._unpin(self._pinned_gpu, self._pinned_cpu)
+        self._pinned_gpu, self._pinned_cpu = [], []
+        if self._out_gpu:
+            self._outbound.append((self._out_gpu, self._out_cpu))
+            self._out_gpu, self._out_cpu = [], []
+
+    @property
+    def num_swap_out_groups(self) -> int:
+        """Steps whose ahead-of-time swap-outs have not been reported done."""
+        return len(self._outbound)
+
+    def swap_outs_done(self, num_groups: int) -> None:
+        """The oldest `num_groups` steps' swap-outs have landed on the CPU: unpin their blocks."""
+        for _ in range(num_groups):
+            gpu, cpu = self._outbound.popleft()
+            self._unpin(gpu, cpu)
+
+    def _unpin(self, gpu: list[int], cpu: list[int]) -> None:
+        for b in gpu:
             self.g_ref[b] -= 1
             if self.g_ref[b] == 0:
                 self.g_evictable[b] = True
-        for c in self._pinned_cpu:
+        for c in cpu:
             self.c_pin[c] -= 1
-        self._pinned_gpu.clear()
-        self._pinned_cpu.clear()
 
     # ------------------------------------------------------------- internals
     def _ref(self, b: int) -> None:
@@ -343,7 +365,7 @@ class KVCacheManager:
         self.g_cpu[b] = c
         self.c_gpu[c] = b
 
-    def _store_on_cpu(self, b: int, c: int) -> None:
+    def _store_on_cpu(self, b: int, c: int, pins: list[int]) -> None:
         key = self.g_key[b]
         assert key is not None
         self.c_key[c] = key
@@ -352,7 +374,7 @@ class KVCacheManager:
         self.c_last[c] = self.g_last[b]
         self.c_cached[c] = True
         self.c_pin[c] += 1
-        self._pinned_cpu.append(c)
+        pins.append(c)
         self._link(b, c)
 
     def _allocate_gpu(self, n: int) -> list[int] | None:
@@ -375,7 +397,7 @@ class KVCacheManager:
                 # Not copied ahead of time: copy now, and make the forward wait for it.
                 c = self._allocate_cpu(float(scores[j]), now)
                 if c is not None:
-                    self._store_on_cpu(b, c)
+                    self._store_on_cpu(b, c, self._pinned_cpu)
                     self.plan.evict_out.append((b, c))
                     self.counters.swapped_out_blocks += 1
                 else:
@@ -462,3 +484,4 @@ class KVCacheManager:
         for key, c in self.c_index.items():
             assert self.c_key[c] == key
         assert not self._pinned_gpu and not self._pinned_cpu, "pins outlived their step"
+        assert not self._outbound and not self._out_gpu, "swap-outs still in flight: flush them first"

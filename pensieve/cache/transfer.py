@@ -2,12 +2,15 @@
 
 Swap-ins record one event per layer; layer l's attention waits only for
 event l (pipelined with the forward). Eviction copies whose GPU blocks are
-reused this step must land before the forward starts; ahead-of-time
-swap-outs run behind everything else and are only awaited at step end.
+reused this step must land before the forward starts. Ahead-of-time
+swap-outs run behind everything else and are never waited for on the hot
+path: each step's group records an event, polled at later steps, and the
+cache manager unpins a group's blocks once its event has fired.
 On the CPU every copy is synchronous and nothing needs waiting.
 """
 from __future__ import annotations
 
+from collections import deque
 from typing import Callable
 
 import torch
@@ -24,7 +27,7 @@ class KVTransfer:
         self.pipelined = pipelined
         self.on_cuda = gpu_tier.is_cuda
         self.stream = torch.cuda.Stream(device=gpu_tier.device) if self.on_cuda else None
-        self._done: torch.cuda.Event | None = None
+        self._swap_outs: deque[torch.cuda.Event | None] = deque()  # one per step that swapped out, oldest first
 
     def _ids(self, ids: list[int]) -> torch.Tensor:
         t = torch.tensor(ids, dtype=torch.int64, pin_memory=self.on_cuda)
@@ -50,6 +53,7 @@ class KVTransfer:
                 self._copy([(c, g) for c, g in plan.swap_in], self.cpu, self.gpu)
             if plan.swap_out:
                 self._copy(plan.swap_out, self.gpu, self.cpu)
+                self._swap_outs.append(None)
             return None
         compute = torch.cuda.current_stream()
         self.stream.wait_stream(compute)  # blocks read or overwritten here were last touched by earlier steps
@@ -65,8 +69,9 @@ class KVTransfer:
                 self._copy(plan.swap_in, self.cpu, self.gpu, layer_events)
             if plan.swap_out:
                 self._copy(plan.swap_out, self.gpu, self.cpu)
-            self._done = torch.cuda.Event()
-            self._done.record(self.stream)
+                done = torch.cuda.Event()
+                done.record(self.stream)
+                self._swap_outs.append(done)
         if layer_events is None:
             return None
         if not self.pipelined:
@@ -74,9 +79,25 @@ class KVTransfer:
             return None
         return lambda layer: torch.cuda.current_stream().wait_event(layer_events[layer])
 
-    def finish(self) -> None:
-        """Called at step end, after the step's results were read: all copies must be done
-        before their pins are released. Swap-outs overlapped the forward, so this rarely waits."""
-        if self._done is not None:
-            self._done.synchronize()
-            self._done = None
+    def settle(self, ran_forward: bool) -> None:
+        """Step end. A forward waited for the step's swap-ins and eviction copies, and the step's
+        results were read, so those are done; without a forward, wait for them here."""
+        if self.on_cuda and not ran_forward:
+            self.stream.synchronize()
+
+    def completed_swap_outs(self) -> int:
+        """How many of the oldest outstanding swap-out groups have landed (without blocking)."""
+        n = 0
+        while self._swap_outs and (self._swap_outs[0] is None or self._swap_outs[0].query()):
+            self._swap_outs.popleft()
+            n += 1
+        return n
+
+    def wait_swap_outs(self) -> int:
+        """Block until every outstanding swap-out has landed (idle time, shutdown, checks)."""
+        n = len(self._swap_outs)
+        for event in self._swap_outs:
+            if event is not None:
+                event.synchronize()
+        self._swap_outs.clear()
+        return n

@@ -58,7 +58,7 @@ class AsyncEngine:
                 if not checked:  # once per idle spell: both pools must add up (free + cached + used)
                     checked = True
                     try:
-                        self.engine.kv.check_integrity()
+                        self.engine.check_integrity()  # flushes the swap-outs still in flight first
                     except AssertionError:
                         log.exception("KV cache integrity check failed")
                 self._wake.wait(0.05)
@@ -161,7 +161,7 @@ class AsyncEngine:
         return self._stats
 
     def check_integrity(self) -> None:
-        self._call(self.engine.kv.check_integrity)
+        self._call(self.engine.check_integrity)
 
     async def shutdown(self) -> None:
         if not self._running:

@@ -151,7 +151,16 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         result = self.runner.execute(plan)
         self.kv.end_step()
+        self.kv.swap_outs_done(self.runner.transfer.completed_swap_outs())
         return self._postprocess(plan, result)
+
+    def flush_transfers(self) -> None:
+        """Wait for the swap-outs still in flight and unpin their blocks (when idle)."""
+        self.kv.swap_outs_done(self.runner.transfer.wait_swap_outs())
+
+    def check_integrity(self) -> None:
+        self.flush_transfers()
+        self.kv.check_integrity()
 
     def _postprocess(self, plan: StepPlan, result) -> list[RequestOutput]:
         now = time.monotonic()

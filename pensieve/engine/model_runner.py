@@ -185,7 +185,7 @@ class ModelRunner:
             result = self._sample(hidden, rows, sampling)
         else:
             result = StepResult([], None)
-        self.transfer.finish()
+        self.transfer.settle(ran_forward=bool(plan.chunks))
         return result
 
     def _sample(self, hidden: torch.Tensor, rows: list[int], chunks) -> StepResult:

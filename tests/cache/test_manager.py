@@ -25,6 +25,12 @@ def make(num_gpu: int, num_cpu: int, mode: str = "tiered", policy: str = "retent
     return KVCacheManager(cfg, num_gpu, num_cpu, pol, clock), clock
 
 
+def finish_step(kv: KVCacheManager) -> None:
+    """Step end, with every ahead-of-time swap-out reported landed (as the copy stream would)."""
+    kv.end_step()
+    kv.swap_outs_done(kv.num_swap_out_groups)
+
+
 def run_turn(kv: KVCacheManager, tokens: list[int], conv: str | None = None):
     """Admit, 'compute' and commit every block, release: one finished turn."""
     keys = block_keys(tokens, BS)
@@ -33,7 +39,7 @@ def run_turn(kv: KVCacheManager, tokens: list[int], conv: str | None = None):
     for i in range(len(tokens) // BS):
         kv.commit_block(adm.block_table, i, keys[i])
     plan = kv.take_plan()
-    kv.end_step()
+    finish_step(kv)
     table = list(adm.block_table)
     kv.release(adm.block_table)
     if conv is not None:
@@ -122,7 +128,7 @@ def test_tiered_swaps_out_ahead_of_time_then_swaps_back_in():
     kv.plan_swap_out()                         # under the watermark: copy a's coldest blocks out
     plan = kv.take_plan()
     assert len(plan.swap_out) >= 3 and not plan.evict_out
-    kv.end_step()
+    finish_step(kv)
     kv.release(adm.block_table)
     clock.t = 2.0
     run_turn(kv, [700 + i for i in range(24)])  # 6 blocks: evicts a's blocks from the GPU (already backed)
@@ -140,7 +146,7 @@ def test_cpu_full_drops_the_least_valuable_and_reports_recompute():
         run_turn(kv, [base + i for i in range(17)], conv=f"c{t}")
         kv.plan_swap_out()
         kv.take_plan()
-        kv.end_step()
+        finish_step(kv)
     assert kv.counters.swapped_out_blocks >= 2
     kv.check_integrity()
     clock.t = 10.0
@@ -154,7 +160,7 @@ def test_delete_conversation_frees_both_tiers():
     run_turn(kv, list(range(17)), conv="x")
     kv.plan_swap_out()
     kv.take_plan()
-    kv.end_step()
+    finish_step(kv)
     assert kv.num_used_cpu > 0 and kv.num_cached_gpu > 0
     assert kv.delete_conversation("x")
     assert not kv.delete_conversation("x")
@@ -204,7 +210,7 @@ def test_random_workload_keeps_invariants(mode):
             kv.commit_block(adm.block_table, i, keys[i])
         kv.plan_swap_out()
         kv.take_plan()
-        kv.end_step()
+        finish_step(kv)
         kv.release(adm.block_table)
         kv.record_conversation(cid, keys[:(len(tokens) - 1) // BS])
         convs[cid] = tokens
@@ -229,3 +235,21 @@ def test_integrity_check_catches_corruption():
     kv.g_ref[b] = 1                             # cached and used at once
     with pytest.raises(AssertionError):
         kv.check_integrity()
+
+
+def test_swap_out_pins_outlive_their_step_until_reported_done():
+    kv, clock = make(8, 8, mode="tiered", swap_out_watermark=1.0)
+    run_turn(kv, list(range(17)), conv="x")
+    kv.plan_swap_out()
+    plan = kv.take_plan()
+    assert plan.swap_out
+    kv.end_step()
+    # the copies may still be running: their sources stay pinned, so nothing can reuse them
+    assert kv.num_swap_out_groups == 1
+    pinned = [b for b, _ in plan.swap_out]
+    assert all(kv.g_ref[b] == 1 and not kv.g_evictable[b] for b in pinned)
+    with pytest.raises(AssertionError, match="in flight"):
+        kv.check_integrity()
+    kv.swap_outs_done(1)
+    assert all(kv.g_evictable[b] for b in pinned)
+    kv.check_integrity()

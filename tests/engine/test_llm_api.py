@@ -59,7 +59,7 @@ def test_conversation_ttl_expires_idle_conversations(checkpoint):
     time.sleep(0.3)
     llm.generate([{"prompt_token_ids": list(range(50, 60))}], params)  # any step expires idle ones
     assert "idle" not in llm.engine.kv.conversations
-    llm.engine.kv.check_integrity()
+    llm.engine.check_integrity()
 
 
 def test_async_engine_streams_and_aborts_on_close(checkpoint):

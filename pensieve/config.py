@@ -26,6 +26,7 @@ class CacheConfig:
     cpu_cache_gb: float | None = None      # None: a share of host memory (see cache.kv_pool.default_cpu_cache_bytes)
     num_cpu_blocks: int | None = None      # overrides cpu_cache_gb
     eviction_policy: EvictionPolicyName = "retention"
+    profile_recompute_cost: bool = True    # on a GPU, time Cost(l) at start-up (the paper's offline profile)
     swap_out_watermark: float = 0.25       # start ahead-of-time swap-out when free GPU blocks < this share
     max_swap_out_blocks_per_step: int = 256
     admit_watermark: float = 0.10          # admit new requests only while this share of GPU blocks stays free

@@ -7,7 +7,7 @@ cheapest to recompute (a token's KV depends only on the tokens before it).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -35,6 +35,31 @@ class RecomputeCost:
         return self.linear_flops_per_token + self.attention_slowdown * self.attention_flops_per_context_token * context_tokens
 
 
+@dataclass(frozen=True)
+class ProfiledCost:
+    """Cost(l) measured, as the paper does: the time to recompute one block after l context tokens,
+    timed at a few context lengths and interpolated linearly (extrapolated past the last one)."""
+
+    context_tokens: tuple[float, ...]   # ascending
+    seconds: tuple[float, ...]
+
+    @classmethod
+    def measure(cls, time_block: Callable[[int], float], max_context: int) -> ProfiledCost:
+        lengths = [0] + [1 << k for k in range(8, 31) if (1 << k) <= max_context]
+        times = [time_block(n) for n in lengths]
+        # timing noise must not make a longer context look cheaper: keep the curve non-decreasing
+        return cls(tuple(float(n) for n in lengths), tuple(np.maximum.accumulate(times).tolist()))
+
+    def __call__(self, context_tokens: np.ndarray) -> np.ndarray:
+        xs, ys = np.asarray(self.context_tokens), np.asarray(self.seconds)
+        out = np.interp(context_tokens, xs, ys)
+        if len(xs) > 1:
+            slope = (ys[-1] - ys[-2]) / max(xs[-1] - xs[-2], 1.0)
+            beyond = context_tokens > xs[-1]
+            out = np.where(beyond, ys[-1] + slope * (context_tokens - xs[-1]), out)
+        return out
+
+
 class EvictionPolicy(Protocol):
     name: str
 
@@ -48,7 +73,7 @@ class RetentionValuePolicy:
     """The paper's V = Cost(l) / T: cheap-to-rebuild and long-idle blocks go first."""
 
     block_size: int
-    cost: RecomputeCost = RecomputeCost()
+    cost: Callable[[np.ndarray], np.ndarray] = RecomputeCost()   # RecomputeCost or ProfiledCost
     name: str = "retention"
 
     def scores(self, last_access: np.ndarray, block_index: np.ndarray, now: float) -> np.ndarray:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from pensieve.cache.manager import KVCacheManager
-from pensieve.cache.policy import LRUPolicy, RecomputeCost, RetentionValuePolicy
+from pensieve.cache.policy import LRUPolicy, ProfiledCost, RecomputeCost, RetentionValuePolicy
 from pensieve.config import EngineConfig
 from pensieve.engine.detokenizer import IncrementalDetokenizer, StopChecker
 from pensieve.engine.model_runner import ModelRunner
@@ -86,6 +86,12 @@ class LLMEngine:
                                   num_heads)
         num_params = sum(p.numel() for p in model.parameters())
         cost = RecomputeCost.for_model(num_params, spec.num_layers, num_heads, spec.head_dim)
+        if config.cache.profile_recompute_cost and self.device.type == "cuda" and config.cache.eviction_policy == "retention":
+            try:  # the paper's way: measure Cost(l) on this GPU instead of estimating it from FLOPs
+                cost = ProfiledCost.measure(self.runner.time_block_recompute, self.max_model_len)
+                log.info("profiled recompute cost: %s", dict(zip(cost.context_tokens, cost.seconds)))
+            except Exception:
+                log.exception("profiling the recompute cost failed; using the FLOP estimate")
         policy = (RetentionValuePolicy(config.cache.block_size, cost) if config.cache.eviction_policy == "retention"
                   else LRUPolicy())
         self.kv = KVCacheManager(config.cache, self.runner.num_gpu_blocks, self.runner.num_cpu_blocks, policy)

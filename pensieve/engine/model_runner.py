@@ -5,6 +5,7 @@ Owns the model, both KV tiers, the transfer stream and the decode CUDA graphs.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,6 +76,29 @@ class ModelRunner:
             copy_blocks(self.gpu_tier[0], self.cpu_tier[0], ids, ids)  # pools are empty: nothing to lose
             copy_blocks(self.cpu_tier[0], self.gpu_tier[0], ids, ids)
         torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def time_block_recompute(self, context_len: int, repeats: int = 3) -> float:
+        """Seconds to recompute one block whose first token has `context_len` tokens before it:
+        the paper's offline profile of Cost(l). Run before serving (it writes into pool blocks)."""
+        bs = self.block_size
+        n_blocks = min(-(-(context_len + bs) // bs), self.num_gpu_blocks)
+        context_len = min(context_len, n_blocks * bs - bs)
+        positions = np.arange(context_len, context_len + bs)
+        table = list(range(n_blocks))
+        meta = self._metadata(positions=positions, qsl=np.array([0, bs]), seq_lens=np.array([context_len + bs]),
+                              tables=[table], slots=positions.copy(), max_q=bs, decode_only=False)
+        ids = torch.zeros(bs, dtype=torch.long, device=self.device)
+        times = []
+        for _ in range(repeats + 1):
+            if self.on_cuda:
+                torch.cuda.synchronize(self.device)
+            t = time.perf_counter()
+            self.model(ids, meta.positions, self.kv_caches, meta)
+            if self.on_cuda:
+                torch.cuda.synchronize(self.device)
+            times.append(time.perf_counter() - t)
+        return float(np.median(times[1:]))
 
     # ------------------------------------------------------------ sizing
     def _size_gpu_tier(self) -> int:

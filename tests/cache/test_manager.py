@@ -253,3 +253,17 @@ def test_swap_out_pins_outlive_their_step_until_reported_done():
     kv.swap_outs_done(1)
     assert all(kv.g_evictable[b] for b in pinned)
     kv.check_integrity()
+
+
+def test_profiled_cost_interpolates_is_monotone_and_extrapolates():
+    from pensieve.cache.policy import ProfiledCost
+
+    timings = {0: 1.0, 256: 1.2, 512: 1.1, 1024: 2.0}  # 512 is timing noise below 256's
+    cost = ProfiledCost.measure(lambda n: timings[n], max_context=1024)
+    assert cost.context_tokens == (0.0, 256.0, 512.0, 1024.0)
+    assert cost.seconds == (1.0, 1.2, 1.2, 2.0)
+    got = cost(np.array([0, 128, 768, 2048]))
+    assert np.allclose(got, [1.0, 1.1, 1.6, 3.6])
+    pol = RetentionValuePolicy(16, cost)
+    # same idle time: leading blocks are cheaper to rebuild, so they go first
+    assert list(lowest(pol.scores(np.zeros(3), np.array([40, 0, 10]), now=5.0), 3)) == [1, 2, 0]

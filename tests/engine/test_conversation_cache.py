@@ -192,3 +192,13 @@ def test_slow_swap_outs_never_change_answers(checkpoint, stateless_results, monk
     assert max(held) >= 2  # groups really were in flight across steps
     assert engine.stats().swapped_out_blocks > 0
     engine.check_integrity()
+
+
+def test_block_recompute_timing_grows_with_context(checkpoint):
+    """The runner times Cost(l) the paper's way; on the CPU too (the engine profiles only on a GPU)."""
+    from pensieve.cache.policy import ProfiledCost
+
+    engine = make_engine(checkpoint, "tiered", num_gpu_blocks=80, num_cpu_blocks=8)
+    cost = ProfiledCost.measure(engine.runner.time_block_recompute, max_context=256)
+    assert cost.context_tokens[0] == 0 and cost.context_tokens[-1] == 256
+    assert all(t > 0 for t in cost.seconds) and list(cost.seconds) == sorted(cost.seconds)

@@ -155,7 +155,15 @@ class LLMEngine:
         if self.config.cache.conversation_ttl is not None:
             self.kv.expire_conversations(self.config.cache.conversation_ttl)
         plan = self.scheduler.schedule()
-        result = self.runner.execute(plan)
+        try:
+            result = self.runner.execute(plan)
+        except Exception:
+            # leave the pools consistent for whoever handles this (the async engine aborts the batch)
+            if self.runner.transfer.stream is not None:
+                self.runner.transfer.stream.synchronize()
+            self.kv.end_step()
+            self.flush_transfers()
+            raise
         self.kv.end_step()
         self.kv.swap_outs_done(self.runner.transfer.completed_swap_outs())
         return self._postprocess(plan, result)

@@ -89,3 +89,33 @@ def test_async_engine_streams_and_aborts_on_close(checkpoint):
         await engine.shutdown()
 
     asyncio.run(main())
+
+
+def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(checkpoint, monkeypatch):
+    engine = AsyncEngine(EngineConfig(model=ModelConfig(str(checkpoint), max_model_len=256),
+                                      cache=CacheConfig(num_gpu_blocks=64, num_cpu_blocks=16), device="cpu",
+                                      enforce_eager=True))
+    runner = engine.engine.runner
+    real = runner.execute
+    calls = {"n": 0}
+
+    def flaky(plan):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("injected device fault")
+        return real(plan)
+
+    monkeypatch.setattr(runner, "execute", flaky)
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+
+    async def main() -> None:
+        with pytest.raises(RuntimeError, match="injected"):
+            async for _ in engine.generate("doomed", list(range(10, 30)), params):
+                pass
+        outs = [out async for out in engine.generate("fine", list(range(10, 30)), params)]
+        assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 5
+        engine.check_integrity()
+        assert engine.stats().gpu_blocks_used == 0
+        await engine.shutdown()
+
+    asyncio.run(main())

@@ -202,3 +202,20 @@ def test_block_recompute_timing_grows_with_context(checkpoint):
     cost = ProfiledCost.measure(engine.runner.time_block_recompute, max_context=256)
     assert cost.context_tokens[0] == 0 and cost.context_tokens[-1] == 256
     assert all(t > 0 for t in cost.seconds) and list(cost.seconds) == sorted(cost.seconds)
+
+
+def test_a_changed_token_reuses_only_what_precedes_it(checkpoint):
+    """A client whose re-tokenized history differs from the cached tokens (chat templates do this)
+    reuses the blocks before the first difference and recomputes the rest: never KV of other tokens."""
+    engine = make_engine(checkpoint, "gpu", num_gpu_blocks=256)
+    reference = make_engine(checkpoint, "stateless", num_gpu_blocks=256)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    history = list(range(100, 130))                       # 30 tokens: 7 full blocks of 4
+    engine.add_request("t0", history, params)
+    run_all(engine)
+    changed = history[:13] + [999] + history[14:] + [7, 8]  # token 13 differs (block 3)
+    engine.add_request("t1", changed, params)
+    reference.add_request("t1", changed, params)
+    got, want = run_all(engine)["t1"], run_all(reference)["t1"]
+    assert got.cache.gpu_hit_tokens == 12                 # blocks 0-2 only
+    assert got.outputs[0].token_ids == want.outputs[0].token_ids

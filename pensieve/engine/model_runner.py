@@ -168,7 +168,7 @@ class ModelRunner:
             max_query_len=int(max_q), max_seq_len=int(seq_lens.max()), decode_only=decode_only,
             wait_for_layer=wait)
 
-    def _prepare(self, plan: StepPlan, wait) -> tuple[torch.Tensor, AttentionMetadata, list[int]]:
+    def _prepare(self, plan: StepPlan, wait) -> tuple[torch.Tensor, AttentionMetadata, torch.Tensor]:
         bs = self.block_size
         ids: list[int] = []
         pos: list[int] = []
@@ -190,9 +190,13 @@ class ModelRunner:
         max_q = max(b - a for a, b in zip(qsl, qsl[1:]))
         meta = self._metadata(np.array(pos), np.array(qsl), np.array(seq_lens), tables, np.array(slots),
                               max_q, decode_only=max_q == 1, wait=wait)
-        input_ids = torch.tensor(ids, dtype=torch.int64)
-        input_ids = input_ids.pin_memory().to(self.device, non_blocking=True) if self.on_cuda else input_ids
-        return input_ids, meta, logits_rows
+        input_ids = self._upload(torch.tensor(ids, dtype=torch.int64))
+        # uploaded before the forward: a blocking copy after it would stall the host until the forward ends
+        rows = self._upload(torch.tensor(logits_rows, dtype=torch.int64))
+        return input_ids, meta, rows
+
+    def _upload(self, t: torch.Tensor) -> torch.Tensor:
+        return t.pin_memory().to(self.device, non_blocking=True) if self.on_cuda else t
 
     # ------------------------------------------------------------ execution
     @torch.inference_mode()
@@ -212,11 +216,10 @@ class ModelRunner:
         self.transfer.settle(ran_forward=bool(plan.chunks))
         return result
 
-    def _sample(self, hidden: torch.Tensor, rows: list[int], chunks) -> StepResult:
-        if not rows:
+    def _sample(self, hidden: torch.Tensor, rows: torch.Tensor, chunks) -> StepResult:
+        if not chunks:
             return StepResult([], None)
-        idx = torch.tensor(rows, device=hidden.device)
-        logits = self.model.compute_logits(hidden.index_select(0, idx))
+        logits = self.model.compute_logits(hidden.index_select(0, rows))
         seqs = [c.seq for c in chunks]
         params = [s.params for s in seqs]
         # prompt ids matter only to the repetition penalty: skip copying long prompts otherwise

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The GPU runs still owed (see docs/BENCHMARKS.md "Results"), one device call each, every one
+# sized to finish inside the 10-minute limit. Usage on the GPU machine: bash benchmarks/gpu_plan.sh N
+#
+# Why these shapes: scaling only the think time (60 s -> 6 s) while replies keep their ~205 tokens
+# leaves the idle KV (what the CPU tier exists for) small next to the running KV, so nothing
+# overflows the GPU. Scaling replies by the same factor as think time keeps the paper's ratio of
+# idle to running conversations; the arrivals must last longer than a conversation (~40 s here)
+# for the cache to reach steady state.
+set -euo pipefail
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+OUT=${OUT:-benchmarks/results}
+MT="python3 benchmarks/multiturn.py --checkpoint-dir /tmp/ckpt --no-progress --save-records"
+SCALED="--think-time 6 --output-mean 41 --input-mean 37.77 --duration 80 --time-limit 95 --warmup 20"
+case "${1:-1}" in
+  1)  # headline: Llama-2-13B GQA, all three modes, two rates where stateless should saturate
+      timeout 580 $MT --model-shape llama-2-13b-gqa10 --systems tiered,gpu,stateless --rates 4,8 $SCALED \
+        --gpu-kv-gb 8 --cpu-kv-gb 48 --bounds 0.02,0.03,0.05,0.08,0.1 --out "$OUT/multiturn/llama-2-13b-gqa10-steady" ;;
+  2)  # the external reference and the ablations, same workload, one rate
+      timeout 580 $MT --model-shape llama-2-13b-gqa10 --systems tiered-lru,tiered-noaot,tiered-nopipe,transformers \
+        --rates 8 $SCALED --gpu-kv-gb 8 --cpu-kv-gb 48 --out "$OUT/multiturn/llama-2-13b-gqa10-ablations" ;;
+  3)  # the paper's MHA model: caching matters most, KV is 4x larger per token
+      timeout 580 $MT --model-shape opt-13b --systems tiered,gpu,stateless --rates 3,6 $SCALED \
+        --gpu-kv-gb 16 --cpu-kv-gb 64 --out "$OUT/multiturn/opt-13b" ;;
+  4)  # engine numbers after the warm-up / copy-grid / deferred swap-out changes (swap overlap, decode)
+      timeout 400 python3 benchmarks/engine_bench.py --models llama-2-13b-gqa10 --out "$OUT/engine-13b"
+      timeout 170 python3 benchmarks/kernel_bench.py --quick --out "$OUT/kernels" ;;
+esac

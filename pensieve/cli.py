@@ -40,6 +40,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--num-cpu-blocks", type=int, default=None, help="overrides --cpu-cache-gb")
     c.add_argument("--eviction-policy", choices=("retention", "lru"), default="retention")
     c.add_argument("--conversation-ttl", type=float, default=None, help="seconds an idle conversation is kept")
+    c.add_argument("--kv-cache-path", default=None,
+                   help="directory to load the KV cache from at start and save it to at shutdown (survives restarts)")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -50,7 +52,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         cache=CacheConfig(block_size=args.block_size, cache_mode=args.cache_mode,
                           gpu_memory_utilization=args.gpu_memory_utilization, num_gpu_blocks=args.num_gpu_blocks,
                           cpu_cache_gb=args.cpu_cache_gb, num_cpu_blocks=args.num_cpu_blocks,
-                          eviction_policy=args.eviction_policy, conversation_ttl=args.conversation_ttl),
+                          eviction_policy=args.eviction_policy, conversation_ttl=args.conversation_ttl,
+                          persist_path=args.kv_cache_path),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_waiting=args.max_waiting),
         device=args.device, enforce_eager=args.enforce_eager)

@@ -33,6 +33,7 @@ class CacheConfig:
     pipelined_swap_in: bool = True         # layer l waits only for layer l's copy
     ahead_of_time_swap_out: bool = True
     conversation_ttl: float | None = None  # seconds an idle named conversation is kept
+    persist_path: str | None = None        # load the cache from here at start, save it here at shutdown
 
 
 @dataclass(frozen=True)

@@ -338,6 +338,43 @@ class KVCacheManager:
         for c in cpu:
             self.c_pin[c] -= 1
 
+    # ------------------------------------------------------------- persistence
+    def cached_blocks(self) -> list[tuple[BlockKey, str, int, int, float]]:
+        """(key, tier, block, index in its sequence, last use) of every block with content; a key in
+        both tiers is listed once, from the CPU."""
+        out = []
+        for key, c in self.c_index.items():
+            b = self.c_gpu[c]
+            last = max(self.c_last[c], self.g_last[b]) if b >= 0 else self.c_last[c]
+            out.append((key, "cpu", c, int(self.c_pos[c]), float(last)))
+        for key, b in self.g_index.items():
+            if key not in self.c_index:
+                out.append((key, "gpu", b, int(self.g_pos[b]), float(self.g_last[b])))
+        return out
+
+    def num_free(self, tier: str) -> int:
+        return len(self.c_free) if tier == "cpu" else len(self.g_free)
+
+    def adopt_block(self, tier: str, key: BlockKey, index: int, last: float) -> int | None:
+        """Take a free block of `tier` for saved content; None if the key is cached or no block is free
+        (loading never evicts)."""
+        if key in self.g_index or key in self.c_index or not self.reuse:
+            return None
+        if tier == "cpu":
+            if not self.c_free:
+                return None
+            c = self.c_free.pop()
+            self.c_key[c], self.c_pos[c], self.c_last[c], self.c_cached[c] = key, index, last, True
+            self.c_index[key] = c
+            return c
+        if not self.g_free:
+            return None
+        b = self.g_free.pop()
+        self._register_gpu(b, key, index)
+        self.g_last[b] = last
+        self.g_evictable[b] = True
+        return b
+
     # ------------------------------------------------------------- internals
     def _ref(self, b: int) -> None:
         if self.g_ref[b] == 0:

@@ -170,6 +170,9 @@ class AsyncEngine:
         def abort_all() -> None:
             for rid in list(self._streams):
                 self._abort_now_and_tell(rid)
+            path = self.config.cache.persist_path
+            if path is not None:  # the cache outlives the process
+                log.info("saved %d cached KV blocks to %s", self.engine.save_cache(path), path)
 
         await asyncio.get_running_loop().run_in_executor(None, self._call, abort_all)
         self._running = False

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -101,6 +102,9 @@ class LLMEngine:
             log.warning("the GPU KV pool holds %d tokens: max_model_len lowered from %d", capacity, self.max_model_len)
             self.max_model_len = capacity
         self.scheduler = Scheduler(config.scheduler, config.cache, self.kv)
+        path = config.cache.persist_path
+        if path is not None and os.path.exists(os.path.join(path, "index.json")):
+            log.info("loaded %d cached KV blocks from %s", self.load_cache(path), path)
         self._tracked: dict[str, _Tracked] = {}
         self._prompt_tokens = 0
         self._generation_tokens = 0
@@ -171,6 +175,28 @@ class LLMEngine:
     def flush_transfers(self) -> None:
         """Wait for the swap-outs still in flight and unpin their blocks (when idle)."""
         self.kv.swap_outs_done(self.runner.transfer.wait_swap_outs())
+
+    def save_cache(self, path: str) -> int:
+        """Write every cached block and the conversations to `path` (see cache/persist.py)."""
+        from pensieve.cache.persist import save_cache
+
+        self.flush_transfers()
+        return save_cache(self.kv, self.runner.gpu_tier, self.runner.cpu_tier, path, self._fingerprint(),
+                          self.kv.clock())
+
+    def load_cache(self, path: str) -> int:
+        """Bring back a cache saved by an engine of the same model, dtype and block size."""
+        from pensieve.cache.persist import load_cache
+
+        return load_cache(self.kv, self.runner.gpu_tier, self.runner.cpu_tier, path, self._fingerprint(),
+                          self.kv.clock())
+
+    def _fingerprint(self) -> str:
+        from pensieve.cache.persist import model_fingerprint
+        from pensieve.model.loader import resolve_model_path
+
+        return model_fingerprint(resolve_model_path(self.config.model.model), self.runner.dtype,
+                                 self.config.cache.block_size)
 
     def check_integrity(self) -> None:
         self.flush_transfers()

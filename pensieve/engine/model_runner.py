@@ -53,6 +53,8 @@ class ModelRunner:
                                       torch.device("cpu"), pin=self.on_cuda)
         self.transfer = KVTransfer(self.gpu_tier, self.cpu_tier, config.cache.pipelined_swap_in)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.force_token_rows = False  # tests: take the one-token-rows layout without graphs
+        self.kv_bytes_per_token = block_bytes(kv_spec, 1, dtype)
         if self.on_cuda:
             from pensieve.kernels.attention import warm_up_attention
 
@@ -168,7 +170,9 @@ class ModelRunner:
             max_query_len=int(max_q), max_seq_len=int(seq_lens.max()), decode_only=decode_only,
             wait_for_layer=wait)
 
-    def _prepare(self, plan: StepPlan, wait) -> tuple[torch.Tensor, AttentionMetadata, torch.Tensor]:
+    def _prepare(self, plan: StepPlan, wait, as_rows: bool) -> tuple[torch.Tensor, AttentionMetadata, torch.Tensor]:
+        """The flattened batch. as_rows: every token is its own one-token query row (same block
+        table, seq_len = its position + 1), so a mixed step can replay a decode CUDA graph."""
         bs = self.block_size
         ids: list[int] = []
         pos: list[int] = []
@@ -182,11 +186,16 @@ class ModelRunner:
                 r = range(lo, hi)
                 pos.extend(r)
                 slots.extend(table[p // bs] * bs + p % bs for p in r)
-            qsl.append(len(pos))
-            seq_lens.append(chunk.ranges[-1][1])
-            tables.append(table)
+                if as_rows:
+                    seq_lens.extend(p + 1 for p in r)
+                    tables.extend([table] * (hi - lo))
+                    qsl.extend(range(qsl[-1] + 1, qsl[-1] + 1 + hi - lo))
+            if not as_rows:
+                qsl.append(len(pos))
+                seq_lens.append(chunk.ranges[-1][1])
+                tables.append(table)
             if chunk.sample:
-                logits_rows.append(qsl[-1] - 1)
+                logits_rows.append(len(pos) - 1)
         max_q = max(b - a for a, b in zip(qsl, qsl[1:]))
         meta = self._metadata(np.array(pos), np.array(qsl), np.array(seq_lens), tables, np.array(slots),
                               max_q, decode_only=max_q == 1, wait=wait)
@@ -194,6 +203,22 @@ class ModelRunner:
         # uploaded before the forward: a blocking copy after it would stall the host until the forward ends
         rows = self._upload(torch.tensor(logits_rows, dtype=torch.int64))
         return input_ids, meta, rows
+
+    def _rows_pay_off(self, plan: StepPlan) -> bool:
+        """Run a mixed step as one-token rows through a decode graph when it is small: an eager
+        forward is bound by kernel launches, while rows re-read each new token's context
+        (sum of their positions) from the cache. Small prefill chunks over cached history, the
+        common case of a returning conversation, cost little that way."""
+        if not (self.graphs or self.force_token_rows):
+            return False
+        budget = self.config.token_rows_reread_bytes / self.kv_bytes_per_token
+        if budget <= 0 or plan.num_tokens > max(self.graphs, default=self.max_model_len):
+            return False
+        reread = 0
+        for chunk in plan.chunks:
+            if chunk.num_tokens > 1:
+                reread += sum((hi * (hi + 1) - lo * (lo + 1)) // 2 for lo, hi in chunk.ranges)
+        return reread <= budget
 
     def _upload(self, t: torch.Tensor) -> torch.Tensor:
         return t.pin_memory().to(self.device, non_blocking=True) if self.on_cuda else t
@@ -204,10 +229,12 @@ class ModelRunner:
         wait = self.transfer.start(plan.transfers)
         sampling = [c for c in plan.chunks if c.sample]
         if plan.chunks:
-            input_ids, meta, rows = self._prepare(plan, wait)
-            graph_bs = self._graph_size(len(plan.chunks)) if (meta.decode_only and wait is None) else None
+            as_rows = wait is None and any(c.num_tokens > 1 for c in plan.chunks) and self._rows_pay_off(plan)
+            input_ids, meta, rows = self._prepare(plan, wait, as_rows)
+            num_rows = meta.num_seqs
+            graph_bs = self._graph_size(num_rows) if (meta.decode_only and wait is None) else None
             if graph_bs is not None:
-                hidden = self._replay(graph_bs, input_ids, meta)[:len(plan.chunks)]
+                hidden = self._replay(graph_bs, input_ids, meta)[:num_rows]
             else:
                 hidden = self.model(input_ids, meta.positions, self.kv_caches, meta)
             result = self._sample(hidden, rows, sampling)

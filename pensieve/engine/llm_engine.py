@@ -56,6 +56,7 @@ class _Tracked:
     stop: StopChecker
     metrics: RequestMetrics
     logprobs: list[tuple[float, dict[int, float]]] | None
+    prompt_token_ids: list[int]   # one copy shared by every output of the request (never mutated)
 
 
 class LLMEngine:
@@ -136,7 +137,7 @@ class LLMEngine:
         self._tracked[request_id] = _Tracked(
             seq, IncrementalDetokenizer(self.tokenizer, seq.token_ids[:], params.skip_special_tokens),
             StopChecker(params, set(self.eos_token_ids), self.max_model_len), RequestMetrics(now),
-            [] if params.logprobs is not None else None)
+            [] if params.logprobs is not None else None, list(prompt_token_ids))
         if conversation_id is not None:
             self.kv.touch_conversation(conversation_id)
         self.scheduler.add(seq)
@@ -252,7 +253,7 @@ class LLMEngine:
             text = text[:t.stop.safe_text_len(text)]
         completion = CompletionOutput(0, text, list(seq.output_token_ids), finish_reason, stop_reason,
                                       list(t.logprobs) if t.logprobs is not None else None)
-        return RequestOutput(seq.request_id, seq.token_ids[:seq.num_prompt_tokens], [completion], finished,
+        return RequestOutput(seq.request_id, t.prompt_token_ids, [completion], finished,
                              seq.cache, t.metrics, seq.conversation_id)
 
     # ------------------------------------------------------------ visibility

@@ -28,7 +28,7 @@ ChoiceBuilder = Callable[[RequestOutput, str, list[Any], int], dict[str, Any]]
 async def _respond(state: ServerState, request: Request, *, request_id: str, prompt_ids: list[int],
                    params: SamplingParams, stream: bool, include_usage: bool, conversation: str | None,
                    owner: Owner, envelope: dict[str, Any], choice: ChoiceBuilder,
-                   first_chunk: dict[str, Any] | None) -> Response:
+                   first_chunk: dict[str, Any] | None, return_token_ids: bool = False) -> Response:
     """Runs one generation and answers in full or as an SSE stream (chat and completions alike)."""
     conv = acquire_conversation(state, owner, conversation) if conversation else None
     engine_conv = conv.engine_id if conv else None
@@ -44,21 +44,28 @@ async def _respond(state: ServerState, request: Request, *, request_id: str, pro
         finally:
             await release()
         comp = out.outputs[0]
-        return JSONResponse({**envelope, "choices": [choice(out, comp.text, comp.logprobs or [], 0)],
-                             "usage": chat_usage(out)})
+        full = choice(out, comp.text, comp.logprobs or [], 0)
+        if return_token_ids:
+            full.update(token_ids=list(comp.token_ids), prompt_token_ids=list(out.prompt_token_ids))
+        return JSONResponse({**envelope, "choices": [full], "usage": chat_usage(out)})
 
     async def events() -> AsyncIterator[str]:
         if first_chunk is not None:
             yield sse({**envelope, "choices": [first_chunk]})
-        sent_text, sent_lp, final = "", 0, None
+        sent_text, sent_lp, sent_ids, final = "", 0, 0, None
         try:
             async with EngineCall(state, request_id, prompt_ids, params, engine_conv) as call:
                 async for out in call:
                     comp, final = out.outputs[0], out
                     new_lp = (comp.logprobs or [])[sent_lp:]
                     delta = comp.text[len(sent_text):]
-                    if delta or new_lp or out.finished:
-                        yield sse({**envelope, "choices": [choice(out, delta, new_lp, sent_lp)]})
+                    new_ids = comp.token_ids[sent_ids:] if return_token_ids else []
+                    if delta or new_lp or new_ids or out.finished:
+                        part = choice(out, delta, new_lp, sent_lp)
+                        if return_token_ids:  # ids travel even while their text is held back
+                            part["token_ids"] = list(new_ids)
+                            sent_ids = len(comp.token_ids)
+                        yield sse({**envelope, "choices": [part]})
                     sent_text, sent_lp = comp.text, sent_lp + len(new_lp)
         except ValueError as exc:  # the engine refused the prompt after the stream began
             yield sse(error_body(400, str(exc), code="invalid_prompt"))
@@ -109,7 +116,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await _respond(state, request, request_id=request_id, prompt_ids=prompt_ids, params=params,
                           stream=body.stream, include_usage=include_usage, conversation=body.conversation_id,
-                          owner=owner, envelope=envelope, choice=choice, first_chunk=first)
+                          owner=owner, envelope=envelope, choice=choice, first_chunk=first,
+                          return_token_ids=body.return_token_ids)
 
 
 def _completion_prompt(state: ServerState, prompt: Any) -> list[int]:
@@ -156,5 +164,5 @@ async def completions(body: CompletionRequest, request: Request, owner: Owner = 
                           stream=body.stream, include_usage=include_usage, conversation=None, owner=owner,
                           envelope=envelope, choice=choice,
                           first_chunk={"index": 0, "text": echo, "logprobs": None, "finish_reason": None}
-                          if echo else None)
+                          if echo else None, return_token_ids=body.return_token_ids)
 

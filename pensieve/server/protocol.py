@@ -57,6 +57,9 @@ class SamplingFields(_Lenient):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # vLLM's extension: the generated token ids on each choice (and the prompt's), so a client can
+    # append exactly those ids to its next turn instead of re-tokenizing the text
+    return_token_ids: bool = False
 
 
 class ChatCompletionRequest(SamplingFields):

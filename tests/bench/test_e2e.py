@@ -162,6 +162,7 @@ def test_http_backend_against_demo_server(demo_server, demo_path):
 
     rec, run, before, after = asyncio.run(main())
     assert rec.max_model_len == 512
+    assert rec.inner.history_ids == "exact"  # the server returns token ids: turns append them verbatim
     assert run.truncated_turns == 0 and len(run.records) == run.planned_turns
     assert all(r.ok and r.output_tokens == q.max_tokens for q, r in zip(rec.requests, rec.results))
     assert all(r.ttft is not None and r.ttft <= r.e2e for r in run.records)

@@ -108,3 +108,18 @@ def test_seeded_sampling_is_reproducible(server: ServerHandle) -> None:
     a = client.chat.completions.create(**kwargs).choices[0].message.content
     b = client.chat.completions.create(**kwargs).choices[0].message.content
     assert a == b
+
+
+def test_return_token_ids_gives_exact_ids_streamed_or_not(server: ServerHandle) -> None:
+    """vLLM's `return_token_ids`: a client appends exactly these ids to its next turn (no re-tokenizing)."""
+    client = server.client()
+    prompt = [5, 6, 7, 8, 9, 10, 11, 12]
+    kwargs = dict(model="demo", prompt=prompt, max_tokens=10, temperature=0,
+                  extra_body={"ignore_eos": True, "return_token_ids": True})
+    full = client.completions.create(**kwargs).choices[0]
+    assert full.model_extra["prompt_token_ids"] == prompt and len(full.model_extra["token_ids"]) == 10
+    streamed = [i for c in client.completions.create(stream=True, **kwargs) for ch in c.choices
+                for i in (ch.model_extra.get("token_ids") or [])]
+    assert streamed == full.model_extra["token_ids"]
+    plain = client.completions.create(model="demo", prompt=prompt, max_tokens=2).choices[0]
+    assert "token_ids" not in (plain.model_extra or {})

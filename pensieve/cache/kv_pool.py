@@ -25,14 +25,15 @@ def block_bytes(spec: KVSpecLike, block_size: int, dtype: torch.dtype) -> int:
 
 
 def default_cpu_cache_bytes() -> int:
-    """A sensible share of host memory for the CPU tier: 40% of what is available, at most 200 GB."""
+    """The most the CPU tier takes by default: 40% of available host memory, at most 64 GB
+    (the runner also caps it at twice the GPU tier; --cpu-cache-gb sets any size)."""
     try:
         with open("/proc/meminfo") as f:
             info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
         avail = info.get("MemAvailable", info.get("MemFree", 0))
     except OSError:
         avail = 8 << 30
-    return int(min(0.4 * avail, 200e9))
+    return int(min(0.4 * avail, 64e9))
 
 
 def allocate_tier(spec: KVSpecLike, num_blocks: int, block_size: int, dtype: torch.dtype,

@@ -126,8 +126,11 @@ class ModelRunner:
         if cache.num_cpu_blocks is not None:
             return cache.num_cpu_blocks
         per_block = block_bytes(self.kv_spec, self.block_size, self.dtype)
-        budget = cache.cpu_cache_gb * 1e9 if cache.cpu_cache_gb is not None else default_cpu_cache_bytes()
-        if not self.on_cuda and cache.cpu_cache_gb is None:
+        if cache.cpu_cache_gb is not None:
+            return int(cache.cpu_cache_gb * 1e9 // per_block)
+        # default: twice the GPU tier, within a share of host memory (pinning is paid at start-up)
+        budget = min(default_cpu_cache_bytes(), 2 * self.num_gpu_blocks * per_block)
+        if not self.on_cuda:
             budget = min(budget, CPU_DEVICE_KV_BYTES)
         return int(budget // per_block)
 

@@ -36,7 +36,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--block-size", type=int, default=16)
     c.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     c.add_argument("--num-gpu-blocks", type=int, default=None, help="overrides --gpu-memory-utilization")
-    c.add_argument("--cpu-cache-gb", type=float, default=None, help="CPU tier size in GiB")
+    c.add_argument("--cpu-cache-gb", type=float, default=None,
+                   help="CPU tier size in GB (default: twice the GPU tier, at most 40%% of host memory and 64 GB)")
     c.add_argument("--num-cpu-blocks", type=int, default=None, help="overrides --cpu-cache-gb")
     c.add_argument("--eviction-policy", choices=("retention", "lru"), default="retention")
     c.add_argument("--conversation-ttl", type=float, default=None, help="seconds an idle conversation is kept")

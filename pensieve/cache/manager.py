@@ -13,13 +13,14 @@ GPU is just freeing.
 from __future__ import annotations
 
 import time
-from collections import Counter, deque
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
 from pensieve.cache.block_keys import BlockKey
+from pensieve.cache.conversations import ConversationOwners
 from pensieve.cache.policy import EvictionPolicy, lowest
 from pensieve.config import CacheConfig
 
@@ -54,12 +55,6 @@ class Admission:
     gpu_hit_tokens: int
     cpu_hit_tokens: int
     recomputed_tokens: int
-
-
-@dataclass
-class _Conversation:
-    keys: list[BlockKey]
-    last_active: float
 
 
 class KVCacheManager:
@@ -107,8 +102,7 @@ class KVCacheManager:
         self._out_gpu: list[int] = []
         self._out_cpu: list[int] = []
         self._outbound: deque[tuple[list[int], list[int]]] = deque()
-        self.conversations: dict[str, _Conversation] = {}
-        self._owners: Counter[BlockKey] = Counter()
+        self.conversations = ConversationOwners()
         self.counters = CacheCounters()
 
     # ------------------------------------------------------------------ queries
@@ -245,33 +239,22 @@ class KVCacheManager:
 
     # ------------------------------------------------------- conversations
     def record_conversation(self, conversation_id: str, keys: list[BlockKey]) -> None:
-        conv = self.conversations.get(conversation_id)
-        if conv is not None:
-            self._owners.subtract(conv.keys)
-        self._owners.update(keys)
-        self.conversations[conversation_id] = _Conversation(list(keys), self.clock())
-        self._owners += Counter()  # drop zero counts
+        self.conversations.record(conversation_id, keys, self.clock())
 
     def touch_conversation(self, conversation_id: str) -> None:
-        conv = self.conversations.get(conversation_id)
-        if conv is not None:
-            conv.last_active = self.clock()
+        self.conversations.touch(conversation_id, self.clock())
 
     def delete_conversation(self, conversation_id: str) -> bool:
-        conv = self.conversations.pop(conversation_id, None)
-        if conv is None:
+        """Free what only this conversation owned, in both tiers (blocks in use stay until released)."""
+        orphans = self.conversations.remove(conversation_id)
+        if orphans is None:
             return False
-        self._owners.subtract(conv.keys)
-        for key in conv.keys:
-            if self._owners[key] > 0:
-                continue
-            self._owners.pop(key, None)
+        for key in orphans:
             self._forget(key)
         return True
 
     def expire_conversations(self, ttl: float) -> list[str]:
-        cutoff = self.clock() - ttl
-        expired = [cid for cid, c in self.conversations.items() if c.last_active < cutoff]
+        expired = self.conversations.idle_since(self.clock() - ttl)
         for cid in expired:
             self.delete_conversation(cid)
         return expired

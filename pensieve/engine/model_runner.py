@@ -80,17 +80,21 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
-    def time_block_recompute(self, context_len: int, repeats: int = 3) -> float:
-        """Seconds to recompute one block whose first token has `context_len` tokens before it:
-        the paper's offline profile of Cost(l). Run before serving (it writes into pool blocks)."""
+    def time_block_recompute(self, context_len: int, repeats: int = 3, chunk_blocks: int = 64) -> float:
+        """Seconds to recompute one block whose first token has `context_len` tokens before it: the
+        paper's offline profile of Cost(l). Timed as a chunk of `chunk_blocks` blocks at that context,
+        divided by the blocks, so it is the marginal cost inside a busy batch rather than the weight
+        reads of a tiny forward. Run before serving: it writes into pool blocks."""
         bs = self.block_size
-        n_blocks = min(-(-(context_len + bs) // bs), self.num_gpu_blocks)
-        context_len = min(context_len, n_blocks * bs - bs)
-        positions = np.arange(context_len, context_len + bs)
-        table = list(range(n_blocks))
-        meta = self._metadata(positions=positions, qsl=np.array([0, bs]), seq_lens=np.array([context_len + bs]),
-                              tables=[table], slots=positions.copy(), max_q=bs, decode_only=False)
-        ids = torch.zeros(bs, dtype=torch.long, device=self.device)
+        capacity = self.num_gpu_blocks * bs
+        chunk = max(bs, min(chunk_blocks * bs, (capacity - bs) // bs * bs))
+        context_len = max(0, min(context_len, capacity - chunk))
+        total = context_len + chunk
+        positions = np.arange(context_len, total)
+        table = list(range(-(-total // bs)))
+        meta = self._metadata(positions=positions, qsl=np.array([0, chunk]), seq_lens=np.array([total]),
+                              tables=[table], slots=positions.copy(), max_q=chunk, decode_only=False)
+        ids = torch.zeros(chunk, dtype=torch.long, device=self.device)
         times = []
         for _ in range(repeats + 1):
             if self.on_cuda:
@@ -100,7 +104,7 @@ class ModelRunner:
             if self.on_cuda:
                 torch.cuda.synchronize(self.device)
             times.append(time.perf_counter() - t)
-        return float(np.median(times[1:]))
+        return float(np.median(times[1:])) / (chunk // bs)
 
     # ------------------------------------------------------------ sizing
     def _size_gpu_tier(self) -> int:

@@ -22,6 +22,8 @@ case "${1:-1}" in
   3)  # the paper's MHA model: caching matters most, KV is 4x larger per token
       timeout 580 $MT --model-shape opt-13b --systems tiered,gpu,stateless --rates 3,6 $SCALED \
         --gpu-kv-gb 16 --cpu-kv-gb 64 --out "$OUT/multiturn/opt-13b" ;;
+  0)  # correctness on CUDA first: the equality tests (copy stream, events, graphs, token rows), kernels, models
+      TEST_TIMEOUT=240 BENCH_TIMEOUT=1 bash benchmarks/gpu_check.sh ;;
   4)  # engine numbers after the warm-up / copy-grid / deferred swap-out changes (swap overlap, decode)
       timeout 400 python3 benchmarks/engine_bench.py --models llama-2-13b-gqa10 --out "$OUT/engine-13b"
       timeout 170 python3 benchmarks/kernel_bench.py --quick --out "$OUT/kernels" ;;

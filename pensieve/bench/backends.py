@@ -391,6 +391,7 @@ class TransformersBackend(Backend):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._dead: BaseException | None = None  # set once the manager stopped: later turns fail at once
         self.version = "?"
 
     async def start(self) -> None:
@@ -429,8 +430,8 @@ class TransformersBackend(Backend):
         cb_opts: dict[str, Any] = {"allow_block_sharing": self.allow_prefix_sharing}
         if self.num_kv_tokens is not None:
             cb_opts["num_blocks"] = max(1, self.num_kv_tokens // self.page_size)
-        if self.max_batch_tokens is not None:
-            cb_opts["max_batch_tokens"] = self.max_batch_tokens
+        # Given explicitly: inferring it from free memory fails on some releases (5.17 on a CPU without psutil).
+        cb_opts["max_batch_tokens"] = self.max_batch_tokens or 2048
         kwargs: dict[str, Any] = {"generation_config": gen}
         if ContinuousBatchingConfig is not None:
             names = {f.name for f in dataclasses.fields(ContinuousBatchingConfig)} \
@@ -459,31 +460,43 @@ class TransformersBackend(Backend):
             try:
                 out = self.manager.get_result(timeout=0.1)
             except Exception as exc:  # the manager died: fail every waiting request
-                for q in list(self._queues.values()):
-                    self._loop.call_soon_threadsafe(q.put_nowait, exc)
+                self._fail_all(exc)
                 return
             if out is None:
                 if not self.manager.is_running():
-                    err = RuntimeError("transformers continuous batching thread stopped")
-                    for q in list(self._queues.values()):
-                        self._loop.call_soon_threadsafe(q.put_nowait, err)
+                    self._fail_all(RuntimeError("transformers continuous batching thread stopped"))
                     return
                 continue
             q = self._queues.get(out.request_id)
             if q is not None:
                 self._loop.call_soon_threadsafe(q.put_nowait, out)
 
+    def _fail_all(self, exc: BaseException) -> None:
+        """Called from the pump thread: every waiting turn, and every later one, gets `exc`."""
+        assert self._loop is not None
+        self._dead = exc
+        for q in list(self._queues.values()):
+            self._loop.call_soon_threadsafe(q.put_nowait, exc)
+
     async def submit(self, req: TurnRequest) -> TurnResult:
+        res = _result(req, _now())
+        if self._dead is not None:  # no pump left to answer: fail now rather than wait forever
+            res.error = f"{type(self._dead).__name__}: {self._dead}"
+            return res
         q: asyncio.Queue[Any] = asyncio.Queue()
         self._queues[req.request_id] = q
-        res = _result(req, _now())
         kwargs = _accepted_kwargs(self.manager.add_request, dict(
             input_ids=list(req.prompt_token_ids), request_id=req.request_id, max_new_tokens=req.max_tokens,
             streaming=True, eos_token_id=-1))
         try:
             await asyncio.to_thread(self.manager.add_request, **kwargs)
             while True:
-                out = await q.get()
+                try:
+                    out = await asyncio.wait_for(q.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if self._dead is not None:  # died between our registration and its broadcast
+                        raise self._dead
+                    continue
                 if isinstance(out, Exception):
                     raise out
                 if getattr(out, "error", None):

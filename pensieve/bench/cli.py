@@ -168,6 +168,7 @@ def make_backend(spec: SystemSpec, args: argparse.Namespace, model_path: str, bu
     if spec.kind == "transformers":
         return TransformersBackend(spec.name, model_path, dtype=args.dtype, device=args.device,
                                    num_kv_tokens=budget["gpu_kv_tokens"], page_size=args.transformers_page_size,
+                                   max_batch_tokens=args.max_num_batched_tokens,  # the same step budget as ours
                                    allow_prefix_sharing=args.transformers_prefix_sharing)
     if not args.url:
         raise ValueError("system http needs --url")

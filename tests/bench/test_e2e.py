@@ -218,3 +218,16 @@ def test_cli_real_dataset_file(tmp_path, demo_path):
     assert [p["run"]["planned_turns"] for p in pts] == [4, 4]          # 2 conversations x 2 turns, disjoint per rate
     assert all(p["summary"]["num_requests"] == 4 for p in pts)
     assert results["dataset_stats"]["10"]["turns_per_conversation"] == 2
+
+
+def test_transformers_backend_fails_fast_once_its_manager_died():
+    """A dead continuous-batching manager must fail later turns at once, never leave them waiting."""
+    from pensieve.bench.backends import TransformersBackend
+    from pensieve.bench.records import TurnRequest
+
+    backend = TransformersBackend("transformers", "unused")
+    backend._dead = RuntimeError("transformers continuous batching thread stopped")
+    req = TurnRequest(request_id="r", conversation_id="c", turn_index=0, prompt_token_ids=(1, 2, 3), max_tokens=4,
+                      messages=())
+    res = asyncio.run(asyncio.wait_for(backend.submit(req), 5))
+    assert res.error is not None and "stopped" in res.error

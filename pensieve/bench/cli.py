@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import platform
 import shlex
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -161,6 +163,12 @@ def engine_config(spec: SystemSpec, args: argparse.Namespace, model_path: str, b
         device=args.device, enforce_eager=args.enforce_eager)
 
 
+def _write_partial(out_dir: str, points: dict[str, Any], errors: dict[str, str]) -> None:
+    path = Path(out_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "partial.json").write_text(json.dumps({"points": points, "errors": errors}, default=str))
+
+
 def make_backend(spec: SystemSpec, args: argparse.Namespace, model_path: str, budget: dict[str, Any],
                  weights: dict[str, Any] | None = None) -> Backend:
     if spec.kind == "engine":
@@ -293,6 +301,7 @@ async def bench_async(args: argparse.Namespace, extra: dict[str, Any] | None = N
                                           "stats_delta": stats_delta(run.stats_before, run.stats_after)})
                 if args.save_records:
                     records[f"{spec.name}@{rate:g}"] = [r.to_json() for r in run.records]
+                _write_partial(args.out, points, errors)  # a run cut short keeps what it measured
                 s = points[spec.name][-1]["summary"]
                 print(f"[bench] {spec.name} @ {rate:g} conv/s: {s['throughput_rps']:.3f} req/s, norm latency "
                       f"mean {_f(s['normalized_latency']['mean'])} P90 {_f(s['normalized_latency']['p90'])} s/tok, "

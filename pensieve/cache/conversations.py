@@ -17,6 +17,7 @@ from pensieve.cache.block_keys import BlockKey
 class Conversation:
     keys: list[BlockKey]      # its computed full blocks, in order
     last_active: float
+    tokens: list[int]         # the whole conversation so far (last prompt + reply): a new turn appends to it
 
 
 class ConversationOwners:
@@ -24,13 +25,13 @@ class ConversationOwners:
         self._convs: dict[str, Conversation] = {}
         self._owners: Counter[BlockKey] = Counter()
 
-    def record(self, conversation_id: str, keys: list[BlockKey], now: float) -> None:
+    def record(self, conversation_id: str, keys: list[BlockKey], now: float, tokens: list[int] | None = None) -> None:
         old = self._convs.get(conversation_id)
         if old is not None:
             self._owners.subtract(old.keys)
         self._owners.update(keys)
         self._owners += Counter()  # drop zero counts
-        self._convs[conversation_id] = Conversation(list(keys), now)
+        self._convs[conversation_id] = Conversation(list(keys), now, list(tokens or []))
 
     def touch(self, conversation_id: str, now: float) -> None:
         conv = self._convs.get(conversation_id)

@@ -238,8 +238,8 @@ class KVCacheManager:
         block_table.clear()
 
     # ------------------------------------------------------- conversations
-    def record_conversation(self, conversation_id: str, keys: list[BlockKey]) -> None:
-        self.conversations.record(conversation_id, keys, self.clock())
+    def record_conversation(self, conversation_id: str, keys: list[BlockKey], tokens: list[int] | None = None) -> None:
+        self.conversations.record(conversation_id, keys, self.clock(), tokens)
 
     def touch_conversation(self, conversation_id: str) -> None:
         self.conversations.touch(conversation_id, self.clock())

@@ -58,7 +58,8 @@ def save_cache(kv: KVCacheManager, gpu_tier: torch.Tensor, cpu_tier: torch.Tenso
             ages.append(max(0.0, now - last))
     index = dict(format=FORMAT, fingerprint=fingerprint, dtype=str(gpu_tier.dtype),
                  block_shape=[gpu_tier.shape[0], *gpu_tier.shape[2:]], keys=keys, positions=positions,
-                 idle_seconds=ages, conversations={cid: [k.hex() for k in c.keys] for cid, c in kv.conversations.items()})
+                 idle_seconds=ages, conversations={cid: {"keys": [k.hex() for k in c.keys], "tokens": c.tokens}
+                                                   for cid, c in kv.conversations.items()})
     (out / "index.json.tmp").write_text(json.dumps(index))
     os.replace(tmp, out / "kv.bin")                 # index last: a crash mid-save leaves no valid pair
     os.replace(out / "index.json.tmp", out / "index.json")
@@ -93,8 +94,8 @@ def load_cache(kv: KVCacheManager, gpu_tier: torch.Tensor, cpu_tier: torch.Tenso
         data = torch.from_numpy(np.array(raw[i * record:(i + 1) * record]))
         target[:, block].copy_(_from_bytes(data, target[:, block]))
         loaded += 1
-    for cid, hex_keys in index["conversations"].items():
-        kv.record_conversation(cid, [bytes.fromhex(k) for k in hex_keys])
+    for cid, conv in index["conversations"].items():
+        kv.record_conversation(cid, [bytes.fromhex(k) for k in conv["keys"]], conv["tokens"])
     return loaded
 
 

@@ -112,16 +112,19 @@ class AsyncEngine:
 
     # ------------------------------------------------------------ caller side
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       conversation_id: str | None = None) -> AsyncIterator[RequestOutput]:
+                       conversation_id: str | None = None,
+                       append_to_conversation: bool = False) -> AsyncIterator[RequestOutput]:
         if not self._running:
             raise RuntimeError("the engine is shut down")
-        self.engine.validate_prompt(prompt_token_ids, params)  # pure: raises ValueError before anything starts
+        if not append_to_conversation:  # an appended turn is checked whole, on the engine thread
+            self.engine.validate_prompt(prompt_token_ids, params)  # pure: raises ValueError before anything starts
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
 
         def add() -> None:
             self._streams[request_id] = stream
             try:
-                self.engine.add_request(request_id, prompt_token_ids, params, conversation_id)
+                self.engine.add_request(request_id, prompt_token_ids, params, conversation_id,
+                                        append_to_conversation=append_to_conversation)
             except Exception as exc:
                 self._streams.pop(request_id, None)
                 stream.put(exc)

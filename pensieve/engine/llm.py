@@ -37,7 +37,10 @@ class LLM:
         raise TypeError("a prompt is a string or {'prompt_token_ids': [...]}")
 
     def generate(self, prompts: Prompt | Seq[Prompt], sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 conversation_ids: Seq[str | None] | None = None) -> list[RequestOutput]:
+                 conversation_ids: Seq[str | None] | None = None,
+                 append_to_conversation: bool = False) -> list[RequestOutput]:
+        """conversation_ids name each prompt's conversation; with append_to_conversation the prompts are
+        only the new turns, appended by the engine to what each conversation said so far."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         params = sampling_params or SamplingParams()
@@ -46,7 +49,8 @@ class LLM:
         order: list[str] = []
         for prompt, p, conv in zip(prompts, params_list, convs):
             rid = f"offline-{next(self._ids)}"
-            self.engine.add_request(rid, self._token_ids(prompt), p, conversation_id=conv)
+            self.engine.add_request(rid, self._token_ids(prompt), p, conversation_id=conv,
+                                    append_to_conversation=append_to_conversation)
             order.append(rid)
         done: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished():

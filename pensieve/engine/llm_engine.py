@@ -128,9 +128,19 @@ class LLMEngine:
             raise ValueError(f"prompt token ids must be in [0, {self.hf_config.vocab_size})")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    conversation_id: str | None = None, arrival_time: float | None = None) -> None:
+                    conversation_id: str | None = None, arrival_time: float | None = None,
+                    append_to_conversation: bool = False) -> None:
+        """append_to_conversation: `prompt_token_ids` is only the new turn; the engine puts the named
+        conversation's tokens (its last prompt and reply) before it, so the client resends nothing."""
         if request_id in self._tracked:
             raise ValueError(f"request id {request_id!r} is already running")
+        if append_to_conversation:
+            conv = self.kv.conversations.get(conversation_id) if conversation_id else None
+            if conv is None:
+                raise ValueError(f"unknown conversation {conversation_id!r}: nothing to append to")
+            if any(t.seq.conversation_id == conversation_id for t in self._tracked.values()):
+                raise ValueError(f"conversation {conversation_id!r} already has a turn in flight")
+            prompt_token_ids = conv.tokens + list(prompt_token_ids)
         self.validate_prompt(prompt_token_ids, params)
         now = arrival_time if arrival_time is not None else time.monotonic()
         seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params, now, conversation_id)
@@ -235,7 +245,7 @@ class LLMEngine:
             if seq.conversation_id is not None:
                 # the last sampled token's KV was never computed: its block is not cached
                 computed_blocks = (seq.num_tokens - 1) // self.config.cache.block_size
-                self.kv.record_conversation(seq.conversation_id, seq.block_keys[:computed_blocks])
+                self.kv.record_conversation(seq.conversation_id, seq.block_keys[:computed_blocks], seq.token_ids)
             del self._tracked[seq.request_id]
             self._finished += 1
             t.metrics.finished_time = now

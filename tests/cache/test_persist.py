@@ -49,6 +49,7 @@ def test_restart_keeps_conversations_and_answers(checkpoints, tmp_path, mode):
     second = engine(ckpt, mode, cpu=64 if mode == "tiered" else 0)
     assert second.load_cache(str(tmp_path / "kv")) == saved
     assert "chat" in second.kv.conversations
+    assert second.kv.conversations["chat"].tokens == t0.prompt_token_ids + t0.outputs[0].token_ids  # appendable
     second.check_integrity()
     resumed = run(second, "t1", history, conv="chat")
     hits = resumed.cache.cpu_hit_tokens if mode == "tiered" else resumed.cache.gpu_hit_tokens

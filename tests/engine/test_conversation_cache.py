@@ -239,3 +239,26 @@ def test_mixed_steps_as_one_token_rows_keep_answers(checkpoint, stateless_result
         assert results[key][0] == tokens
     assert any(used) and not all(used)  # small mixed steps went as rows, larger ones did not
     engine.check_integrity()
+
+
+def test_explicit_conversation_id_appends_the_new_turn(checkpoint):
+    """The second way to match: name the conversation and send only the new turn's tokens."""
+    engine = make_engine(checkpoint, "tiered", num_gpu_blocks=128, num_cpu_blocks=32)
+    reference = make_engine(checkpoint, "stateless", num_gpu_blocks=128)
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    engine.add_request("t0", list(range(30, 47)), params, conversation_id="chat")
+    first = run_all(engine)["t0"]
+    engine.add_request("t1", [7, 8, 9], params, conversation_id="chat", append_to_conversation=True)
+    second = run_all(engine)["t1"]
+    history = first.prompt_token_ids + first.outputs[0].token_ids + [7, 8, 9]
+    assert second.prompt_token_ids == history
+    assert second.cache.gpu_hit_tokens == ((len(history) - 3 - 1) // BS) * BS
+    reference.add_request("t1", history, params)
+    assert run_all(reference)["t1"].outputs[0].token_ids == second.outputs[0].token_ids
+    with pytest.raises(ValueError, match="unknown conversation"):
+        engine.add_request("t2", [1], params, conversation_id="nope", append_to_conversation=True)
+    engine.add_request("t2", [1, 2], params, conversation_id="chat", append_to_conversation=True)
+    with pytest.raises(ValueError, match="in flight"):
+        engine.add_request("t3", [3], params, conversation_id="chat", append_to_conversation=True)
+    run_all(engine)
+    engine.check_integrity()

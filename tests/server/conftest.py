@@ -5,8 +5,6 @@ openai client or httpx, and read `engine.stats()` directly to check that blocks 
 """
 from __future__ import annotations
 
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,14 +13,10 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.loopback import free_port, serve_in_thread
+
 KEY_A, KEY_B = "key-alpha", "key-beta"
 MAX_MODEL_LEN = 512
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -59,8 +53,6 @@ class ServerHandle:
 
 @pytest.fixture(scope="session")
 def server() -> Iterator[ServerHandle]:
-    import uvicorn
-
     from pensieve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
     from pensieve.demo import demo_model_path
     from pensieve.engine.async_engine import AsyncEngine
@@ -76,15 +68,5 @@ def server() -> Iterator[ServerHandle]:
     engine = AsyncEngine(config)
     port = free_port()
     app = build_app(engine, ServerSettings(port=port, api_keys=(KEY_A, KEY_B), served_model_names=("demo",)))
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                       timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=uv.run, name="uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not uv.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.05)
-    yield ServerHandle(f"http://127.0.0.1:{port}", engine, app, "demo")
-    uv.should_exit = True
-    thread.join(timeout=30)
+    with serve_in_thread(app, port) as url:
+        yield ServerHandle(url, engine, app, "demo")

@@ -12,7 +12,8 @@ import httpx
 import pytest
 
 from pensieve.cli import build_parser, parse_api_keys
-from tests.server.conftest import KEY_A, ServerHandle, free_port
+from tests.loopback import free_port
+from tests.server.conftest import KEY_A, ServerHandle
 
 CLI = [sys.executable, "-m", "pensieve.cli"]
 SMALL_ENGINE = ["--device", "cpu", "--dtype", "float32", "--num-gpu-blocks", "64", "--num-cpu-blocks", "64",

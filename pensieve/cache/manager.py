@@ -233,8 +233,7 @@ class KVCacheManager:
                 if self.g_key[b] is not None and self.reuse:
                     self.g_evictable[b] = True
                 else:
-                    self._unregister_gpu(b)
-                    self.g_free.append(b)
+                    self._free_gpu(b)
         block_table.clear()
 
     # ------------------------------------------------------- conversations
@@ -424,9 +423,13 @@ class KVCacheManager:
                     self.counters.dropped_blocks += 1
             elif self.g_cpu[b] < 0:
                 self.counters.dropped_blocks += 1
-            self.g_evictable[b] = False
-            self._unregister_gpu(b)
-            self.g_free.append(b)
+            self._free_gpu(b)
+
+    def _free_gpu(self, b: int) -> None:
+        """A cached GPU block with no user gives up its content (its CPU copy, if any, stays)."""
+        self.g_evictable[b] = False
+        self._unregister_gpu(b)
+        self.g_free.append(b)
 
     def _allocate_cpu(self, incoming_score: float, now: float) -> int | None:
         """A CPU block for a block worth `incoming_score`, dropping a less valuable one if full."""
@@ -443,7 +446,9 @@ class KVCacheManager:
         self._drop_cpu(c)
         return self.c_free.pop()
 
-    def _drop_cpu(self, c: int) -> None:
+    def _drop_cpu(self, c: int, deleted: bool = False) -> None:
+        """Free a CPU block; its content counts as dropped unless the GPU still holds it or a
+        delete asked for it."""
         key = self.c_key[c]
         if key is not None and self.c_index.get(key) == c:
             del self.c_index[key]
@@ -453,26 +458,18 @@ class KVCacheManager:
         if b >= 0:
             self.g_cpu[b] = -1
             self.c_gpu[c] = -1
-        else:
+        elif not deleted:
             self.counters.dropped_blocks += 1
         self.c_free.append(c)
 
     def _forget(self, key: BlockKey) -> None:
+        """Delete a key's content from both tiers, except where a running sequence or a copy in flight holds it."""
         b = self.g_index.get(key)
         if b is not None and self.g_ref[b] == 0:
-            self.g_evictable[b] = False
-            self._unregister_gpu(b)
-            self.g_free.append(b)
+            self._free_gpu(b)
         c = self.c_index.get(key)
         if c is not None and self.c_pin[c] == 0:
-            b2 = self.c_gpu[c]
-            if b2 >= 0:
-                self.g_cpu[b2] = -1
-                self.c_gpu[c] = -1
-            del self.c_index[key]
-            self.c_key[c] = None
-            self.c_cached[c] = False
-            self.c_free.append(c)
+            self._drop_cpu(c, deleted=True)
 
     # ----------------------------------------------------------- invariants
     def check_integrity(self) -> None:

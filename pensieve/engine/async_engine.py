@@ -142,20 +142,17 @@ class AsyncEngine:
                     return
         finally:
             if not finished:  # the caller went away (disconnect, cancel): free the blocks now
-                self._post(lambda: self._abort_now(request_id))
+                self._post(lambda: self._abort_on_engine(request_id))
 
-    def _abort_now(self, request_id: str) -> None:
-        self._streams.pop(request_id, None)
-        self.engine.abort_request(request_id)
+    def _abort_on_engine(self, request_id: str) -> None:
+        """On the engine thread: free the request's blocks and hand its caller the final output."""
+        stream = self._streams.pop(request_id, None)
+        out = self.engine.abort_request(request_id)
+        if stream is not None and out is not None:
+            stream.put(out)
 
     async def abort(self, request_id: str) -> None:
-        def abort() -> None:
-            stream = self._streams.pop(request_id, None)
-            out = self.engine.abort_request(request_id)
-            if stream is not None and out is not None:
-                stream.put(out)
-
-        self._post(abort)
+        self._post(lambda: self._abort_on_engine(request_id))
 
     def delete_conversation(self, conversation_id: str) -> bool:
         return self._call(lambda: self.engine.delete_conversation(conversation_id))
@@ -172,7 +169,7 @@ class AsyncEngine:
 
         def abort_all() -> None:
             for rid in list(self._streams):
-                self._abort_now_and_tell(rid)
+                self._abort_on_engine(rid)
             path = self.config.cache.persist_path
             if path is not None:  # the cache outlives the process
                 log.info("saved %d cached KV blocks to %s", self.engine.save_cache(path), path)
@@ -181,9 +178,3 @@ class AsyncEngine:
         self._running = False
         self._wake.set()
         await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10)
-
-    def _abort_now_and_tell(self, request_id: str) -> None:
-        stream = self._streams.pop(request_id, None)
-        out = self.engine.abort_request(request_id)
-        if stream is not None and out is not None:
-            stream.put(out)

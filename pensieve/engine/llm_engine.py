@@ -110,6 +110,7 @@ class LLMEngine:
         self._prompt_tokens = 0
         self._generation_tokens = 0
         self._finished = 0
+        self._last_expiry = float("-inf")
         log.info("engine ready: %s on %s, %d GPU blocks, %d CPU blocks, mode=%s", mc.model, self.device,
                  self.runner.num_gpu_blocks, self.runner.num_cpu_blocks, config.cache.cache_mode)
 
@@ -167,8 +168,11 @@ class LLMEngine:
 
     # ------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
-        if self.config.cache.conversation_ttl is not None:
-            self.kv.expire_conversations(self.config.cache.conversation_ttl)
+        ttl = self.config.cache.conversation_ttl
+        now = time.monotonic()
+        if ttl is not None and now - self._last_expiry >= min(1.0, ttl):  # a scan of every conversation: not every step
+            self._last_expiry = now
+            self.kv.expire_conversations(ttl)
         plan = self.scheduler.schedule()
         try:
             result = self.runner.execute(plan)

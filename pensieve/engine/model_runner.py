@@ -164,11 +164,9 @@ class ModelRunner:
         table = np.zeros((len(tables), width), np.int32)
         for i, t in enumerate(tables):
             table[i, :len(t)] = t
-        dev = self.device
 
         def put(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-            t = torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
-            return t.pin_memory().to(dev, non_blocking=True) if self.on_cuda else t
+            return self._upload(torch.from_numpy(np.ascontiguousarray(a)).to(dtype))
 
         return AttentionMetadata(
             positions=put(positions, torch.int64), query_start_loc=put(qsl, torch.int32),

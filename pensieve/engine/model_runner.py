@@ -89,11 +89,7 @@ class ModelRunner:
         capacity = self.num_gpu_blocks * bs
         chunk = max(bs, min(chunk_blocks * bs, (capacity - bs) // bs * bs))
         context_len = max(0, min(context_len, capacity - chunk))
-        total = context_len + chunk
-        positions = np.arange(context_len, total)
-        table = list(range(-(-total // bs)))
-        meta = self._metadata(positions=positions, qsl=np.array([0, chunk]), seq_lens=np.array([total]),
-                              tables=[table], slots=positions.copy(), max_q=chunk, decode_only=False)
+        meta = self._one_prefill(context_len, context_len + chunk)
         ids = torch.zeros(chunk, dtype=torch.long, device=self.device)
         times = []
         for _ in range(repeats + 1):
@@ -146,9 +142,7 @@ class ModelRunner:
         tier = allocate_tier(self.kv_spec, blocks, self.block_size, self.dtype, self.device)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        meta = self._metadata(
-            positions=np.arange(n), qsl=np.array([0, n]), seq_lens=np.array([n]),
-            tables=[list(range(blocks))], slots=np.arange(n), max_q=n, decode_only=False)
+        meta = self._one_prefill(0, n)
         ids = torch.zeros(n, dtype=torch.long, device=self.device)
         hidden = self.model(ids, meta.positions, list(tier.unbind(0)), meta)
         self.model.compute_logits(hidden[-min(n, self.config.scheduler.max_num_seqs):])
@@ -159,6 +153,13 @@ class ModelRunner:
         return int(peak)
 
     # ------------------------------------------------------------ batch building
+    def _one_prefill(self, start: int, end: int) -> AttentionMetadata:
+        """One sequence computing positions [start, end) over blocks 0, 1, 2, ... (profiling only)."""
+        positions = np.arange(start, end)
+        return self._metadata(positions=positions, qsl=np.array([0, end - start]), seq_lens=np.array([end]),
+                              tables=[list(range(-(-end // self.block_size)))], slots=positions.copy(),
+                              max_q=end - start, decode_only=False)
+
     def _metadata(self, positions, qsl, seq_lens, tables, slots, max_q, decode_only, wait=None) -> AttentionMetadata:
         width = max(len(t) for t in tables)
         table = np.zeros((len(tables), width), np.int32)

@@ -92,6 +92,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
     r = parser.add_argument_group("report")
     r.add_argument("--bounds", default="0.05,0.1,0.15,0.2", help="normalized-latency bounds (s/token)")
+    r.add_argument("--stop-above", type=float, default=None,
+                   help="skip a system's higher rates once its P90 normalized latency exceeds this (s/token): "
+                        "an overloaded point only grows its queue")
     r.add_argument("--x-axis", choices=("throughput_rps", "rate"), default="throughput_rps",
                    help="x of the sustained-rate interpolation: measured requests/s or conversation rate")
     r.add_argument("--out", default="bench_results", help="output directory")
@@ -306,6 +309,11 @@ async def bench_async(args: argparse.Namespace, extra: dict[str, Any] | None = N
                 print(f"[bench] {spec.name} @ {rate:g} conv/s: {s['throughput_rps']:.3f} req/s, norm latency "
                       f"mean {_f(s['normalized_latency']['mean'])} P90 {_f(s['normalized_latency']['p90'])} s/tok, "
                       f"hit rate {100 * s['cache']['hit_rate']:.1f}%", file=sys.stderr)
+                p90 = s["normalized_latency"]["p90"]
+                if args.stop_above is not None and p90 is not None and p90 > args.stop_above:
+                    print(f"[bench] {spec.name}: over --stop-above at {rate:g} conv/s; skipping higher rates",
+                          file=sys.stderr)
+                    break
             describe[spec.name] = backend.describe()
         except Exception as exc:
             errors[spec.name] = f"{type(exc).__name__}: {exc}"

@@ -98,16 +98,39 @@ def bench_decode(engine: LLMEngine, batch: int, ctx: int, weight_bytes: int, kv_
         engine.step()
     sync()
     dt = (time.perf_counter() - t) / steps
+    graph_ms = None
+    size = engine.runner._graph_size(batch)
+    if size is not None:  # the forward alone: replays the last step's inputs (rewrites the same KV)
+        graph = engine.runner.graphs[size]
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        graph.replay()
+        start.record()
+        for _ in range(steps):
+            graph.replay()
+        end.record()
+        sync()
+        graph_ms = start.elapsed_time(end) / steps
     drain(engine)
     floor = weight_bytes / (HBM_TBPS * 1e12)
     kv_floor = (weight_bytes + batch * (ctx + 32) * kv_bytes_per_token) / (HBM_TBPS * 1e12)
     return dict(kind="decode", batch=batch, ctx=ctx, ms=dt * 1e3, weight_floor_ms=floor * 1e3,
-                x_weight_floor=dt / floor, x_bytes_floor=dt / kv_floor, tokens_per_s=batch / dt)
+                x_weight_floor=dt / floor, x_bytes_floor=dt / kv_floor, tokens_per_s=batch / dt,
+                graph_ms=graph_ms, graph_x_weight_floor=graph_ms / (floor * 1e3) if graph_ms else None)
 
 
-def bench_swap(engine: LLMEngine, num_tokens: int) -> dict:
+SWAP_VARIANTS = {  # name: (max DMA runs, copy-kernel programs)
+    "dma": (8, 32),
+    "kernel32": (0, 32),
+    "kernel8": (0, 8),
+}
+
+
+def bench_swap(engine: LLMEngine, num_tokens: int, variant: str = "dma") -> dict:
     """Swap-in bandwidth, and how much of it hides behind a forward of the same step."""
-    runner, kv = engine.runner, engine.kv
+    from pensieve.kernels import block_copy
+
+    runner = engine.runner
+    runner.transfer.dma_max_runs, block_copy._MAX_PROGRAMS = SWAP_VARIANTS[variant]
     bs = runner.block_size
     n_blocks = num_tokens // bs
     gpu_ids = list(range(n_blocks))
@@ -117,7 +140,7 @@ def bench_swap(engine: LLMEngine, num_tokens: int) -> dict:
 
     def copy_only() -> None:
         runner.transfer.start(plan)
-        runner.transfer.stream.synchronize()
+        runner.transfer.settle(ran_forward=False)  # issues every layer, then waits
 
     for _ in range(3):
         copy_only()
@@ -163,6 +186,7 @@ def bench_swap(engine: LLMEngine, num_tokens: int) -> dict:
         for _ in range(10):
             wait = runner.transfer.start(plan)
             forward(wait)
+            runner.transfer.settle(ran_forward=True)
         sync()
         return (time.perf_counter() - t0) / 10
 
@@ -171,7 +195,8 @@ def bench_swap(engine: LLMEngine, num_tokens: int) -> dict:
     serial_s = both(False)
     runner.transfer.pipelined = True
     hidden = max(0.0, min(1.0, (fwd_s + copy_s - pipe_s) / copy_s))
-    return dict(kind="swap", tokens=num_tokens, blocks=n_blocks, gb=bytes_moved / 1e9, copy_ms=copy_s * 1e3,
+    runner.transfer.dma_max_runs, block_copy._MAX_PROGRAMS = SWAP_VARIANTS["dma"]
+    return dict(kind="swap", variant=variant, tokens=num_tokens, blocks=n_blocks, gb=bytes_moved / 1e9, copy_ms=copy_s * 1e3,
                 gbps=bytes_moved / copy_s / 1e9, frac_pcie=bytes_moved / copy_s / 1e9 / PCIE_GBPS,
                 forward_ms=fwd_s * 1e3, pipelined_ms=pipe_s * 1e3, serial_ms=serial_s * 1e3, hidden_share=hidden)
 
@@ -215,6 +240,8 @@ def main() -> int:
     ap.add_argument("--ckpt-dir", default="/tmp/pensieve-ckpt")
     ap.add_argument("--decode-batches", default="1,8,32,64")
     ap.add_argument("--decode-ctx", type=int, default=1024)
+    ap.add_argument("--swap-variants", default=",".join(SWAP_VARIANTS))
+    ap.add_argument("--skip-prefill", action="store_true")
     ap.add_argument("--hf", action="store_true", help="also run HF transformers generate_batch")
     ap.add_argument("--hf-requests", type=int, default=64)
     ap.add_argument("--keep-ckpt", action="store_true")
@@ -232,7 +259,7 @@ def main() -> int:
         spec = engine.runner.kv_spec
         kv_per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * 2
         base = dict(model=size, device=device, params_b=num_params / 1e9)
-        for per_seq in (4096, 1024):
+        for per_seq in () if args.skip_prefill else (4096, 1024):
             r = bench_prefill(engine, 4096 if per_seq == 4096 else 8192, per_seq, num_params, cfg)
             rows.append({**base, **r})
             print(rows[-1], flush=True)
@@ -240,8 +267,9 @@ def main() -> int:
             rows.append({**base, **bench_decode(engine, b, args.decode_ctx, weight_bytes, kv_per_token, cfg)})
             print(rows[-1], flush=True)
         for n in (1024, 4096):
-            rows.append({**base, **bench_swap(engine, n)})
-            print(rows[-1], flush=True)
+            for variant in args.swap_variants.split(","):
+                rows.append({**base, **bench_swap(engine, n, variant)})
+                print(rows[-1], flush=True)
         if args.hf:
             g = torch.Generator().manual_seed(0)
             prompts = [torch.randint(10, cfg.vocab_size - 10, (int(torch.randint(128, 1024, (1,), generator=g)),),
@@ -270,8 +298,10 @@ def main() -> int:
             shape, res = f"{r['tokens']} tok ({r['seq_len']}/seq)", f"{r['tflops']:.0f} TFLOP/s = {r['frac_peak']:.0%} of peak"
         elif r["kind"] == "decode":
             shape, res = f"batch {r['batch']}, ctx {r['ctx']}", f"{r['x_weight_floor']:.2f}x weight floor ({r['weight_floor_ms']:.2f} ms)"
+            if r.get("graph_ms"):
+                res += f"; forward graph alone {r['graph_ms']:.2f} ms = {r['graph_x_weight_floor']:.2f}x"
         elif r["kind"] == "swap":
-            shape = f"{r['tokens']} tok, {r['gb']:.2f} GB"
+            shape = f"{r['tokens']} tok, {r['gb']:.2f} GB, {r['variant']}"
             res = f"{r['gbps']:.1f} GB/s = {r['frac_pcie']:.0%} of 54; hidden {r['hidden_share']:.0%} (fwd {r['forward_ms']:.1f}, pipe {r['pipelined_ms']:.1f}, serial {r['serial_ms']:.1f} ms)"
             r = {**r, "ms": r["copy_ms"]}
         elif r["kind"] == "hf_generate_batch":

@@ -30,4 +30,7 @@ case "${1:-1}" in
   4)  # engine numbers after the warm-up / copy-grid / deferred swap-out changes (swap overlap, decode)
       timeout 400 python3 benchmarks/engine_bench.py --models llama-2-13b-gqa10 --out "$OUT/engine-13b"
       timeout 170 python3 benchmarks/kernel_bench.py --quick --out "$OUT/kernels" ;;
+  5)  # tuning data: decode step vs its graph alone, swap-in by DMA vs the copy kernel, prefill launch configs
+      timeout 230 python3 benchmarks/engine_bench.py --models llama-3.1-8b --skip-prefill --out "$OUT/engine-tuning"
+      timeout 170 python3 benchmarks/kernel_bench.py --sections prefill_sweep --out "$OUT/kernels-sweep" ;;
 esac

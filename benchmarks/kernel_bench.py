@@ -237,6 +237,54 @@ class Bench:
             del cache, q, qs, ks, vs, kv, k, v
             torch.cuda.empty_cache()
 
+    def prefill_sweep(self) -> None:
+        """Launch configurations of the prefill path, each timed against SDPA on the same shapes
+        and checked against the default configuration's output."""
+        import dataclasses
+        import itertools
+
+        import torch.nn.functional as F
+
+        from pensieve.kernels.attention import choose_config
+
+        shape = LLAMA3_8B
+        scale = 1.0 / math.sqrt(shape.head_dim)
+        group = shape.num_heads // shape.num_kv_heads
+        for batch, length in [(1, 4096), (4, 2048)]:
+            seqs = [(length, list(range(length)))] * batch
+            num_blocks = batch * length // BLOCK_SIZE + 64
+            meta = build_meta(seqs, num_blocks, self.device, self.gen)
+            cache = self.cache(num_blocks, shape)
+            T = batch * length
+            q = torch.randn((T, shape.num_heads, shape.head_dim), dtype=DTYPE, device=self.device)
+            qs = q.view(batch, length, shape.num_heads, shape.head_dim).transpose(1, 2).contiguous()
+            kv = cache[meta.block_tables.long()]
+            k = kv[:, :, 0].reshape(batch, -1, shape.num_kv_heads, shape.head_dim)[:, :length]
+            v = kv[:, :, 1].reshape(batch, -1, shape.num_kv_heads, shape.head_dim)[:, :length]
+            ks = k.repeat_interleave(group, dim=2).transpose(1, 2).contiguous()
+            vs = v.repeat_interleave(group, dim=2).transpose(1, 2).contiguous()
+            sdpa = bench_ms(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale))
+            base = choose_config(batch, length, length, shape.num_kv_heads, group, shape.head_dim, False, True)
+            ref = paged_attention_triton(q, cache, meta, scale, base)
+            flops = 4 * batch * (length * (length + 1) / 2) * shape.num_heads * shape.head_dim
+            for block_m, block_n, warps, stages, k_nd in itertools.product(
+                    (64, 128), (64, 128), (4, 8), (2, 3), (False, True)):
+                if block_m == 64 and warps == 8:
+                    continue
+                cfg = dataclasses.replace(base, block_m=block_m, block_q=block_m // 4, block_n=block_n,
+                                          num_warps=warps, num_stages=stages, k_nd=k_nd)
+                try:
+                    out = paged_attention_triton(q, cache, meta, scale, cfg)
+                    ms = bench_ms(lambda: paged_attention_triton(q, cache, meta, scale, cfg))
+                except Exception as exc:  # out of shared memory, say: record and go on
+                    self.add("prefill_sweep", f"{batch}x{length}", config=str(cfg), error=repr(exc)[:120])
+                    continue
+                self.add("prefill_sweep", f"{batch}x{length}", block_m=block_m, block_n=block_n, warps=warps,
+                         stages=stages, k_nd=k_nd, ours_ms=ms, sdpa_ms=sdpa, ratio=ms / sdpa,
+                         tflops=flops / ms / 1e9, rel_err_vs_default=rel_err(out, ref))
+            del cache, q, qs, ks, vs, kv, k, v
+            torch.cuda.empty_cache()
+
     # ---------------------------------------------------------------- decode
     def decode(self) -> None:
         shape = LLAMA3_8B
@@ -293,7 +341,7 @@ class Bench:
     # ---------------------------------------------------------------- report
     def markdown(self) -> str:
         lines = [f"# Kernel bench on {self.device_name}", ""]
-        for section in ("correctness", "prefill", "decode", "copy", "error"):
+        for section in ("correctness", "prefill", "prefill_sweep", "decode", "copy", "error"):
             rows = [r for r in self.rows if r["section"] == section]
             if not rows:
                 continue

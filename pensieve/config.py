@@ -31,6 +31,8 @@ class CacheConfig:
     max_swap_out_blocks_per_step: int = 256
     admit_watermark: float = 0.10          # admit new requests only while this share of GPU blocks stays free
     pipelined_swap_in: bool = True         # layer l waits only for layer l's copy
+    swap_dma_max_runs: int = 8             # copy engines when a transfer is at most this many runs of
+                                           # consecutive blocks (one memcpy per run and layer); else a kernel
     ahead_of_time_swap_out: bool = True
     conversation_ttl: float | None = None  # seconds an idle named conversation is kept
     persist_path: str | None = None        # load the cache from here at start, save it here at shutdown

@@ -276,12 +276,17 @@ class KVCacheManager:
         now = self.clock()
         scores = self.policy.scores(self.g_last[cand], self.g_pos[cand], now)
         order = lowest(scores, k)
-        # the most valuable of the chosen go first, in case the CPU tier runs short
+        # the most valuable of the chosen get CPU blocks first, in case the CPU tier runs short
+        chosen, cpu_blocks = [], []
         for j in order[::-1]:
-            b = int(cand[j])
             c = self._allocate_cpu(float(scores[j]), now)
             if c is None:
                 break
+            chosen.append(int(cand[j]))
+            cpu_blocks.append(c)
+        # paired in ascending order on both sides, a conversation's blocks stay runs of consecutive
+        # ids in both tiers, and its swap-in later is a few DMA copies per layer
+        for b, c in zip(sorted(chosen), sorted(cpu_blocks)):
             self._store_on_cpu(b, c, self._out_cpu)
             self._ref(b)                      # the source must not be reused while the copy runs
             self._out_gpu.append(b)
@@ -403,6 +408,9 @@ class KVCacheManager:
         if short > 0:
             self._evict_gpu(short)
         blocks = [self.g_free.pop() for _ in range(n)]
+        # callers pop from the end: descending here gives ascending block tables, whose cached
+        # blocks later move between tiers as runs of consecutive blocks (one DMA copy each)
+        blocks.sort(reverse=True)
         self.g_ref[blocks] = 1
         return blocks
 

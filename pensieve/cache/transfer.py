@@ -1,11 +1,14 @@
 """Moves blocks between the tiers on a side stream, layer by layer.
 
 Swap-ins record one event per layer; layer l's attention waits only for
-event l (pipelined with the forward). Eviction copies whose GPU blocks are
-reused this step must land before the forward starts. Ahead-of-time
-swap-outs run behind everything else and are never waited for on the hot
-path: each step's group records an event, polled at later steps, and the
-cache manager unpins a group's blocks once its event has fired.
+event l (pipelined with the forward), and layer l's copies are issued when
+the forward reaches layer l - lookahead, so the host's issue work overlaps
+the GPU. Runs of consecutive blocks go through the copy engines, which take
+no SMs from the forward. Eviction copies whose GPU blocks are reused this
+step must land before the forward starts. Ahead-of-time swap-outs run behind
+everything else and are never waited for on the hot path: each step's group
+records an event, polled at later steps, and the cache manager unpins a
+group's blocks once its event has fired.
 On the CPU every copy is synchronous and nothing needs waiting.
 """
 from __future__ import annotations
@@ -19,28 +22,66 @@ from pensieve.cache.manager import TransferPlan
 from pensieve.kernels import copy_blocks
 
 
+def block_runs(pairs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """(src, dst, count) runs of pairs consecutive on both sides."""
+    runs: list[tuple[int, int, int]] = []
+    for s, d in pairs:
+        if runs and runs[-1][0] + runs[-1][2] == s and runs[-1][1] + runs[-1][2] == d:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((s, d, 1))
+    return runs
+
+
+class _Copy:
+    """One group of block pairs, moved layer by layer: by the copy engines (one cudaMemcpyAsync
+    per run of consecutive blocks) when the pairs form few runs, since DMA takes no SMs from the
+    forward it overlaps with; else by one gather kernel launch per layer."""
+
+    def __init__(self, transfer: "KVTransfer", pairs: list[tuple[int, int]], src: torch.Tensor,
+                 dst: torch.Tensor) -> None:
+        self.src, self.dst = src, dst
+        self.runs = block_runs(pairs)
+        self.use_dma = len(self.runs) <= transfer.dma_max_runs
+        if not self.use_dma:
+            self.s_ids = transfer._ids([p[0] for p in pairs])
+            self.d_ids = transfer._ids([p[1] for p in pairs])
+
+    def layer(self, layer: int) -> None:
+        src, dst = self.src[layer], self.dst[layer]
+        if self.use_dma:
+            for s, d, n in self.runs:
+                dst[d:d + n].copy_(src[s:s + n], non_blocking=True)
+        else:
+            copy_blocks(src, dst, self.s_ids, self.d_ids)
+
+
 class KVTransfer:
-    def __init__(self, gpu_tier: torch.Tensor, cpu_tier: torch.Tensor, pipelined: bool = True) -> None:
+    def __init__(self, gpu_tier: torch.Tensor, cpu_tier: torch.Tensor, pipelined: bool = True,
+                 dma_max_runs: int = 8, lookahead_layers: int = 2) -> None:
         self.gpu = gpu_tier       # [L, NB, 2, bs, Hkv, D] on the device
         self.cpu = cpu_tier       # [L, NC, 2, bs, Hkv, D] pinned host memory
         self.num_layers = gpu_tier.shape[0]
         self.pipelined = pipelined
+        self.dma_max_runs = dma_max_runs
+        # Swap-ins are issued this many layers ahead of the layer the forward is launching, so the
+        # host's issue work overlaps the GPU's forward instead of preceding it.
+        self.lookahead = max(1, lookahead_layers)
         self.on_cuda = gpu_tier.is_cuda
         self.stream = torch.cuda.Stream(device=gpu_tier.device) if self.on_cuda else None
         self._swap_outs: deque[torch.cuda.Event | None] = deque()  # one per step that swapped out, oldest first
+        self._swap_in: _Copy | None = None      # this step's swap-in, issued up to layer _issued
+        self._issued = 0
+        self._events: list[torch.cuda.Event] = []
+        self._deferred_out: _Copy | None = None  # this step's swap-out, issued after the last swap-in layer
 
     def _ids(self, ids: list[int]) -> torch.Tensor:
         t = torch.tensor(ids, dtype=torch.int64, pin_memory=self.on_cuda)
         return t.to(self.gpu.device, non_blocking=True) if self.on_cuda else t
 
-    def _copy(self, pairs: list[tuple[int, int]], src: torch.Tensor, dst: torch.Tensor,
-              events: list | None = None) -> None:
-        s_ids = self._ids([p[0] for p in pairs])
-        d_ids = self._ids([p[1] for p in pairs])
+    def _copy_all(self, copy: _Copy) -> None:
         for layer in range(self.num_layers):
-            copy_blocks(src[layer], dst[layer], s_ids, d_ids)
-            if events is not None:
-                events[layer].record(self.stream)
+            copy.layer(layer)
 
     def start(self, plan: TransferPlan) -> Callable[[int], None] | None:
         """Issue the step's copies; returns the per-layer wait the forward must call (or None)."""
@@ -48,41 +89,68 @@ class KVTransfer:
             return None
         if not self.on_cuda:
             if plan.evict_out:
-                self._copy(plan.evict_out, self.gpu, self.cpu)
+                self._copy_all(_Copy(self, plan.evict_out, self.gpu, self.cpu))
             if plan.swap_in:
-                self._copy([(c, g) for c, g in plan.swap_in], self.cpu, self.gpu)
+                self._copy_all(_Copy(self, plan.swap_in, self.cpu, self.gpu))
             if plan.swap_out:
-                self._copy(plan.swap_out, self.gpu, self.cpu)
+                self._copy_all(_Copy(self, plan.swap_out, self.gpu, self.cpu))
                 self._swap_outs.append(None)
             return None
         compute = torch.cuda.current_stream()
         self.stream.wait_stream(compute)  # blocks read or overwritten here were last touched by earlier steps
-        layer_events = None
         with torch.cuda.stream(self.stream):
             if plan.evict_out:
-                self._copy(plan.evict_out, self.gpu, self.cpu)
+                self._copy_all(_Copy(self, plan.evict_out, self.gpu, self.cpu))
                 evicted = torch.cuda.Event()
                 evicted.record(self.stream)
                 compute.wait_event(evicted)
-            if plan.swap_in:
-                layer_events = [torch.cuda.Event() for _ in range(self.num_layers)]
-                self._copy(plan.swap_in, self.cpu, self.gpu, layer_events)
-            if plan.swap_out:
-                self._copy(plan.swap_out, self.gpu, self.cpu)
-                done = torch.cuda.Event()
-                done.record(self.stream)
-                self._swap_outs.append(done)
-        if layer_events is None:
-            return None
+            out = _Copy(self, plan.swap_out, self.gpu, self.cpu) if plan.swap_out else None
+            if not plan.swap_in:
+                if out is not None:
+                    self._issue_swap_out(out)
+                return None
+            self._swap_in, self._issued, self._deferred_out = _Copy(self, plan.swap_in, self.cpu, self.gpu), 0, out
+            self._events = [torch.cuda.Event() for _ in range(self.num_layers)]
         if not self.pipelined:
-            compute.wait_event(layer_events[-1])
+            self._issue_through(self.num_layers - 1)
+            compute.wait_event(self._events[-1])
             return None
-        return lambda layer: torch.cuda.current_stream().wait_event(layer_events[layer])
+        self._issue_through(self.lookahead - 1)
+        return self._wait_for_layer
+
+    def _issue_through(self, layer: int) -> None:
+        """Issue the swap-in up to `layer`; after its last layer, the deferred swap-out."""
+        if self._swap_in is None:
+            return
+        with torch.cuda.stream(self.stream):
+            while self._issued <= min(layer, self.num_layers - 1):
+                self._swap_in.layer(self._issued)
+                self._events[self._issued].record(self.stream)
+                self._issued += 1
+            if self._issued == self.num_layers:
+                self._swap_in = None
+                if self._deferred_out is not None:
+                    self._issue_swap_out(self._deferred_out)
+                    self._deferred_out = None
+
+    def _issue_swap_out(self, copy: _Copy) -> None:
+        with torch.cuda.stream(self.stream):
+            self._copy_all(copy)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        self._swap_outs.append(done)
+
+    def _wait_for_layer(self, layer: int) -> None:
+        self._issue_through(layer + self.lookahead)
+        torch.cuda.current_stream().wait_event(self._events[layer])
 
     def settle(self, ran_forward: bool) -> None:
         """Step end. A forward waited for the step's swap-ins and eviction copies, and the step's
         results were read, so those are done; without a forward, wait for them here."""
-        if self.on_cuda and not ran_forward:
+        if not self.on_cuda:
+            return
+        self._issue_through(self.num_layers - 1)  # a forward that skipped some layer's wait
+        if not ran_forward:
             self.stream.synchronize()
 
     def completed_swap_outs(self) -> int:

@@ -51,7 +51,8 @@ class ModelRunner:
         self.num_cpu_blocks = self._size_cpu_tier()
         self.cpu_tier = allocate_tier(kv_spec, self.num_cpu_blocks, self.block_size, dtype,
                                       torch.device("cpu"), pin=self.on_cuda)
-        self.transfer = KVTransfer(self.gpu_tier, self.cpu_tier, config.cache.pipelined_swap_in)
+        self.transfer = KVTransfer(self.gpu_tier, self.cpu_tier, config.cache.pipelined_swap_in,
+                                   config.cache.swap_dma_max_runs)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.force_token_rows = False  # tests: take the one-token-rows layout without graphs
         self.kv_bytes_per_token = block_bytes(kv_spec, 1, dtype)

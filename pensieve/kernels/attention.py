@@ -49,7 +49,7 @@ def _attend_tile(
     stride_cb, stride_ckv, stride_cs, stride_ch,
     offs_d, offs_n,
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    MASKED: tl.constexpr, PRECISION: tl.constexpr,
+    MASKED: tl.constexpr, PRECISION: tl.constexpr, K_ND: tl.constexpr,
 ):
     kv_pos = tile * BLOCK_N + offs_n                                   # [N] int
     if MASKED:
@@ -60,7 +60,20 @@ def _attend_tile(
         blk = tl.load(bt_row + kv_pos // BLOCK_SIZE).to(tl.int64)
     # int64 offsets: block ids times the block stride overflow 32 bits on large pools.
     base = kv_cache + blk * stride_cb + (kv_pos % BLOCK_SIZE).to(tl.int64) * stride_cs + kvh * stride_ch
-    if D_PAD == HEAD_DIM:
+    if K_ND:  # K loaded as [N, D] rows (each a contiguous head vector) and transposed for the dot
+        if D_PAD == HEAD_DIM:
+            k_mask = kv_ok[:, None]
+            v_mask = kv_ok[:, None]
+        else:
+            k_mask = kv_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+            v_mask = k_mask
+        if MASKED or D_PAD != HEAD_DIM:
+            k = tl.trans(tl.load(base[:, None] + offs_d[None, :], mask=k_mask, other=0.0))
+            v = tl.load(base[:, None] + stride_ckv + offs_d[None, :], mask=v_mask, other=0.0)
+        else:
+            k = tl.trans(tl.load(base[:, None] + offs_d[None, :]))
+            v = tl.load(base[:, None] + stride_ckv + offs_d[None, :])
+    elif D_PAD == HEAD_DIM:
         if MASKED:
             k = tl.load(base[None, :] + offs_d[:, None], mask=kv_ok[None, :], other=0.0)       # [D, N]
             v = tl.load(base[:, None] + stride_ckv + offs_d[None, :], mask=kv_ok[:, None], other=0.0)  # [N, D]
@@ -95,7 +108,7 @@ def _paged_attention_kernel(
     stride_bt,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, DECODE: tl.constexpr, PRECISION: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, DECODE: tl.constexpr, PRECISION: tl.constexpr, K_ND: tl.constexpr,
 ):
     if DECODE:
         pid = tl.program_id(0)
@@ -149,12 +162,12 @@ def _paged_attention_kernel(
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q_tile, q_pos, qk_scale, kv_cache, bt_row, tile, kv_end, kvh,
             stride_cb, stride_ckv, stride_cs, stride_ch, offs_d, offs_n,
-            BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, False, PRECISION)
+            BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, False, PRECISION, K_ND)
     for tile in range(t_full, t_hi):
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q_tile, q_pos, qk_scale, kv_cache, bt_row, tile, kv_end, kvh,
             stride_cb, stride_ckv, stride_cs, stride_ch, offs_d, offs_n,
-            BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, True, PRECISION)
+            BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, True, PRECISION, K_ND)
 
     if NUM_SPLITS == 1:
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -199,6 +212,7 @@ class LaunchConfig:
     num_splits: int
     num_warps: int
     num_stages: int
+    k_nd: bool = False    # load K as [N, D] rows and transpose in registers (else gather it as [D, N])
 
 
 @functools.lru_cache(maxsize=8)
@@ -296,7 +310,7 @@ def paged_attention_triton(
         meta.block_tables.stride(0),
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=config.block_q, BLOCK_M=config.block_m,
         BLOCK_N=config.block_n, BLOCK_SIZE=block_size, HEAD_DIM=head_dim, D_PAD=d_pad,
-        NUM_SPLITS=splits, DECODE=decode, PRECISION=precision,
+        NUM_SPLITS=splits, DECODE=decode, PRECISION=precision, K_ND=config.k_nd,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if splits > 1:

@@ -54,12 +54,14 @@ def test_mixed_ragged_batch(num_heads: int, num_kv_heads: int, head_dim: int, dt
     _check(paged_attention_triton(q, cache, meta, scale), q, cache, meta, scale, dtype)
 
 
-def test_multi_tile_queries_and_groups() -> None:
-    """Small query tiles: one sequence spans several programs (exercises the tile -> sequence search)."""
+@pytest.mark.parametrize("k_nd", [False, True])
+def test_multi_tile_queries_and_groups(k_nd: bool) -> None:
+    """Small query tiles: one sequence spans several programs (exercises the tile -> sequence search);
+    both ways of loading K."""
     meta = make_batch(MIXED, BLOCK_SIZE, NUM_BLOCKS)
     cache = random_cache(NUM_BLOCKS, BLOCK_SIZE, 2, 32, torch.float32)
     q = random_q(meta.positions.shape[0], 4, 32, torch.float32)
-    config = LaunchConfig(block_m=16, block_q=8, block_n=16, num_splits=1, num_warps=4, num_stages=1)
+    config = LaunchConfig(block_m=16, block_q=8, block_n=16, num_splits=1, num_warps=4, num_stages=1, k_nd=k_nd)
     out = paged_attention_triton(q, cache, meta, 0.2, config=config)
     _check(out, q, cache, meta, 0.2, torch.float32)
 

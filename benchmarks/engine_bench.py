@@ -119,9 +119,11 @@ def bench_decode(engine: LLMEngine, batch: int, ctx: int, weight_bytes: int, kv_
 
 
 SWAP_VARIANTS = {  # name: (max DMA runs, copy-kernel programs)
-    "dma": (8, 32),
+    "dma": (8, 8),
     "kernel32": (0, 32),
+    "kernel16": (0, 16),
     "kernel8": (0, 8),
+    "kernel4": (0, 4),
 }
 
 
@@ -130,6 +132,7 @@ def bench_swap(engine: LLMEngine, num_tokens: int, variant: str = "dma") -> dict
     from pensieve.kernels import block_copy
 
     runner = engine.runner
+    defaults = runner.transfer.dma_max_runs, block_copy._MAX_PROGRAMS
     runner.transfer.dma_max_runs, block_copy._MAX_PROGRAMS = SWAP_VARIANTS[variant]
     bs = runner.block_size
     n_blocks = num_tokens // bs
@@ -195,7 +198,7 @@ def bench_swap(engine: LLMEngine, num_tokens: int, variant: str = "dma") -> dict
     serial_s = both(False)
     runner.transfer.pipelined = True
     hidden = max(0.0, min(1.0, (fwd_s + copy_s - pipe_s) / copy_s))
-    runner.transfer.dma_max_runs, block_copy._MAX_PROGRAMS = SWAP_VARIANTS["dma"]
+    runner.transfer.dma_max_runs, block_copy._MAX_PROGRAMS = defaults
     return dict(kind="swap", variant=variant, tokens=num_tokens, blocks=n_blocks, gb=bytes_moved / 1e9, copy_ms=copy_s * 1e3,
                 gbps=bytes_moved / copy_s / 1e9, frac_pcie=bytes_moved / copy_s / 1e9 / PCIE_GBPS,
                 forward_ms=fwd_s * 1e3, pipelined_ms=pipe_s * 1e3, serial_ms=serial_s * 1e3, hidden_share=hidden)

@@ -31,8 +31,10 @@ class CacheConfig:
     max_swap_out_blocks_per_step: int = 256
     admit_watermark: float = 0.10          # admit new requests only while this share of GPU blocks stays free
     pipelined_swap_in: bool = True         # layer l waits only for layer l's copy
-    swap_dma_max_runs: int = 8             # copy engines when a transfer is at most this many runs of
-                                           # consecutive blocks (one memcpy per run and layer); else a kernel
+    # Copy engines (one memcpy per run of consecutive blocks and layer) when a transfer is at most
+    # this many runs, else the gather kernel. Off by default: on the H100 DMA reached 91-97% of PCIe
+    # but hid 5-9% of its time behind a prefill, the 8-program kernel 76-80% and 48-69% (engine_bench).
+    swap_dma_max_runs: int = 0
     ahead_of_time_swap_out: bool = True
     conversation_ttl: float | None = None  # seconds an idle named conversation is kept
     persist_path: str | None = None        # load the cache from here at start, save it here at shutdown

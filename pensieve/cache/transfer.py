@@ -58,7 +58,7 @@ class _Copy:
 
 class KVTransfer:
     def __init__(self, gpu_tier: torch.Tensor, cpu_tier: torch.Tensor, pipelined: bool = True,
-                 dma_max_runs: int = 8, lookahead_layers: int = 2) -> None:
+                 dma_max_runs: int = 0, lookahead_layers: int = 2) -> None:
         self.gpu = gpu_tier       # [L, NB, 2, bs, Hkv, D] on the device
         self.cpu = cpu_tier       # [L, NC, 2, bs, Hkv, D] pinned host memory
         self.num_layers = gpu_tier.shape[0]

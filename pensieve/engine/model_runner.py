@@ -87,9 +87,9 @@ class ModelRunner:
         divided by the blocks, so it is the marginal cost inside a busy batch rather than the weight
         reads of a tiny forward. Run before serving: it writes into pool blocks."""
         bs = self.block_size
-        capacity = self.num_gpu_blocks * bs
-        chunk = max(bs, min(chunk_blocks * bs, (capacity - bs) // bs * bs))
-        context_len = max(0, min(context_len, capacity - chunk))
+        limit = min(self.num_gpu_blocks * bs, self.max_model_len)  # positions past max_model_len have no rotary entry
+        chunk = max(bs, min(chunk_blocks * bs, (limit - bs) // bs * bs))
+        context_len = max(0, min(context_len, limit - chunk))
         meta = self._one_prefill(context_len, context_len + chunk)
         ids = torch.zeros(chunk, dtype=torch.long, device=self.device)
         times = []

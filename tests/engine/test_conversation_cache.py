@@ -21,12 +21,13 @@ def checkpoint(tmp_path_factory):
     return make_random_checkpoint(tmp_path_factory.mktemp("llama"), "llama", seed=1, initializer_range=0.1)
 
 
-def make_engine(path, mode: str, num_gpu_blocks: int, num_cpu_blocks: int = 0, **cache_kw) -> LLMEngine:
+def make_engine(path, mode: str, num_gpu_blocks: int, num_cpu_blocks: int = 0, max_num_seqs: int = 8,
+                **cache_kw) -> LLMEngine:
     return LLMEngine(EngineConfig(
         model=ModelConfig(model=str(path), max_model_len=256),
         cache=CacheConfig(block_size=BS, cache_mode=mode, num_gpu_blocks=num_gpu_blocks,
                           num_cpu_blocks=num_cpu_blocks, **cache_kw),
-        scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=48),
+        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=48),
         device=DEVICE, enforce_eager=DEVICE == "cpu"))
 
 
@@ -199,8 +200,13 @@ def test_block_recompute_timing_grows_with_context(checkpoint):
     from pensieve.cache.policy import ProfiledCost
 
     engine = make_engine(checkpoint, "tiered", num_gpu_blocks=80, num_cpu_blocks=8)
+    ends = []
+    real = engine.runner._one_prefill
+    engine.runner._one_prefill = lambda start, end: ends.append(end) or real(start, end)
     cost = ProfiledCost.measure(engine.runner.time_block_recompute, max_context=256)
     assert cost.context_tokens[0] == 0 and cost.context_tokens[-1] == 256
+    # no timed position past max_model_len: the rotary table ends there (a device-side assert on a GPU)
+    assert ends and max(ends) <= engine.runner.max_model_len
     assert all(t > 0 for t in cost.seconds) and list(cost.seconds) == sorted(cost.seconds)
 
 
@@ -224,7 +230,9 @@ def test_a_changed_token_reuses_only_what_precedes_it(checkpoint):
 def test_mixed_steps_as_one_token_rows_keep_answers(checkpoint, stateless_results):
     """Any token can be computed as its own one-token query (its KV is stored before attention reads
     the cache), which lets small mixed steps replay decode CUDA graphs. Same answers as stateless."""
-    engine = make_engine(checkpoint, "tiered", num_gpu_blocks=32, num_cpu_blocks=128, swap_out_watermark=0.5)
+    # on a GPU, rows replay decode graphs, captured up to max_num_seqs rows: let whole steps fit
+    engine = make_engine(checkpoint, "tiered", num_gpu_blocks=32, num_cpu_blocks=128, max_num_seqs=48,
+                         swap_out_watermark=0.5)
     engine.runner.force_token_rows = True
     used = []
     real = engine.runner._prepare

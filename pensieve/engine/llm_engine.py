@@ -41,6 +41,20 @@ class EngineStats:
     preemptions: int
     finished_requests: int
     num_conversations: int
+    # steps by how they ran (decode graph, mixed step as graph rows, eager, eager waiting on a
+    # swap-in) and their wall time: where serving time goes
+    steps_graph: int = 0
+    steps_rows: int = 0
+    steps_eager: int = 0
+    steps_swapin: int = 0
+    step_seconds_graph: float = 0.0
+    step_seconds_rows: float = 0.0
+    step_seconds_eager: float = 0.0
+    step_seconds_swapin: float = 0.0
+    slow_steps: int = 0
+
+
+SLOW_STEP_S = 0.25   # a step this long is logged with what it held
 
 
 def resolve_device(name: str) -> torch.device:
@@ -107,6 +121,9 @@ class LLMEngine:
         if path is not None and os.path.exists(os.path.join(path, "index.json")):
             log.info("loaded %d cached KV blocks from %s", self.load_cache(path), path)
         self._tracked: dict[str, _Tracked] = {}
+        self._step_counts = dict.fromkeys(("graph", "rows", "eager", "swapin"), 0)
+        self._step_seconds = dict.fromkeys(("graph", "rows", "eager", "swapin"), 0.0)
+        self._slow_steps = 0
         self._prompt_tokens = 0
         self._generation_tokens = 0
         self._finished = 0
@@ -173,6 +190,7 @@ class LLMEngine:
         if ttl is not None and now - self._last_expiry >= min(1.0, ttl):  # a scan of every conversation: not every step
             self._last_expiry = now
             self.kv.expire_conversations(ttl)
+        t0 = time.perf_counter()
         plan = self.scheduler.schedule()
         try:
             result = self.runner.execute(plan)
@@ -185,7 +203,22 @@ class LLMEngine:
             raise
         self.kv.end_step()
         self.kv.swap_outs_done(self.runner.transfer.completed_swap_outs())
-        return self._postprocess(plan, result)
+        outputs = self._postprocess(plan, result)
+        self._account_step(plan, time.perf_counter() - t0)
+        return outputs
+
+    def _account_step(self, plan, seconds: float) -> None:
+        path = self.runner.last_path
+        if path == "idle":
+            return
+        self._step_counts[path] += 1
+        self._step_seconds[path] += seconds
+        if seconds > SLOW_STEP_S:
+            self._slow_steps += 1
+            t = plan.transfers
+            log.warning("slow step %.3f s (%s): %d tokens in %d chunks, %d swap-in / %d swap-out / %d evict blocks",
+                        seconds, path, plan.num_tokens, len(plan.chunks), len(t.swap_in), len(t.swap_out),
+                        len(t.evict_out))
 
     def flush_transfers(self) -> None:
         """Wait for the swap-outs still in flight and unpin their blocks (when idle)."""
@@ -282,4 +315,6 @@ class LLMEngine:
             cpu_hit_tokens=c.cpu_hit_tokens, recomputed_tokens=c.recomputed_tokens,
             swapped_out_blocks=c.swapped_out_blocks, swapped_in_blocks=c.swapped_in_blocks,
             dropped_blocks=c.dropped_blocks, preemptions=self.scheduler.num_preemptions,
-            finished_requests=self._finished, num_conversations=len(self.kv.conversations))
+            finished_requests=self._finished, num_conversations=len(self.kv.conversations),
+            **{f"steps_{k}": n for k, n in self._step_counts.items()},
+            **{f"step_seconds_{k}": t for k, t in self._step_seconds.items()}, slow_steps=self._slow_steps)

@@ -55,6 +55,7 @@ class ModelRunner:
                                    config.cache.swap_dma_max_runs)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.force_token_rows = False  # tests: take the one-token-rows layout without graphs
+        self.last_path = "idle"        # how the last step ran: graph | rows | eager | swapin | idle
         self.kv_bytes_per_token = block_bytes(kv_spec, 1, dtype)
         if self.on_cuda:
             from pensieve.kernels.attention import warm_up_attention
@@ -245,8 +246,11 @@ class ModelRunner:
             else:
                 hidden = self.model(input_ids, meta.positions, self.kv_caches, meta)
             result = self._sample(hidden, rows, sampling)
+            self.last_path = ("swapin" if wait is not None else "rows" if as_rows and graph_bs is not None
+                              else "graph" if graph_bs is not None else "eager")
         else:
             result = StepResult([], None)
+            self.last_path = "idle"
         self.transfer.settle(ran_forward=bool(plan.chunks))
         return result
 

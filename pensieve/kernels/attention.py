@@ -98,7 +98,10 @@ def _attend_tile(
     return acc, m_new, l_i
 
 
-@triton.jit
+# Triton compiles a variant per "== 1 / divisible by 16" class of every int argument: the batch's
+# sequence count and block-table width change every step, so they must not pick variants (a
+# compile mid-serving stalls every request for about a second).
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _paged_attention_kernel(
     out, q, kv_cache, block_tables, positions, query_start_loc, seq_lens,
     part_acc, part_ml,                      # split-KV partials (unused when NUM_SPLITS == 1)

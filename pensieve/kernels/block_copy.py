@@ -19,7 +19,7 @@ _MAX_PROGRAMS = 8     # H100: 76-80% of PCIe, and the most of it hidden behind a
 _CHUNK_BYTES = 16384  # bytes per program: 16 KB keeps enough loads in flight to cover PCIe latency
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_items"])  # one compiled variant for any block count
 def _copy_blocks_kernel(
     src, dst, src_ids, dst_ids, row_elems, stride_src, stride_dst, num_items, chunks_per_row,
     CHUNK: tl.constexpr,

@@ -246,6 +246,9 @@ def test_mixed_steps_as_one_token_rows_keep_answers(checkpoint, stateless_result
     for key, (tokens, _) in stateless_results.items():
         assert results[key][0] == tokens
     assert any(used) and not all(used)  # small mixed steps went as rows, larger ones did not
+    stats = engine.stats()              # every step is accounted to the path it took
+    assert stats.steps_rows > 0 and stats.steps_eager + stats.steps_swapin > 0
+    assert stats.step_seconds_rows > 0 and stats.slow_steps >= 0
     engine.check_integrity()
 
 

@@ -246,7 +246,7 @@ class ModelRunner:
             else:
                 hidden = self.model(input_ids, meta.positions, self.kv_caches, meta)
             result = self._sample(hidden, rows, sampling)
-            self.last_path = ("swapin" if wait is not None else "rows" if as_rows and graph_bs is not None
+            self.last_path = ("swapin" if plan.transfers.swap_in else "rows" if as_rows
                               else "graph" if graph_bs is not None else "eager")
         else:
             result = StepResult([], None)

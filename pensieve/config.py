@@ -31,6 +31,8 @@ class CacheConfig:
     max_swap_out_blocks_per_step: int = 256
     admit_watermark: float = 0.10          # admit new requests only while this share of GPU blocks stays free
     pipelined_swap_in: bool = True         # layer l waits only for layer l's copy
+    defer_swap_in: bool = True             # with other work running, swap a returning conversation in
+                                           # behind this step and compute it next step (keeps CUDA graphs)
     # Copy engines (one memcpy per run of consecutive blocks and layer) when a transfer is at most
     # this many runs, else the gather kernel. Off by default: on the H100 DMA reached 91-97% of PCIe
     # but hid 5-9% of its time behind a prefill, the 8-program kernel 76-80% and 48-69% (engine_bench).

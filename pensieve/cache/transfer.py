@@ -74,6 +74,7 @@ class KVTransfer:
         self._issued = 0
         self._events: list[torch.cuda.Event] = []
         self._deferred_out: _Copy | None = None  # this step's swap-out, issued after the last swap-in layer
+        self._next_step_waits: torch.cuda.Event | None = None  # swap-ins issued for the next step
 
     def _ids(self, ids: list[int]) -> torch.Tensor:
         t = torch.tensor(ids, dtype=torch.int64, pin_memory=self.on_cuda)
@@ -83,8 +84,13 @@ class KVTransfer:
         for layer in range(self.num_layers):
             copy.layer(layer)
 
-    def start(self, plan: TransferPlan) -> Callable[[int], None] | None:
-        """Issue the step's copies; returns the per-layer wait the forward must call (or None)."""
+    def start(self, plan: TransferPlan, used_now: bool = True) -> Callable[[int], None] | None:
+        """Issue the step's copies; returns the per-layer wait the forward must call (or None).
+        used_now=False: no chunk of this step reads the swapped-in blocks; they land behind this
+        step's forward and the next step's work waits for them (long done by then)."""
+        if self.on_cuda and self._next_step_waits is not None:
+            torch.cuda.current_stream().wait_event(self._next_step_waits)
+            self._next_step_waits = None
         if not plan:
             return None
         if not self.on_cuda:
@@ -111,6 +117,9 @@ class KVTransfer:
                 return None
             self._swap_in, self._issued, self._deferred_out = _Copy(self, plan.swap_in, self.cpu, self.gpu), 0, out
             self._events = [torch.cuda.Event() for _ in range(self.num_layers)]
+        if not used_now:
+            self._next_step_waits = self._events[-1]  # issued in settle(), after this step's forward
+            return None
         if not self.pipelined:
             self._issue_through(self.num_layers - 1)
             compute.wait_event(self._events[-1])
@@ -143,6 +152,11 @@ class KVTransfer:
     def _wait_for_layer(self, layer: int) -> None:
         self._issue_through(layer + self.lookahead)
         torch.cuda.current_stream().wait_event(self._events[layer])
+
+    def issue_rest(self) -> None:
+        """Issue whatever of this step's copies is still held back (the forward is launched)."""
+        if self.on_cuda:
+            self._issue_through(self.num_layers - 1)
 
     def settle(self, ran_forward: bool) -> None:
         """Step end. A forward waited for the step's swap-ins and eviction copies, and the step's

@@ -234,7 +234,7 @@ class ModelRunner:
     # ------------------------------------------------------------ execution
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
-        wait = self.transfer.start(plan.transfers)
+        wait = self.transfer.start(plan.transfers, used_now=plan.swap_in_now)
         sampling = [c for c in plan.chunks if c.sample]
         if plan.chunks:
             as_rows = wait is None and any(c.num_tokens > 1 for c in plan.chunks) and self._rows_pay_off(plan)
@@ -245,6 +245,7 @@ class ModelRunner:
                 hidden = self._replay(graph_bs, input_ids, meta)[:num_rows]
             else:
                 hidden = self.model(input_ids, meta.positions, self.kv_caches, meta)
+            self.transfer.issue_rest()  # swap-ins for the next step go behind this forward, before sampling syncs
             result = self._sample(hidden, rows, sampling)
             self.last_path = ("swapin" if plan.transfers.swap_in else "rows" if as_rows
                               else "graph" if graph_bs is not None else "eager")

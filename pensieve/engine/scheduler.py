@@ -36,6 +36,9 @@ class StepPlan:
     chunks: tuple[ScheduledChunk, ...]
     transfers: TransferPlan
     preempted: tuple[Sequence, ...]
+    # a chunk of this step reads blocks swapped in by this step: its forward waits layer by layer.
+    # Otherwise the swap-ins are for the next step and overlap this whole step.
+    swap_in_now: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -48,6 +51,7 @@ class Scheduler:
         self.kv = kv
         self.block_size = cache_cfg.block_size
         self.admit_reserve = int(cache_cfg.admit_watermark * kv.num_gpu_blocks)
+        self.defer_swap_in = cache_cfg.defer_swap_in
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -82,6 +86,7 @@ class Scheduler:
         budget = self.cfg.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted: list[Sequence] = []
+        swap_in_now = False
         for seq in list(self.running):
             if seq.status is not SeqStatus.RUNNING or budget == 0:
                 continue
@@ -112,11 +117,17 @@ class Scheduler:
                 seq.cache = CacheUsage(adm.gpu_hit_tokens, adm.cpu_hit_tokens, adm.recomputed_tokens)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
+            if adm.cpu_hit_tokens and chunks and self.defer_swap_in:
+                # Other work runs this step: bring this sequence's blocks in behind it and compute
+                # it next step, so this step keeps its CUDA graph instead of an eager forward
+                # that waits on the copy layer by layer.
+                continue
+            swap_in_now = swap_in_now or adm.cpu_hit_tokens > 0
             n = min(seq.num_pending, budget)
             chunks.append(self._chunk(seq, n))
             budget -= n
         self.kv.plan_swap_out()
-        return StepPlan(tuple(chunks), self.kv.take_plan(), tuple(preempted))
+        return StepPlan(tuple(chunks), self.kv.take_plan(), tuple(preempted), swap_in_now)
 
     def _chunk(self, seq: Sequence, n: int) -> ScheduledChunk:
         ranges = tuple(seq.take_pending(n))

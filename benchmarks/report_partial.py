@@ -1,0 +1,42 @@
+"""Render results.json, summary.md and latency.png from a partial.json that a multi-turn run left
+when its time limit cut it short (the bench writes partial.json after every finished point).
+
+    python benchmarks/report_partial.py RUN_DIR/partial.json --device "NVIDIA H100 80GB HBM3" \\
+        --command "$(cat RUN_DIR/command.txt)" --out RUN_DIR
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pensieve.bench.metrics import headline  # noqa: E402
+from pensieve.bench.report import write_report  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("partial", type=Path)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--device", required=True)
+    ap.add_argument("--command", required=True, help="the command that produced the run")
+    ap.add_argument("--bounds", default="0.02,0.03,0.05,0.08,0.1")
+    ap.add_argument("--x-axis", default="throughput_rps", choices=["throughput_rps", "rate"])
+    ap.add_argument("--note", default="", help="what cut the run short, what is missing")
+    args = ap.parse_args()
+    partial = json.loads(args.partial.read_text())
+    points = {s: p for s, p in partial["points"].items() if p}
+    bounds = [float(b) for b in args.bounds.split(",")]
+    results = {"device": args.device, "systems": list(points), "bounds": bounds, "points": points,
+               "errors": partial.get("errors", {}), "command": args.command,
+               "workload": {"see": "command", "rendered_from": "partial.json", "note": args.note}}
+    results.update(headline(points, bounds, x_key=args.x_axis))
+    paths = write_report(results, args.out)
+    print("wrote", ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -203,6 +203,24 @@ class Bench:
         self.add("correctness", "copy_blocks_d2h_pageable", shape=shape.name, ok=torch.equal(pageable, expected))
 
     # ---------------------------------------------------------------- prefill
+    def prefill_case(self, batch: int, length: int, shape: Shape):
+        """`batch` causal prefills of `length` tokens over shuffled pages, and SDPA's inputs: the same
+        values as contiguous [B, H, T, D] with the GQA heads expanded outside any timing."""
+        seqs = [(length, list(range(length)))] * batch
+        num_blocks = batch * length // BLOCK_SIZE + 64
+        meta = build_meta(seqs, num_blocks, self.device, self.gen)
+        cache = self.cache(num_blocks, shape)
+        q = torch.randn((batch * length, shape.num_heads, shape.head_dim), dtype=DTYPE, device=self.device)
+        group = shape.num_heads // shape.num_kv_heads
+        qs = q.view(batch, length, shape.num_heads, shape.head_dim).transpose(1, 2).contiguous()
+        kv = cache[meta.block_tables.long()]                 # [B, nb, 2, bs, Hkv, D]
+
+        def dense(i: int) -> torch.Tensor:
+            x = kv[:, :, i].reshape(batch, -1, shape.num_kv_heads, shape.head_dim)[:, :length]
+            return x.repeat_interleave(group, dim=2).transpose(1, 2).contiguous()
+
+        return meta, cache, q, qs, dense(0), dense(1)
+
     def prefill(self) -> None:
         import torch.nn.functional as F
 
@@ -212,21 +230,9 @@ class Bench:
         if self.quick:
             configs = [(1, 4096), (4, 2048)]
         for batch, length in configs:
-            seqs = [(length, list(range(length)))] * batch
-            num_blocks = batch * length // BLOCK_SIZE + 64
-            meta = build_meta(seqs, num_blocks, self.device, self.gen)
-            cache = self.cache(num_blocks, shape)
+            meta, cache, q, qs, ks, vs = self.prefill_case(batch, length, shape)
             T = batch * length
-            q = torch.randn((T, shape.num_heads, shape.head_dim), dtype=DTYPE, device=self.device)
             ours = bench_ms(lambda: paged_attention_triton(q, cache, meta, scale))
-            # SDPA on contiguous KV of the same values, heads already expanded (GQA) outside the timing.
-            group = shape.num_heads // shape.num_kv_heads
-            qs = q.view(batch, length, shape.num_heads, shape.head_dim).transpose(1, 2).contiguous()
-            kv = cache[meta.block_tables.long()]                 # [B, nb, 2, bs, Hkv, D]
-            k = kv[:, :, 0].reshape(batch, -1, shape.num_kv_heads, shape.head_dim)[:, :length]
-            v = kv[:, :, 1].reshape(batch, -1, shape.num_kv_heads, shape.head_dim)[:, :length]
-            ks = k.repeat_interleave(group, dim=2).transpose(1, 2).contiguous()
-            vs = v.repeat_interleave(group, dim=2).transpose(1, 2).contiguous()
             sdpa = bench_ms(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale))
             flops = 4 * batch * (length * (length + 1) / 2) * shape.num_heads * shape.head_dim
             out = paged_attention_triton(q, cache, meta, scale)
@@ -234,7 +240,7 @@ class Bench:
             self.add("prefill", f"{batch}x{length}", shape=shape.name, tokens=T, ours_ms=ours, sdpa_ms=sdpa,
                      ratio=ours / sdpa, ours_tflops=flops / ours / 1e9, sdpa_tflops=flops / sdpa / 1e9,
                      rel_err_vs_sdpa=rel_err(out, ref))
-            del cache, q, qs, ks, vs, kv, k, v
+            del cache, q, qs, ks, vs
             torch.cuda.empty_cache()
 
     def prefill_sweep(self) -> None:
@@ -251,18 +257,7 @@ class Bench:
         scale = 1.0 / math.sqrt(shape.head_dim)
         group = shape.num_heads // shape.num_kv_heads
         for batch, length in [(1, 4096), (4, 2048)]:
-            seqs = [(length, list(range(length)))] * batch
-            num_blocks = batch * length // BLOCK_SIZE + 64
-            meta = build_meta(seqs, num_blocks, self.device, self.gen)
-            cache = self.cache(num_blocks, shape)
-            T = batch * length
-            q = torch.randn((T, shape.num_heads, shape.head_dim), dtype=DTYPE, device=self.device)
-            qs = q.view(batch, length, shape.num_heads, shape.head_dim).transpose(1, 2).contiguous()
-            kv = cache[meta.block_tables.long()]
-            k = kv[:, :, 0].reshape(batch, -1, shape.num_kv_heads, shape.head_dim)[:, :length]
-            v = kv[:, :, 1].reshape(batch, -1, shape.num_kv_heads, shape.head_dim)[:, :length]
-            ks = k.repeat_interleave(group, dim=2).transpose(1, 2).contiguous()
-            vs = v.repeat_interleave(group, dim=2).transpose(1, 2).contiguous()
+            meta, cache, q, qs, ks, vs = self.prefill_case(batch, length, shape)
             sdpa = bench_ms(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale))
             base = choose_config(batch, length, length, shape.num_kv_heads, group, shape.head_dim, False, True)
             ref = paged_attention_triton(q, cache, meta, scale, base)
@@ -282,7 +277,7 @@ class Bench:
                 self.add("prefill_sweep", f"{batch}x{length}", block_m=block_m, block_n=block_n, warps=warps,
                          stages=stages, k_nd=k_nd, ours_ms=ms, sdpa_ms=sdpa, ratio=ms / sdpa,
                          tflops=flops / ms / 1e9, rel_err_vs_default=rel_err(out, ref))
-            del cache, q, qs, ks, vs, kv, k, v
+            del cache, q, qs, ks, vs
             torch.cuda.empty_cache()
 
     # ---------------------------------------------------------------- decode

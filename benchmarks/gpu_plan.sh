@@ -16,7 +16,7 @@ case "${1:-1}" in
   1)  # headline: Llama-2-13B GQA, all three modes, two rates where stateless should saturate
       # 6 points of ~80 s plus start-up; a system stops its sweep once it is far over the bounds.
       # Rates from the H100's decode capacity (~3.5k tok/s at this shape: ~16 conv/s of 5.56 x 41 tokens).
-      timeout 560 $MT --model-shape llama-2-13b-gqa10 --systems tiered,stateless,gpu --rates ${RATES:-10,14} $SCALED \
+      timeout 560 $MT --model-shape llama-2-13b-gqa10 --systems ${SYSTEMS:-tiered,stateless,gpu} --rates ${RATES:-10,14} $SCALED \
         --gpu-kv-gb 8 --cpu-kv-gb 48 --bounds 0.02,0.03,0.05,0.08,0.1 --stop-above 0.15 \
         --out "$OUT/multiturn/llama-2-13b-gqa10-steady" ;;
   2)  # the external reference and the ablations, same workload, one rate

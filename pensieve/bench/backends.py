@@ -174,6 +174,9 @@ class EngineBackend(Backend):
                 res.error = "aborted"
         return res
 
+    async def profile(self, num_steps: int) -> str:
+        return await self.engine.profile(num_steps)
+
     async def end_conversation(self, conversation_id: str) -> None:
         # delete_conversation waits for the engine thread: keep the event loop free meanwhile
         await asyncio.to_thread(self.engine.delete_conversation, conversation_id)

@@ -99,6 +99,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                    help="x of the sustained-rate interpolation: measured requests/s or conversation rate")
     r.add_argument("--out", default="bench_results", help="output directory")
     r.add_argument("--save-records", action="store_true", help="also write every turn to records.jsonl")
+    r.add_argument("--profile-steps", type=int, default=0,
+                   help="in-process engines: torch.profiler over this many steps of each point (in the results)")
+    r.add_argument("--profile-after", type=float, default=30.0, help="seconds into a point the profile starts")
     r.add_argument("--no-progress", action="store_true")
 
 
@@ -255,6 +258,25 @@ def workload_record(args: argparse.Namespace, rates: Sequence[float]) -> dict[st
     return rec
 
 
+def _start_profile(backend, args: argparse.Namespace) -> asyncio.Task | None:
+    """--profile-steps: a torch.profiler window of that many engine steps, --profile-after seconds into the point."""
+    if not args.profile_steps or not hasattr(backend, "profile"):
+        return None
+
+    async def window() -> str:
+        await asyncio.sleep(args.profile_after)
+        return await backend.profile(args.profile_steps)
+
+    return asyncio.create_task(window())
+
+
+async def _finish_profile(task: asyncio.Task) -> str:
+    try:  # a point that ended before the window filled has no profile
+        return await asyncio.wait_for(task, timeout=5.0)
+    except (asyncio.TimeoutError, Exception) as exc:
+        return f"no profile: {type(exc).__name__}: {exc}"
+
+
 async def bench_async(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     rates = _floats(args.rates)
     bounds = _floats(args.bounds)
@@ -294,6 +316,7 @@ async def bench_async(args: argparse.Namespace, extra: dict[str, Any] | None = N
                     workloads[i] = source.for_point(cfg, i)
                     dataset_stats[f"{rate:g}"] = conversation_stats(workloads[i], source.encode)
                 schedule = build_schedule(workloads[i], cfg)
+                profiling = _start_profile(backend, args)
                 run = await run_schedule(backend, schedule, encode=source.encode, time_limit=args.time_limit,
                                          end_conversations=args.end_conversations, progress=not args.no_progress,
                                          desc=f"{spec.name} @ {rate:g} conv/s")
@@ -302,6 +325,8 @@ async def bench_async(args: argparse.Namespace, extra: dict[str, Any] | None = N
                 points[spec.name].append({"rate": rate, "summary": summarize(run.records, args.warmup),
                                           "run": describe_run(run),
                                           "stats_delta": stats_delta(run.stats_before, run.stats_after)})
+                if profiling is not None:
+                    points[spec.name][-1]["profile"] = await _finish_profile(profiling)
                 if args.save_records:
                     records[f"{spec.name}@{rate:g}"] = [r.to_json() for r in run.records]
                 _write_partial(args.out, points, errors)  # a run cut short keeps what it measured

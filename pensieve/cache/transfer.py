@@ -6,9 +6,11 @@ the forward reaches layer l - lookahead, so the host's issue work overlaps
 the GPU. Runs of consecutive blocks go through the copy engines, which take
 no SMs from the forward. Eviction copies whose GPU blocks are reused this
 step must land before the forward starts. Ahead-of-time swap-outs run behind
-everything else and are never waited for on the hot path: each step's group
-records an event, polled at later steps, and the cache manager unpins a
-group's blocks once its event has fired.
+everything else on a stream of their own (PCIe is full duplex, and a large
+swap-out must not hold up the next swap-in queued behind it), and are never
+waited for on the hot path: each step's group records an event, polled at
+later steps, and the cache manager unpins a group's blocks once its event has
+fired.
 On the CPU every copy is synchronous and nothing needs waiting.
 """
 from __future__ import annotations
@@ -68,7 +70,8 @@ class KVTransfer:
         # host's issue work overlaps the GPU's forward instead of preceding it.
         self.lookahead = max(1, lookahead_layers)
         self.on_cuda = gpu_tier.is_cuda
-        self.stream = torch.cuda.Stream(device=gpu_tier.device) if self.on_cuda else None
+        self.stream = torch.cuda.Stream(device=gpu_tier.device) if self.on_cuda else None       # swap-in, eviction
+        self.out_stream = torch.cuda.Stream(device=gpu_tier.device) if self.on_cuda else None   # ahead-of-time swap-out
         self._swap_outs: deque[torch.cuda.Event | None] = deque()  # one per step that swapped out, oldest first
         self._swap_in: _Copy | None = None      # this step's swap-in, issued up to layer _issued
         self._issued = 0
@@ -104,6 +107,8 @@ class KVTransfer:
             return None
         compute = torch.cuda.current_stream()
         self.stream.wait_stream(compute)  # blocks read or overwritten here were last touched by earlier steps
+        if plan.swap_out:
+            self.out_stream.wait_stream(compute)
         with torch.cuda.stream(self.stream):
             if plan.evict_out:
                 self._copy_all(_Copy(self, plan.evict_out, self.gpu, self.cpu))
@@ -143,10 +148,13 @@ class KVTransfer:
                     self._deferred_out = None
 
     def _issue_swap_out(self, copy: _Copy) -> None:
-        with torch.cuda.stream(self.stream):
+        # A CPU block this swap-out writes may have been the source of a swap-in issued earlier
+        # (its pin ends with that step, not with the copy): land every issued swap-in first.
+        self.out_stream.wait_stream(self.stream)
+        with torch.cuda.stream(self.out_stream):
             self._copy_all(copy)
             done = torch.cuda.Event()
-            done.record(self.stream)
+            done.record(self.out_stream)
         self._swap_outs.append(done)
 
     def _wait_for_layer(self, layer: int) -> None:
@@ -166,6 +174,12 @@ class KVTransfer:
         self._issue_through(self.num_layers - 1)  # a forward that skipped some layer's wait
         if not ran_forward:
             self.stream.synchronize()
+
+    def synchronize(self) -> None:
+        """Wait for every copy issued on either stream (error handling)."""
+        if self.on_cuda:
+            self.stream.synchronize()
+            self.out_stream.synchronize()
 
     def completed_swap_outs(self) -> int:
         """How many of the oldest outstanding swap-out groups have landed (without blocking)."""

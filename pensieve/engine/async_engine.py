@@ -163,6 +163,17 @@ class AsyncEngine:
     def check_integrity(self) -> None:
         self._call(self.engine.check_integrity)
 
+    async def profile(self, num_steps: int) -> str:
+        """Profile the engine's next `num_steps` busy steps (torch.profiler); returns the report."""
+        loop = asyncio.get_running_loop()
+        report: asyncio.Future[str] = loop.create_future()
+
+        def done(text: str) -> None:
+            loop.call_soon_threadsafe(lambda: report.done() or report.set_result(text))
+
+        self._post(lambda: self.engine.profile_steps(num_steps, done))
+        return await report
+
     async def shutdown(self) -> None:
         if not self._running:
             return

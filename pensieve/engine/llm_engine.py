@@ -5,6 +5,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -41,8 +42,9 @@ class EngineStats:
     preemptions: int
     finished_requests: int
     num_conversations: int
-    # steps by how they ran (decode graph, mixed step as graph rows, eager, eager waiting on a
-    # swap-in) and their wall time: where serving time goes
+    # steps by how their forward ran (decode graph, mixed step as graph rows, eager, eager waiting
+    # layer by layer on a swap-in), their wall time and their GPU span (first wait or kernel to the
+    # sampled tokens; CUDA only): where serving time goes, and how much of it is host work
     steps_graph: int = 0
     steps_rows: int = 0
     steps_eager: int = 0
@@ -51,10 +53,58 @@ class EngineStats:
     step_seconds_rows: float = 0.0
     step_seconds_eager: float = 0.0
     step_seconds_swapin: float = 0.0
+    step_gpu_seconds_graph: float = 0.0
+    step_gpu_seconds_rows: float = 0.0
+    step_gpu_seconds_eager: float = 0.0
+    step_gpu_seconds_swapin: float = 0.0
+    # steps (any path) that copied a swap-in for the next step behind their forward (deferred swap-in)
+    steps_copying: int = 0
+    step_seconds_copying: float = 0.0
     slow_steps: int = 0
 
 
 SLOW_STEP_S = 0.25   # a step this long is logged with what it held
+
+
+class _StepProfile:
+    """torch.profiler over a window of steps, started and stopped on the engine thread."""
+
+    def __init__(self, num_steps: int, done: Callable[[str], None], cuda: bool) -> None:
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        if cuda:
+            acts.append(torch.profiler.ProfilerActivity.CUDA)
+        self.prof = torch.profiler.profile(activities=acts)
+        self.left, self.done, self.cuda = num_steps, done, cuda
+        self.paths: dict[str, int] = {}
+        self.started = False
+        self.t0 = 0.0
+
+    def begin(self) -> None:
+        if not self.started:
+            self.started = True
+            self.prof.__enter__()
+            self.t0 = time.perf_counter()
+
+    def end_step(self, path: str) -> bool:
+        self.paths[path] = self.paths.get(path, 0) + 1
+        if path != "idle":
+            self.left -= 1
+        if self.left > 0:
+            return False
+        if self.cuda:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - self.t0
+        self.prof.__exit__(None, None, None)
+        avg = self.prof.key_averages()
+        lines = [f"{sum(self.paths.values())} steps in {wall:.3f} s: {self.paths}"]
+        keys = ["self_device_time_total", "self_cpu_time_total"] if self.cuda else ["self_cpu_time_total"]
+        for key in keys:
+            try:
+                lines.append(avg.table(sort_by=key, row_limit=25, max_name_column_width=60))
+            except Exception as exc:  # column names move between torch versions
+                lines.append(f"(no table by {key}: {exc})")
+        self.done("\n".join(lines))
+        return True
 
 
 def resolve_device(name: str) -> torch.device:
@@ -121,9 +171,11 @@ class LLMEngine:
         if path is not None and os.path.exists(os.path.join(path, "index.json")):
             log.info("loaded %d cached KV blocks from %s", self.load_cache(path), path)
         self._tracked: dict[str, _Tracked] = {}
-        self._step_counts = dict.fromkeys(("graph", "rows", "eager", "swapin"), 0)
-        self._step_seconds = dict.fromkeys(("graph", "rows", "eager", "swapin"), 0.0)
+        self._step_counts = dict.fromkeys(("graph", "rows", "eager", "swapin", "copying"), 0)
+        self._step_seconds = dict.fromkeys(("graph", "rows", "eager", "swapin", "copying"), 0.0)
+        self._step_gpu_seconds = dict.fromkeys(("graph", "rows", "eager", "swapin"), 0.0)
         self._slow_steps = 0
+        self._profile: _StepProfile | None = None
         self._prompt_tokens = 0
         self._generation_tokens = 0
         self._finished = 0
@@ -190,14 +242,15 @@ class LLMEngine:
         if ttl is not None and now - self._last_expiry >= min(1.0, ttl):  # a scan of every conversation: not every step
             self._last_expiry = now
             self.kv.expire_conversations(ttl)
+        if self._profile is not None:
+            self._profile.begin()
         t0 = time.perf_counter()
         plan = self.scheduler.schedule()
         try:
             result = self.runner.execute(plan)
         except Exception:
             # leave the pools consistent for whoever handles this (the async engine aborts the batch)
-            if self.runner.transfer.stream is not None:
-                self.runner.transfer.stream.synchronize()
+            self.runner.transfer.synchronize()
             self.kv.end_step()
             self.flush_transfers()
             raise
@@ -205,7 +258,14 @@ class LLMEngine:
         self.kv.swap_outs_done(self.runner.transfer.completed_swap_outs())
         outputs = self._postprocess(plan, result)
         self._account_step(plan, time.perf_counter() - t0)
+        if self._profile is not None and self._profile.end_step(self.runner.last_path):
+            self._profile = None
         return outputs
+
+    def profile_steps(self, num_steps: int, done: Callable[[str], None]) -> None:
+        """Profile the next `num_steps` busy steps with torch.profiler (host ops and GPU kernels);
+        `done` receives the report: steps by path, then the ops that took the most time."""
+        self._profile = _StepProfile(num_steps, done, self.device.type == "cuda")
 
     def _account_step(self, plan, seconds: float) -> None:
         path = self.runner.last_path
@@ -213,6 +273,10 @@ class LLMEngine:
             return
         self._step_counts[path] += 1
         self._step_seconds[path] += seconds
+        self._step_gpu_seconds[path] += self.runner.last_gpu_seconds
+        if self.runner.last_copied_in:
+            self._step_counts["copying"] += 1
+            self._step_seconds["copying"] += seconds
         if seconds > SLOW_STEP_S:
             self._slow_steps += 1
             t = plan.transfers
@@ -317,4 +381,5 @@ class LLMEngine:
             dropped_blocks=c.dropped_blocks, preemptions=self.scheduler.num_preemptions,
             finished_requests=self._finished, num_conversations=len(self.kv.conversations),
             **{f"steps_{k}": n for k, n in self._step_counts.items()},
-            **{f"step_seconds_{k}": t for k, t in self._step_seconds.items()}, slow_steps=self._slow_steps)
+            **{f"step_seconds_{k}": t for k, t in self._step_seconds.items()},
+            **{f"step_gpu_seconds_{k}": t for k, t in self._step_gpu_seconds.items()}, slow_steps=self._slow_steps)

@@ -56,7 +56,10 @@ class ModelRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.force_token_rows = False  # tests: take the one-token-rows layout without graphs
         self.last_path = "idle"        # how the last step ran: graph | rows | eager | swapin | idle
+        self.last_copied_in = False    # the last step copied a swap-in for the next step behind its forward
+        self.last_gpu_seconds = 0.0    # the last step's GPU span: its first wait or kernel to its sampled tokens
         self.kv_bytes_per_token = block_bytes(kv_spec, 1, dtype)
+        self._span = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if self.on_cuda else None
         if self.on_cuda:
             from pensieve.kernels.attention import warm_up_attention
 
@@ -234,6 +237,8 @@ class ModelRunner:
     # ------------------------------------------------------------ execution
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
+        if self._span is not None:
+            self._span[0].record()
         wait = self.transfer.start(plan.transfers, used_now=plan.swap_in_now)
         sampling = [c for c in plan.chunks if c.sample]
         if plan.chunks:
@@ -247,8 +252,11 @@ class ModelRunner:
                 hidden = self.model(input_ids, meta.positions, self.kv_caches, meta)
             self.transfer.issue_rest()  # swap-ins for the next step go behind this forward, before sampling syncs
             result = self._sample(hidden, rows, sampling)
-            self.last_path = ("swapin" if plan.transfers.swap_in else "rows" if as_rows
+            self.last_path = ("swapin" if wait is not None else "rows" if as_rows
                               else "graph" if graph_bs is not None else "eager")
+            self.last_copied_in = bool(plan.transfers.swap_in) and not plan.swap_in_now
+            self.last_gpu_seconds = (self._span[0].elapsed_time(self._span[1]) / 1e3
+                                     if self._span is not None and sampling else 0.0)
         else:
             result = StepResult([], None)
             self.last_path = "idle"
@@ -266,6 +274,8 @@ class ModelRunner:
         batch = SamplingBatch.build(params, prompts, [s.output_token_ids for s in seqs], self.eos_token_ids,
                                     logits.shape[-1], logits.device)
         out: SamplerOutput = self.sampler(logits, batch)
+        if self._span is not None:
+            self._span[1].record()
         tokens = out.token_ids.tolist()
         logprobs = None
         if out.logprobs is not None:

@@ -113,7 +113,8 @@ def _bench_args(tmp_path, *extra: str) -> argparse.Namespace:
 
 
 def test_cli_engine_systems_side_by_side(tmp_path, demo_path):
-    args = _bench_args(tmp_path, "--systems", "tiered,stateless", "--model", demo_path)
+    args = _bench_args(tmp_path, "--systems", "tiered,stateless", "--model", demo_path,
+                       "--profile-steps", "2", "--profile-after", "0")
     results = asyncio.run(bench_async(args))
     assert results["systems"] == ["tiered", "stateless"] and not results["errors"]
     assert results["device"] == "cpu"
@@ -134,6 +135,8 @@ def test_cli_engine_systems_side_by_side(tmp_path, demo_path):
     assert set(data["tiered_vs_stateless"]["mean"]) == {"0.5", "5"}
     assert (tmp_path / "summary.md").exists() and (tmp_path / "latency.png").exists()
     assert data["workload"]["think_time_mean_s"] == 0.01 and data["kv_budget"]["num_gpu_blocks"] == 64
+    # --profile-steps: each point carries a torch.profiler window of the engine's steps
+    assert all(p["profile"].startswith("2 steps in ") for s in ("tiered", "stateless") for p in data["points"][s])
 
 
 def test_parse_system_variants():

@@ -90,6 +90,8 @@ def test_cached_outputs_equal_stateless(checkpoint, stateless_results, mode, gpu
     assert s.gpu_hit_tokens + s.cpu_hit_tokens > 0
     if expect in ("swaps", "all"):
         assert s.swapped_out_blocks > 0 and s.swapped_in_blocks > 0 and s.cpu_hit_tokens > 0
+        # steps that carried a swap-in for the next step are counted as such
+        assert (s.steps_copying > 0) == knobs.get("defer_swap_in", True)
     if expect in ("drops", "all"):
         assert s.dropped_blocks > 0 and s.recomputed_tokens > 0
     engine.check_integrity()
@@ -281,3 +283,15 @@ def test_explicit_conversation_id_appends_the_new_turn(checkpoint):
         engine.add_request("t3", [3], params, conversation_id="chat", append_to_conversation=True)
     run_all(engine)
     engine.check_integrity()
+
+
+def test_profile_window_reports_steps_and_ops(checkpoint):
+    """profile_steps: torch.profiler over the next N busy steps, reported once through the callback."""
+    engine = make_engine(checkpoint, "tiered", num_gpu_blocks=64, num_cpu_blocks=64)
+    reports = []
+    engine.profile_steps(3, reports.append)
+    converse(engine, num_convs=2, num_turns=2)
+    assert len(reports) == 1
+    head, _, tables = reports[0].partition("\n")
+    assert head.startswith("3 steps in ") and "Self CPU" in tables
+    assert engine._profile is None

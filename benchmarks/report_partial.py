@@ -1,5 +1,7 @@
-"""Render results.json, summary.md and latency.png from a partial.json that a multi-turn run left
-when its time limit cut it short (the bench writes partial.json after every finished point).
+"""Render results.json, summary.md and latency.png from the partial.json that a multi-turn run left
+when its time limit cut it short (the bench writes partial.json after every finished point), or
+from several runs of one workload at one commit split across device calls (their points merge,
+per system, by rate).
 
     python benchmarks/report_partial.py RUN_DIR/partial.json --device "NVIDIA H100 80GB HBM3" \\
         --command "$(cat RUN_DIR/command.txt)" --out RUN_DIR
@@ -18,7 +20,7 @@ from pensieve.bench.report import write_report  # noqa: E402
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("partial", type=Path)
+    ap.add_argument("partial", type=Path, nargs="+")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--device", required=True)
     ap.add_argument("--command", required=True, help="the command that produced the run")
@@ -26,11 +28,22 @@ def main() -> int:
     ap.add_argument("--x-axis", default="throughput_rps", choices=["throughput_rps", "rate"])
     ap.add_argument("--note", default="", help="what cut the run short, what is missing")
     args = ap.parse_args()
-    partial = json.loads(args.partial.read_text())
-    points = {s: p for s, p in partial["points"].items() if p}
+    points: dict[str, list[dict]] = {}
+    errors: dict[str, str] = {}
+    for path in args.partial:
+        partial = json.loads(path.read_text())
+        errors.update(partial.get("errors", {}))
+        for system, pts in partial["points"].items():
+            merged = {p["rate"]: p for p in points.get(system, [])}
+            for p in pts:
+                if p["rate"] in merged:
+                    raise SystemExit(f"{system} @ {p['rate']} is in more than one run")
+                merged[p["rate"]] = p
+            if merged:
+                points[system] = [merged[r] for r in sorted(merged)]
     bounds = [float(b) for b in args.bounds.split(",")]
     results = {"device": args.device, "systems": list(points), "bounds": bounds, "points": points,
-               "errors": partial.get("errors", {}), "command": args.command,
+               "errors": errors, "command": args.command,
                "workload": {"see": "command", "rendered_from": "partial.json", "note": args.note}}
     results.update(headline(points, bounds, x_key=args.x_axis))
     paths = write_report(results, args.out)

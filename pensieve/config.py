@@ -56,8 +56,11 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     device: str = "auto"                  # auto | cuda | cpu
     enforce_eager: bool = False           # disable CUDA graphs
-    cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+    cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 320, 384, 512)
     # A mixed step runs as one-token rows through the decode graphs instead of eagerly when its
-    # prefill tokens' contexts (re-read once per token) come to at most this many KV bytes: ~3 ms
-    # of HBM reads against the several ms of launches an eager 32-40 layer forward costs; 0 disables.
-    token_rows_reread_bytes: float = 8e9
+    # prefill tokens' contexts (re-read once per token) come to at most this many KV bytes and it
+    # has at most token_rows_max_tokens tokens. On the H100 an eager 13B forward costs ~30 ms more
+    # than its graph (launch-bound: 40 layers of small kernels), while 24 GB of re-reads cost 8 ms.
+    # Graphs are captured up to max(max_num_seqs, token_rows_max_tokens) rows; 0 bytes disables.
+    token_rows_reread_bytes: float = 24e9
+    token_rows_max_tokens: int = 512

@@ -14,6 +14,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
+import torch
+
 from pensieve.config import EngineConfig
 from pensieve.engine.llm_engine import EngineStats, LLMEngine
 from pensieve.engine.outputs import RequestOutput
@@ -167,6 +169,11 @@ class AsyncEngine:
         """Profile the engine's next `num_steps` busy steps (torch.profiler); returns the report."""
         loop = asyncio.get_running_loop()
         report: asyncio.Future[str] = loop.create_future()
+        if self.engine.device.type == "cuda":
+            # The CUDA profiler (Kineto) must first start in the thread that loaded it, not the
+            # engine thread: an empty window here initialises it.
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]):
+                pass
 
         def done(text: str) -> None:
             loop.call_soon_threadsafe(lambda: report.done() or report.set_result(text))

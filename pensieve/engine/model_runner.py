@@ -294,6 +294,8 @@ class ModelRunner:
 
     def _capture_decode_graphs(self) -> None:
         cap = self.config.scheduler.max_num_seqs
+        if self.config.token_rows_reread_bytes > 0:  # mixed steps as rows may hold more tokens than sequences
+            cap = max(cap, self.config.token_rows_max_tokens)
         sizes = sorted(s for s in self.config.cuda_graph_batch_sizes if s <= max(cap, 1))
         if not sizes:
             return

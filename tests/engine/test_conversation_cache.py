@@ -295,3 +295,31 @@ def test_profile_window_reports_steps_and_ops(checkpoint):
     head, _, tables = reports[0].partition("\n")
     assert head.startswith("3 steps in ") and "Self CPU" in tables
     assert engine._profile is None
+
+
+def test_async_engine_profile_from_the_event_loop(checkpoint):
+    """The server's engine steps on its own thread; a profile asked from the event loop still works
+    (on CUDA the profiler must first start in the caller's thread)."""
+    import asyncio
+
+    from pensieve.engine.async_engine import AsyncEngine
+
+    config = EngineConfig(
+        model=ModelConfig(model=str(checkpoint), max_model_len=256),
+        cache=CacheConfig(block_size=BS, num_gpu_blocks=64, num_cpu_blocks=64),
+        scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=48),
+        device=DEVICE, enforce_eager=DEVICE == "cpu")
+
+    async def main() -> str:
+        engine = AsyncEngine(config)
+        try:
+            window = asyncio.create_task(engine.profile(2))
+            params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+            async for _ in engine.generate("r0", [5, 6, 7, 8, 9], params):
+                pass
+            return await asyncio.wait_for(window, timeout=60)
+        finally:
+            await engine.shutdown()
+
+    report = asyncio.run(main())
+    assert report.startswith("2 steps in ")

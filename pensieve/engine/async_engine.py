@@ -17,6 +17,7 @@ from typing import Any, AsyncIterator, Callable
 import torch
 
 from pensieve.config import EngineConfig
+from pensieve.engine import profiling
 from pensieve.engine.llm_engine import EngineStats, LLMEngine
 from pensieve.engine.outputs import RequestOutput
 from pensieve.sampling_params import SamplingParams
@@ -166,20 +167,20 @@ class AsyncEngine:
         self._call(self.engine.check_integrity)
 
     async def profile(self, num_steps: int) -> str:
-        """Profile the engine's next `num_steps` busy steps (torch.profiler); returns the report."""
+        """torch.profiler over the engine's next `num_steps` busy steps; returns the report. The
+        profiler runs in the caller's thread (the CUDA profiler cannot start on the engine thread):
+        it records the engine's GPU kernels and the caller's host ops."""
         loop = asyncio.get_running_loop()
-        report: asyncio.Future[str] = loop.create_future()
-        if self.engine.device.type == "cuda":
-            # The CUDA profiler (Kineto) must first start in the thread that loaded it, not the
-            # engine thread: an empty window here initialises it.
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]):
-                pass
+        window: asyncio.Future[str] = loop.create_future()
+        cuda = self.engine.device.type == "cuda"
 
-        def done(text: str) -> None:
-            loop.call_soon_threadsafe(lambda: report.done() or report.set_result(text))
+        def done(summary: str) -> None:
+            loop.call_soon_threadsafe(lambda: window.done() or window.set_result(summary))
 
-        self._post(lambda: self.engine.profile_steps(num_steps, done))
-        return await report
+        with torch.profiler.profile(activities=profiling.activities(cuda)) as prof:
+            self._post(lambda: self.engine.watch_steps(num_steps, done))
+            summary = await window
+        return profiling.report(summary, prof, cuda)
 
     async def shutdown(self) -> None:
         if not self._running:

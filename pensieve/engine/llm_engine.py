@@ -14,6 +14,8 @@ from pensieve.cache.policy import LRUPolicy, ProfiledCost, RecomputeCost, Retent
 from pensieve.config import EngineConfig
 from pensieve.engine.detokenizer import IncrementalDetokenizer, StopChecker
 from pensieve.engine.model_runner import ModelRunner
+from pensieve.engine.profiling import StepWindow
+from pensieve.engine import profiling
 from pensieve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from pensieve.engine.scheduler import Scheduler, StepPlan
 from pensieve.engine.sequence import Sequence
@@ -64,47 +66,6 @@ class EngineStats:
 
 
 SLOW_STEP_S = 0.25   # a step this long is logged with what it held
-
-
-class _StepProfile:
-    """torch.profiler over a window of steps, started and stopped on the engine thread."""
-
-    def __init__(self, num_steps: int, done: Callable[[str], None], cuda: bool) -> None:
-        acts = [torch.profiler.ProfilerActivity.CPU]
-        if cuda:
-            acts.append(torch.profiler.ProfilerActivity.CUDA)
-        self.prof = torch.profiler.profile(activities=acts)
-        self.left, self.done, self.cuda = num_steps, done, cuda
-        self.paths: dict[str, int] = {}
-        self.started = False
-        self.t0 = 0.0
-
-    def begin(self) -> None:
-        if not self.started:
-            self.started = True
-            self.prof.__enter__()
-            self.t0 = time.perf_counter()
-
-    def end_step(self, path: str) -> bool:
-        self.paths[path] = self.paths.get(path, 0) + 1
-        if path != "idle":
-            self.left -= 1
-        if self.left > 0:
-            return False
-        if self.cuda:
-            torch.cuda.synchronize()
-        wall = time.perf_counter() - self.t0
-        self.prof.__exit__(None, None, None)
-        avg = self.prof.key_averages()
-        lines = [f"{sum(self.paths.values())} steps in {wall:.3f} s: {self.paths}"]
-        keys = ["self_device_time_total", "self_cpu_time_total"] if self.cuda else ["self_cpu_time_total"]
-        for key in keys:
-            try:
-                lines.append(avg.table(sort_by=key, row_limit=25, max_name_column_width=60))
-            except Exception as exc:  # column names move between torch versions
-                lines.append(f"(no table by {key}: {exc})")
-        self.done("\n".join(lines))
-        return True
 
 
 def resolve_device(name: str) -> torch.device:
@@ -175,7 +136,7 @@ class LLMEngine:
         self._step_seconds = dict.fromkeys(("graph", "rows", "eager", "swapin", "copying"), 0.0)
         self._step_gpu_seconds = dict.fromkeys(("graph", "rows", "eager", "swapin"), 0.0)
         self._slow_steps = 0
-        self._profile: _StepProfile | None = None
+        self._window: StepWindow | None = None   # a profile window being counted
         self._prompt_tokens = 0
         self._generation_tokens = 0
         self._finished = 0
@@ -242,8 +203,8 @@ class LLMEngine:
         if ttl is not None and now - self._last_expiry >= min(1.0, ttl):  # a scan of every conversation: not every step
             self._last_expiry = now
             self.kv.expire_conversations(ttl)
-        if self._profile is not None:
-            self._profile.begin()
+        if self._window is not None:
+            self._window.begin_step()
         t0 = time.perf_counter()
         plan = self.scheduler.schedule()
         try:
@@ -258,14 +219,25 @@ class LLMEngine:
         self.kv.swap_outs_done(self.runner.transfer.completed_swap_outs())
         outputs = self._postprocess(plan, result)
         self._account_step(plan, time.perf_counter() - t0)
-        if self._profile is not None and self._profile.end_step(self.runner.last_path):
-            self._profile = None
+        if self._window is not None and self._window.end_step(self.runner.last_path):
+            self._window = None
         return outputs
 
+    def watch_steps(self, num_steps: int, done: Callable[[str], None]) -> None:
+        """Call `done` with a summary ('K steps in W s: {path: n}') after the next `num_steps` busy steps."""
+        self._window = StepWindow(num_steps, done, self.device.type == "cuda")
+
     def profile_steps(self, num_steps: int, done: Callable[[str], None]) -> None:
-        """Profile the next `num_steps` busy steps with torch.profiler (host ops and GPU kernels);
-        `done` receives the report: steps by path, then the ops that took the most time."""
-        self._profile = _StepProfile(num_steps, done, self.device.type == "cuda")
+        """torch.profiler over the next `num_steps` busy steps, run from the thread that steps the
+        engine; `done` receives the report: steps by path, then the ops that took the most time."""
+        cuda = self.device.type == "cuda"
+        prof = torch.profiler.profile(activities=profiling.activities(cuda))
+
+        def finish(summary: str) -> None:
+            prof.__exit__(None, None, None)
+            done(profiling.report(summary, prof, cuda))
+
+        self._window = StepWindow(num_steps, finish, cuda, on_begin=prof.__enter__)
 
     def _account_step(self, plan, seconds: float) -> None:
         path = self.runner.last_path

@@ -294,7 +294,7 @@ def test_profile_window_reports_steps_and_ops(checkpoint):
     assert len(reports) == 1
     head, _, tables = reports[0].partition("\n")
     assert head.startswith("3 steps in ") and "Self CPU" in tables
-    assert engine._profile is None
+    assert engine._window is None
 
 
 def test_async_engine_profile_from_the_event_loop(checkpoint):

@@ -1,0 +1,61 @@
+"""Windows of engine steps for torch.profiler: count N busy steps, then report what ran.
+
+The profiler must start in the thread that loaded the CUDA profiler (Kineto): the synchronous
+engine profiles in its own (the caller's) thread; the async engine starts the profiler in the
+caller's thread and asks the engine thread only to count steps. GPU kernels are recorded
+process-wide either way.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+
+def activities(cuda: bool) -> list[torch.profiler.ProfilerActivity]:
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if cuda:
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    return acts
+
+
+def report(summary: str, prof: torch.profiler.profile, cuda: bool, rows: int = 25) -> str:
+    """The window's summary line, then the ops with the most self time (GPU, then host)."""
+    avg = prof.key_averages()
+    lines = [summary]
+    for key in (["self_device_time_total"] if cuda else []) + ["self_cpu_time_total"]:
+        try:
+            lines.append(avg.table(sort_by=key, row_limit=rows, max_name_column_width=60))
+        except Exception as exc:  # column names move between torch versions
+            lines.append(f"(no table by {key}: {exc})")
+    return "\n".join(lines)
+
+
+class StepWindow:
+    """Counts the next `num_steps` busy steps; then calls `done` with 'K steps in W s: {path: n}'."""
+
+    def __init__(self, num_steps: int, done: Callable[[str], None], cuda: bool,
+                 on_begin: Callable[[], None] | None = None) -> None:
+        self.left, self.done, self.cuda, self.on_begin = num_steps, done, cuda, on_begin
+        self.paths: dict[str, int] = {}
+        self.t0: float | None = None
+
+    def begin_step(self) -> None:
+        if self.t0 is None:
+            if self.on_begin is not None:
+                self.on_begin()
+            self.t0 = time.perf_counter()
+
+    def end_step(self, path: str) -> bool:
+        """True once the window is full (and reported)."""
+        self.paths[path] = self.paths.get(path, 0) + 1
+        if path != "idle":
+            self.left -= 1
+        if self.left > 0:
+            return False
+        if self.cuda:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - (self.t0 or time.perf_counter())
+        self.done(f"{sum(self.paths.values())} steps in {wall:.3f} s: {self.paths}")
+        return True

@@ -39,6 +39,9 @@ _COUNTERS = (
 )
 
 
+_STEP_PATHS = ("graph", "rows", "eager", "swapin")
+
+
 class EngineCollector(Collector):
     """Reads the engine's stats on each scrape; fields a stats object lacks are skipped."""
 
@@ -57,6 +60,17 @@ class EngineCollector(Collector):
         hits.add_metric(["gpu"], float(getattr(stats, "gpu_hit_tokens", 0)))
         hits.add_metric(["cpu"], float(getattr(stats, "cpu_hit_tokens", 0)))
         yield hits
+        # where serving time goes: engine steps by how their forward ran (see EngineStats)
+        steps = CounterMetricFamily("pensieve_engine_steps", "Engine steps by forward path", labels=["path"])
+        wall = CounterMetricFamily("pensieve_engine_step_seconds", "Wall time of engine steps by forward path",
+                                   labels=["path"])
+        gpu = CounterMetricFamily("pensieve_engine_step_gpu_seconds",
+                                  "GPU span of engine steps by forward path (CUDA only)", labels=["path"])
+        for path in _STEP_PATHS:
+            steps.add_metric([path], float(getattr(stats, f"steps_{path}", 0)))
+            wall.add_metric([path], float(getattr(stats, f"step_seconds_{path}", 0.0)))
+            gpu.add_metric([path], float(getattr(stats, f"step_gpu_seconds_{path}", 0.0)))
+        yield from (steps, wall, gpu)
 
     def describe(self) -> Iterator[Metric]:
         return iter(())  # dynamic: nothing to check at registration

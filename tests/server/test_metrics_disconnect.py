@@ -49,6 +49,10 @@ def test_metrics_parse_and_move(server: ServerHandle) -> None:
     assert value(after, gpu_hits, tier="gpu") > value(before, gpu_hits, tier="gpu")
     assert ("pensieve_hit_tokens_total", (("tier", "cpu"),)) in after
     assert value(after, "pensieve_num_requests_running") == 0
+    # engine steps by path: on the CPU every step runs eagerly
+    steps = sum(value(after, "pensieve_engine_steps_total", path=p) - value(before, "pensieve_engine_steps_total", path=p)
+                for p in ("graph", "rows", "eager", "swapin"))
+    assert steps >= 8 and value(after, "pensieve_engine_step_seconds_total", path="eager") > 0
 
 
 def test_errors_are_counted_by_status(server: ServerHandle) -> None:

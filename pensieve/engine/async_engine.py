@@ -36,6 +36,11 @@ class _Stream:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for q, out in items:
+        q.put_nowait(out)
+
+
 class AsyncEngine:
     def __init__(self, config: EngineConfig, preloaded: tuple | None = None) -> None:
         self.config = config
@@ -77,12 +82,23 @@ class AsyncEngine:
                     self._streams.pop(rid).put(RuntimeError(f"engine step failed: {exc}"))
                 continue
             self._stats = self.engine.stats()  # before the outputs: a caller that saw its last token sees this step
-            for out in outputs:
-                stream = self._streams.get(out.request_id)
-                if stream is not None:
-                    stream.put(out)
-                if out.finished:
-                    self._streams.pop(out.request_id, None)
+            self._deliver(outputs)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """One wake-up per event loop per step, not one per output: each call_soon_threadsafe writes to the
+        loop's self-pipe, and the engine thread would pay that (and the GIL hand-offs) per running request."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                by_loop.setdefault(stream.loop, []).append((stream.queue, out))
+            if out.finished:
+                self._streams.pop(out.request_id, None)
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that caller's loop has closed: nobody is listening
+                pass
 
     def _drain(self) -> None:
         changed = False

@@ -64,3 +64,7 @@ class EngineConfig:
     # Graphs are captured up to max(max_num_seqs, token_rows_max_tokens) rows; 0 bytes disables.
     token_rows_reread_bytes: float = 24e9
     token_rows_max_tokens: int = 512
+    # The async engine steps on a thread beside the caller's event loop; after each GPU wait it must
+    # win the GIL back, and a busy loop thread keeps it for up to this interval (Python's default is
+    # 5 ms, a third of a 13B decode step). None leaves the interpreter's setting alone.
+    gil_switch_interval_s: float | None = 0.001

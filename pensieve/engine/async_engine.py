@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import sys
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -44,6 +45,8 @@ def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
 class AsyncEngine:
     def __init__(self, config: EngineConfig, preloaded: tuple | None = None) -> None:
         self.config = config
+        if config.gil_switch_interval_s is not None and sys.getswitchinterval() > config.gil_switch_interval_s:
+            sys.setswitchinterval(config.gil_switch_interval_s)  # process-wide: see EngineConfig
         self.engine = LLMEngine(config, preloaded)
         self.tokenizer = self.engine.tokenizer
         self.max_model_len = self.engine.max_model_len

@@ -276,6 +276,9 @@ class ModelRunner:
         out: SamplerOutput = self.sampler(logits, batch)
         if self._span is not None:
             self._span[1].record()
+            # Wait here, not in .tolist(): an event wait releases the GIL, so the server's event
+            # loop runs during the GPU's step instead of contending with this thread after it.
+            self._span[1].synchronize()
         tokens = out.token_ids.tolist()
         logprobs = None
         if out.logprobs is not None:

@@ -329,6 +329,7 @@ def test_async_engine_wakes_each_caller_loop_once_per_step(checkpoint):
     """Outputs of one step reach an event loop in one call_soon_threadsafe (a self-pipe write and a
     GIL hand-off each), not one per running request."""
     import asyncio
+    import sys
 
     from pensieve.engine.async_engine import AsyncEngine
 
@@ -349,6 +350,7 @@ def test_async_engine_wakes_each_caller_loop_once_per_step(checkpoint):
             return real(*args, **kw)
 
         engine = AsyncEngine(config)
+        assert sys.getswitchinterval() <= config.gil_switch_interval_s  # the engine thread wins the GIL back fast
         loop.call_soon_threadsafe = counting
         try:
             params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)

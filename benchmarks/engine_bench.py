@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pensieve.cache.manager import TransferPlan  # noqa: E402
 from pensieve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig  # noqa: E402
+from pensieve.engine import profiling  # noqa: E402
 from pensieve.engine.llm_engine import LLMEngine  # noqa: E402
 from pensieve.model.random_checkpoint import make_random_checkpoint  # noqa: E402
 from pensieve.sampling_params import SamplingParams  # noqa: E402
@@ -198,10 +199,21 @@ def bench_swap(engine: LLMEngine, num_tokens: int, variant: str = "dma") -> dict
     serial_s = both(False)
     runner.transfer.pipelined = True
     hidden = max(0.0, min(1.0, (fwd_s + copy_s - pipe_s) / copy_s))
+    # The same pipelined steps under torch.profiler: did the copies run beside the forward's kernels
+    # on the GPU, and did the host block inside cudaMemcpyAsync (a copy from unpinned memory would)?
+    with torch.profiler.profile(activities=profiling.activities(True)) as prof:
+        for _ in range(3):
+            wait = runner.transfer.start(plan)
+            forward(wait)
+            runner.transfer.settle(ran_forward=True)
+        sync()
+    trace = profiling.trace_copy_overlap(prof)
     runner.transfer.dma_max_runs, block_copy._MAX_PROGRAMS = defaults
     return dict(kind="swap", variant=variant, tokens=num_tokens, blocks=n_blocks, gb=bytes_moved / 1e9, copy_ms=copy_s * 1e3,
                 gbps=bytes_moved / copy_s / 1e9, frac_pcie=bytes_moved / copy_s / 1e9 / PCIE_GBPS,
-                forward_ms=fwd_s * 1e3, pipelined_ms=pipe_s * 1e3, serial_ms=serial_s * 1e3, hidden_share=hidden)
+                forward_ms=fwd_s * 1e3, pipelined_ms=pipe_s * 1e3, serial_ms=serial_s * 1e3, hidden_share=hidden,
+                trace_overlap_share=trace["share"], trace_copies=trace["copies"],
+                trace_host_memcpy_ms=trace["host_memcpy_us"] / 3e3, trace_host_memcpy_calls=trace["host_memcpy_calls"] / 3)
 
 
 def bench_transformers(path: Path, prompts: list[list[int]], max_new: int) -> dict:
@@ -305,7 +317,9 @@ def main() -> int:
                 res += f"; forward graph alone {r['graph_ms']:.2f} ms = {r['graph_x_weight_floor']:.2f}x"
         elif r["kind"] == "swap":
             shape = f"{r['tokens']} tok, {r['gb']:.2f} GB, {r['variant']}"
-            res = f"{r['gbps']:.1f} GB/s = {r['frac_pcie']:.0%} of 54; hidden {r['hidden_share']:.0%} (fwd {r['forward_ms']:.1f}, pipe {r['pipelined_ms']:.1f}, serial {r['serial_ms']:.1f} ms)"
+            res = (f"{r['gbps']:.1f} GB/s = {r['frac_pcie']:.0%} of 54; hidden {r['hidden_share']:.0%} (fwd {r['forward_ms']:.1f}, "
+                   f"pipe {r['pipelined_ms']:.1f}, serial {r['serial_ms']:.1f} ms); trace: {r['trace_overlap_share']:.0%} of copy time "
+                   f"beside compute, host {r['trace_host_memcpy_ms']:.2f} ms in {r['trace_host_memcpy_calls']:.0f} cudaMemcpyAsync per step")
             r = {**r, "ms": r["copy_ms"]}
         elif r["kind"] == "hf_generate_batch":
             shape, res = f"{r.get('requests', '')} req", (f"HF {r['seconds']:.1f}s; Pensieve {r['pensieve_speedup']:.2f}x faster" if "seconds" in r else r.get("error", ""))

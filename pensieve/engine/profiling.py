@@ -59,3 +59,47 @@ class StepWindow:
         wall = time.perf_counter() - (self.t0 or time.perf_counter())
         self.done(f"{sum(self.paths.values())} steps in {wall:.3f} s: {self.paths}")
         return True
+
+
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[tuple[float, float]] = []
+    for a, b in sorted(intervals):
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        else:
+            merged.append((a, b))
+    return merged
+
+
+def copy_overlap(copies: list[tuple[float, float]], compute: list[tuple[float, float]]) -> dict[str, float]:
+    """How much of the time the GPU spent copying (union of copy intervals) ran while compute kernels
+    ran too (intersection with the union of compute intervals). Times in any one unit."""
+    cu, ku = _union(copies), _union(compute)
+    copy_time = sum(b - a for a, b in cu)
+    both, j = 0.0, 0
+    for a, b in cu:
+        while j < len(ku) and ku[j][1] <= a:
+            j += 1
+        k = j
+        while k < len(ku) and ku[k][0] < b:
+            both += min(b, ku[k][1]) - max(a, ku[k][0])
+            k += 1
+    return {"copy_time": copy_time, "overlapped": both, "share": both / copy_time if copy_time else 0.0}
+
+
+def trace_copy_overlap(prof: torch.profiler.profile, copy_kernel: str = "_copy_blocks_kernel") -> dict[str, float]:
+    """copy_overlap over a profiled window's GPU activity: memcpys and the block-copy kernel are copies,
+    every other kernel is compute. Also the host's time inside cudaMemcpyAsync (a copy that blocks the
+    host shows up here with the copy's whole duration) and the count of each, in microseconds."""
+    copies, compute = [], []
+    host_memcpy_us, host_memcpy_n = 0.0, 0
+    for e in prof.events():
+        span = (e.time_range.start, e.time_range.end)
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            (copies if e.name.startswith("Memcpy") or copy_kernel in e.name else compute).append(span)
+        elif e.name == "cudaMemcpyAsync":
+            host_memcpy_us += span[1] - span[0]
+            host_memcpy_n += 1
+    out = copy_overlap(copies, compute)
+    out.update(copies=len(copies), kernels=len(compute), host_memcpy_us=host_memcpy_us, host_memcpy_calls=host_memcpy_n)
+    return out

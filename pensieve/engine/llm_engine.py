@@ -45,8 +45,9 @@ class EngineStats:
     finished_requests: int
     num_conversations: int
     # steps by how their forward ran (decode graph, mixed step as graph rows, eager, eager waiting
-    # layer by layer on a swap-in), their wall time and their GPU span (first wait or kernel to the
-    # sampled tokens; CUDA only): where serving time goes, and how much of it is host work
+    # layer by layer on a swap-in), their wall time and their GPU span (from the start of execute() on
+    # the GPU's queue to the sampled tokens; CUDA only): wall minus span is the host's scheduling and
+    # postprocessing, GIL waits included
     steps_graph: int = 0
     steps_rows: int = 0
     steps_eager: int = 0

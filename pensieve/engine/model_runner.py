@@ -57,7 +57,7 @@ class ModelRunner:
         self.force_token_rows = False  # tests: take the one-token-rows layout without graphs
         self.last_path = "idle"        # how the last step ran: graph | rows | eager | swapin | idle
         self.last_copied_in = False    # the last step copied a swap-in for the next step behind its forward
-        self.last_gpu_seconds = 0.0    # the last step's GPU span: its first wait or kernel to its sampled tokens
+        self.last_gpu_seconds = 0.0    # the last step's span on the GPU's queue: execute() start to its sampled tokens
         self.kv_bytes_per_token = block_bytes(kv_spec, 1, dtype)
         self._span = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if self.on_cuda else None
         if self.on_cuda:

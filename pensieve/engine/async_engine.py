@@ -32,6 +32,16 @@ __all__ = ["AsyncEngine", "EngineStats"]
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
+    every_step: bool = True      # False: only the first output with a token, and the final one
+    sent_first: bool = False
+
+    def wants(self, out: RequestOutput) -> bool:
+        if self.every_step or out.finished:
+            return True
+        if self.sent_first or not out.outputs or not out.outputs[0].token_ids:
+            return False
+        self.sent_first = True
+        return True
 
     def put(self, item: RequestOutput | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
@@ -93,7 +103,7 @@ class AsyncEngine:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
         for out in outputs:
             stream = self._streams.get(out.request_id)
-            if stream is not None:
+            if stream is not None and stream.wants(out):
                 by_loop.setdefault(stream.loop, []).append((stream.queue, out))
             if out.finished:
                 self._streams.pop(out.request_id, None)
@@ -134,13 +144,16 @@ class AsyncEngine:
 
     # ------------------------------------------------------------ caller side
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       conversation_id: str | None = None,
-                       append_to_conversation: bool = False) -> AsyncIterator[RequestOutput]:
+                       conversation_id: str | None = None, append_to_conversation: bool = False,
+                       every_step: bool = True) -> AsyncIterator[RequestOutput]:
+        """Outputs are cumulative. every_step=False yields only the first output that carries a token
+        (time to first token) and the final one: a caller that needs no stream then costs the event
+        loop two wake-ups per request instead of one per generated token."""
         if not self._running:
             raise RuntimeError("the engine is shut down")
         if not append_to_conversation:  # an appended turn is checked whole, on the engine thread
             self.engine.validate_prompt(prompt_token_ids, params)  # pure: raises ValueError before anything starts
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), every_step)
 
         def add() -> None:
             self._streams[request_id] = stream

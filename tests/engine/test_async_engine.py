@@ -60,3 +60,31 @@ def test_async_engine_wakes_each_caller_loop_once_per_step(checkpoint):
     calls, steps, results = asyncio.run(main())
     assert all(len(r) == 6 for r in results)
     assert calls <= steps  # 6 requests x 6 tokens: per-output delivery would need 36
+
+
+def test_first_and_final_outputs_only(checkpoint):
+    """every_step=False: the first output that carries a token, then the final one, same tokens."""
+    import asyncio
+
+    from pensieve.engine.async_engine import AsyncEngine
+
+    config = EngineConfig(
+        model=ModelConfig(model=str(checkpoint), max_model_len=256),
+        cache=CacheConfig(block_size=BS, num_gpu_blocks=128, num_cpu_blocks=64),
+        scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64),
+        device=DEVICE, enforce_eager=DEVICE == "cpu")
+    params = SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True)
+
+    async def main():
+        engine = AsyncEngine(config)
+        try:
+            every = [o async for o in engine.generate("a", [5, 6, 7, 8, 9], params)]
+            sparse = [o async for o in engine.generate("b", [5, 6, 7, 8, 9], params, every_step=False)]
+            return every, sparse
+        finally:
+            await engine.shutdown()
+
+    every, sparse = asyncio.run(main())
+    assert len(every) == 7 and len(sparse) == 2
+    assert len(sparse[0].outputs[0].token_ids) == 1 and not sparse[0].finished
+    assert sparse[1].finished and sparse[1].outputs[0].token_ids == every[-1].outputs[0].token_ids

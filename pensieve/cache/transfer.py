@@ -38,7 +38,8 @@ def block_runs(pairs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
 class _Copy:
     """One group of block pairs, moved layer by layer: by the copy engines (one cudaMemcpyAsync
     per run of consecutive blocks) when the pairs form few runs, since DMA takes no SMs from the
-    forward it overlaps with; else by one gather kernel launch per layer."""
+    forward it overlaps with; else by the gather kernel, one launch per layer, or one launch for
+    every layer when nothing waits on single layers (each launch costs the host tens of us)."""
 
     def __init__(self, transfer: "KVTransfer", pairs: list[tuple[int, int]], src: torch.Tensor,
                  dst: torch.Tensor) -> None:
@@ -56,6 +57,17 @@ class _Copy:
                 dst[d:d + n].copy_(src[s:s + n], non_blocking=True)
         else:
             copy_blocks(src, dst, self.s_ids, self.d_ids)
+
+    def all_layers(self) -> None:
+        if self.use_dma:
+            for layer in range(self.src.shape[0]):
+                self.layer(layer)
+            return
+        # A tier [L, NB, ...] is one pool of L * NB blocks: block b of layer l is row l * NB + b.
+        layers = torch.arange(self.src.shape[0], device=self.s_ids.device)[:, None]
+        s_ids = (layers * self.src.shape[1] + self.s_ids[None, :]).reshape(-1)
+        d_ids = (layers * self.dst.shape[1] + self.d_ids[None, :]).reshape(-1)
+        copy_blocks(self.src.flatten(0, 1), self.dst.flatten(0, 1), s_ids, d_ids)
 
 
 class KVTransfer:
@@ -77,15 +89,12 @@ class KVTransfer:
         self._issued = 0
         self._events: list[torch.cuda.Event] = []
         self._deferred_out: _Copy | None = None  # this step's swap-out, issued after the last swap-in layer
+        self._deferred_in: _Copy | None = None   # a swap-in for the next step, issued whole after this forward
         self._next_step_waits: torch.cuda.Event | None = None  # swap-ins issued for the next step
 
     def _ids(self, ids: list[int]) -> torch.Tensor:
         t = torch.tensor(ids, dtype=torch.int64, pin_memory=self.on_cuda)
         return t.to(self.gpu.device, non_blocking=True) if self.on_cuda else t
-
-    def _copy_all(self, copy: _Copy) -> None:
-        for layer in range(self.num_layers):
-            copy.layer(layer)
 
     def start(self, plan: TransferPlan, used_now: bool = True) -> Callable[[int], None] | None:
         """Issue the step's copies; returns the per-layer wait the forward must call (or None).
@@ -98,11 +107,11 @@ class KVTransfer:
             return None
         if not self.on_cuda:
             if plan.evict_out:
-                self._copy_all(_Copy(self, plan.evict_out, self.gpu, self.cpu))
+                _Copy(self, plan.evict_out, self.gpu, self.cpu).all_layers()
             if plan.swap_in:
-                self._copy_all(_Copy(self, plan.swap_in, self.cpu, self.gpu))
+                _Copy(self, plan.swap_in, self.cpu, self.gpu).all_layers()
             if plan.swap_out:
-                self._copy_all(_Copy(self, plan.swap_out, self.gpu, self.cpu))
+                _Copy(self, plan.swap_out, self.gpu, self.cpu).all_layers()
                 self._swap_outs.append(None)
             return None
         compute = torch.cuda.current_stream()
@@ -111,7 +120,7 @@ class KVTransfer:
             self.out_stream.wait_stream(compute)
         with torch.cuda.stream(self.stream):
             if plan.evict_out:
-                self._copy_all(_Copy(self, plan.evict_out, self.gpu, self.cpu))
+                _Copy(self, plan.evict_out, self.gpu, self.cpu).all_layers()
                 evicted = torch.cuda.Event()
                 evicted.record(self.stream)
                 compute.wait_event(evicted)
@@ -120,11 +129,12 @@ class KVTransfer:
                 if out is not None:
                     self._issue_swap_out(out)
                 return None
-            self._swap_in, self._issued, self._deferred_out = _Copy(self, plan.swap_in, self.cpu, self.gpu), 0, out
-            self._events = [torch.cuda.Event() for _ in range(self.num_layers)]
-        if not used_now:
-            self._next_step_waits = self._events[-1]  # issued in settle(), after this step's forward
+            copy_in = _Copy(self, plan.swap_in, self.cpu, self.gpu)
+        if not used_now:  # issued whole by issue_rest(), once this step's forward is launched
+            self._deferred_in, self._deferred_out = copy_in, out
             return None
+        self._swap_in, self._issued, self._deferred_out = copy_in, 0, out
+        self._events = [torch.cuda.Event() for _ in range(self.num_layers)]
         if not self.pipelined:
             self._issue_through(self.num_layers - 1)
             compute.wait_event(self._events[-1])
@@ -152,7 +162,7 @@ class KVTransfer:
         # (its pin ends with that step, not with the copy): land every issued swap-in first.
         self.out_stream.wait_stream(self.stream)
         with torch.cuda.stream(self.out_stream):
-            self._copy_all(copy)
+            copy.all_layers()
             done = torch.cuda.Event()
             done.record(self.out_stream)
         self._swap_outs.append(done)
@@ -163,15 +173,25 @@ class KVTransfer:
 
     def issue_rest(self) -> None:
         """Issue whatever of this step's copies is still held back (the forward is launched)."""
-        if self.on_cuda:
-            self._issue_through(self.num_layers - 1)
+        if not self.on_cuda:
+            return
+        if self._deferred_in is not None:
+            with torch.cuda.stream(self.stream):
+                self._deferred_in.all_layers()
+                landed = torch.cuda.Event()
+                landed.record(self.stream)
+            self._next_step_waits, self._deferred_in = landed, None  # the next step's work waits for it
+            if self._deferred_out is not None:
+                self._issue_swap_out(self._deferred_out)
+                self._deferred_out = None
+        self._issue_through(self.num_layers - 1)
 
     def settle(self, ran_forward: bool) -> None:
         """Step end. A forward waited for the step's swap-ins and eviction copies, and the step's
         results were read, so those are done; without a forward, wait for them here."""
         if not self.on_cuda:
             return
-        self._issue_through(self.num_layers - 1)  # a forward that skipped some layer's wait
+        self.issue_rest()  # a forward that skipped some layer's wait, or a step without a forward
         if not ran_forward:
             self.stream.synchronize()
 

@@ -196,8 +196,10 @@ class KVTransfer:
             self.stream.synchronize()
 
     def synchronize(self) -> None:
-        """Wait for every copy issued on either stream (error handling)."""
+        """Issue every planned copy and wait for both streams (a step that failed midway): the cache
+        manager's plan counted on them, and the blocks they write are freed only after they land."""
         if self.on_cuda:
+            self.issue_rest()
             self.stream.synchronize()
             self.out_stream.synchronize()
 

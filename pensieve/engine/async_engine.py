@@ -32,16 +32,6 @@ __all__ = ["AsyncEngine", "EngineStats"]
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
-    every_step: bool = True      # False: only the first output with a token, and the final one
-    sent_first: bool = False
-
-    def wants(self, out: RequestOutput) -> bool:
-        if self.every_step or out.finished:
-            return True
-        if self.sent_first or not out.outputs or not out.outputs[0].token_ids:
-            return False
-        self.sent_first = True
-        return True
 
     def put(self, item: RequestOutput | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
@@ -103,7 +93,7 @@ class AsyncEngine:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
         for out in outputs:
             stream = self._streams.get(out.request_id)
-            if stream is not None and stream.wants(out):
+            if stream is not None:
                 by_loop.setdefault(stream.loop, []).append((stream.queue, out))
             if out.finished:
                 self._streams.pop(out.request_id, None)
@@ -153,13 +143,13 @@ class AsyncEngine:
             raise RuntimeError("the engine is shut down")
         if not append_to_conversation:  # an appended turn is checked whole, on the engine thread
             self.engine.validate_prompt(prompt_token_ids, params)  # pure: raises ValueError before anything starts
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), every_step)
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
 
         def add() -> None:
             self._streams[request_id] = stream
             try:
                 self.engine.add_request(request_id, prompt_token_ids, params, conversation_id,
-                                        append_to_conversation=append_to_conversation)
+                                        append_to_conversation=append_to_conversation, every_step=every_step)
             except Exception as exc:
                 self._streams.pop(request_id, None)
                 stream.put(exc)

@@ -83,6 +83,7 @@ class _Tracked:
     metrics: RequestMetrics
     logprobs: list[tuple[float, dict[int, float]]] | None
     prompt_token_ids: list[int]   # one copy shared by every output of the request (never mutated)
+    every_step: bool = True       # False: an output only for the first token and at the end
 
 
 class LLMEngine:
@@ -161,9 +162,11 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     conversation_id: str | None = None, arrival_time: float | None = None,
-                    append_to_conversation: bool = False) -> None:
+                    append_to_conversation: bool = False, every_step: bool = True) -> None:
         """append_to_conversation: `prompt_token_ids` is only the new turn; the engine puts the named
-        conversation's tokens (its last prompt and reply) before it, so the client resends nothing."""
+        conversation's tokens (its last prompt and reply) before it, so the client resends nothing.
+        every_step=False: step() returns this request's output only at its first token and at its end
+        (outputs are cumulative: a caller that streams nothing skips building one per token)."""
         if request_id in self._tracked:
             raise ValueError(f"request id {request_id!r} is already running")
         if append_to_conversation:
@@ -179,7 +182,7 @@ class LLMEngine:
         self._tracked[request_id] = _Tracked(
             seq, IncrementalDetokenizer(self.tokenizer, seq.token_ids[:], params.skip_special_tokens),
             StopChecker(params, set(self.eos_token_ids), self.max_model_len), RequestMetrics(now),
-            [] if params.logprobs is not None else None, list(prompt_token_ids))
+            [] if params.logprobs is not None else None, list(prompt_token_ids), every_step)
         if conversation_id is not None:
             self.kv.touch_conversation(conversation_id)
         self.scheduler.add(seq)
@@ -311,7 +314,8 @@ class LLMEngine:
             t.detok.append([token])
             stop = t.stop.check(seq.output_token_ids, t.detok.text, seq.num_prompt_tokens)
             if stop is None:
-                outputs.append(self._output(t, None, None, finished=False))
+                if t.every_step or len(seq.output_token_ids) == 1:
+                    outputs.append(self._output(t, None, None, finished=False))
                 continue
             if stop.truncate_to is None:
                 t.detok.flush()  # emit a held-back partial character

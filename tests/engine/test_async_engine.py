@@ -88,3 +88,23 @@ def test_first_and_final_outputs_only(checkpoint):
     assert len(every) == 7 and len(sparse) == 2
     assert len(sparse[0].outputs[0].token_ids) == 1 and not sparse[0].finished
     assert sparse[1].finished and sparse[1].outputs[0].token_ids == every[-1].outputs[0].token_ids
+
+
+def test_engine_builds_outputs_only_when_asked(checkpoint):
+    """LLMEngine.add_request(every_step=False): step() returns that request at its first token and at
+    its end only; a streaming request beside it still gets one output per token."""
+    from pensieve.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig(
+        model=ModelConfig(model=str(checkpoint), max_model_len=256),
+        cache=CacheConfig(block_size=BS, num_gpu_blocks=128, num_cpu_blocks=64),
+        scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64),
+        device=DEVICE, enforce_eager=DEVICE == "cpu"))
+    params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    engine.add_request("quiet", [5, 6, 7, 8], params, every_step=False)
+    engine.add_request("loud", [5, 6, 7, 8], params)
+    seen: dict[str, list[int]] = {"quiet": [], "loud": []}
+    while engine.has_unfinished():
+        for out in engine.step():
+            seen[out.request_id].append(len(out.outputs[0].token_ids))
+    assert seen == {"quiet": [1, 5], "loud": [1, 2, 3, 4, 5]}

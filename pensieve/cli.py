@@ -79,6 +79,8 @@ def _add_serve(sub: Any) -> None:
     s.add_argument("--shutdown-timeout", type=float, default=5.0,
                    help="seconds in-flight requests get on SIGINT/SIGTERM before they are cancelled")
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    s.add_argument("--engine-process", action="store_true",
+                   help="step the engine in a process of its own (no GIL shared with the HTTP server)")
 
 
 def _add_chat(sub: Any) -> None:
@@ -115,7 +117,12 @@ def serve(args: argparse.Namespace) -> int:
         served_model_names=_served_names(args), max_waiting=args.max_waiting,
         max_stored_responses=args.max_stored_responses, conversation_ttl=args.conversation_ttl,
         shutdown_timeout_s=args.shutdown_timeout)
-    engine = AsyncEngine(config)
+    if args.engine_process:
+        from pensieve.engine.engine_process import EngineProcess
+
+        engine = EngineProcess(config)
+    else:
+        engine = AsyncEngine(config)
     app = build_app(engine, settings)
     print(f"Pensieve serving {settings.served_model_names or engine.model_name} on {engine.device} at "
           f"http://{args.host}:{args.port}/v1", flush=True)

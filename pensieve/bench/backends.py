@@ -127,20 +127,27 @@ def _free_accelerator_memory() -> None:
 class EngineBackend(Backend):
     """An in-process Pensieve AsyncEngine."""
 
-    def __init__(self, name: str, config: Any, weights: dict[str, Any] | None = None) -> None:
+    def __init__(self, name: str, config: Any, weights: dict[str, Any] | None = None,
+                 engine_process: bool = False) -> None:
         self.name = name
         self.config = config      # pensieve.config.EngineConfig
         self.weights = weights    # model path -> (model, hf_config, dtype), shared by the systems of one run
+        self.engine_process = engine_process  # the engine steps in a child process (weights not shared)
         self.engine: Any = None
 
     async def start(self) -> None:
-        from pensieve.engine.async_engine import AsyncEngine
+        if self.engine_process:
+            from pensieve.engine.engine_process import EngineProcess
 
-        key = self.config.model.model
-        preloaded = self.weights.get(key) if self.weights is not None else None
-        self.engine = AsyncEngine(self.config, preloaded=preloaded)
-        if self.weights is not None:
-            self.weights[key] = self.engine.engine.loaded
+            self.engine = await asyncio.to_thread(EngineProcess, self.config)
+        else:
+            from pensieve.engine.async_engine import AsyncEngine
+
+            key = self.config.model.model
+            preloaded = self.weights.get(key) if self.weights is not None else None
+            self.engine = AsyncEngine(self.config, preloaded=preloaded)
+            if self.weights is not None:
+                self.weights[key] = self.engine.engine.loaded
         self.tokenizer = self.engine.tokenizer
         self.max_model_len = int(self.engine.max_model_len)
         self.device = str(self.engine.device)
@@ -200,7 +207,8 @@ class EngineBackend(Backend):
         _free_accelerator_memory()
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": "engine", "config": _jsonable(dataclasses.asdict(self.config))}
+        return {"name": self.name, "kind": "engine", "engine_process": self.engine_process,
+                "config": _jsonable(dataclasses.asdict(self.config))}
 
 
 def _jsonable(obj: Any) -> Any:

@@ -99,6 +99,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                    help="x of the sustained-rate interpolation: measured requests/s or conversation rate")
     r.add_argument("--out", default="bench_results", help="output directory")
     r.add_argument("--save-records", action="store_true", help="also write every turn to records.jsonl")
+    r.add_argument("--engine-process", action="store_true",
+                   help="engine systems step in a process of their own (as `serve --engine-process`); each "
+                        "system then loads its own copy of the weights")
     r.add_argument("--profile-steps", type=int, default=0,
                    help="in-process engines: torch.profiler over this many steps of each point (in the results)")
     r.add_argument("--profile-after", type=float, default=30.0, help="seconds into a point the profile starts")
@@ -178,7 +181,8 @@ def _write_partial(out_dir: str, points: dict[str, Any], errors: dict[str, str])
 def make_backend(spec: SystemSpec, args: argparse.Namespace, model_path: str, budget: dict[str, Any],
                  weights: dict[str, Any] | None = None) -> Backend:
     if spec.kind == "engine":
-        return EngineBackend(spec.name, engine_config(spec, args, model_path, budget), weights)
+        return EngineBackend(spec.name, engine_config(spec, args, model_path, budget),
+                             None if args.engine_process else weights, engine_process=args.engine_process)
     if spec.kind == "transformers":
         return TransformersBackend(spec.name, model_path, dtype=args.dtype, device=args.device,
                                    num_kv_tokens=budget["gpu_kv_tokens"], page_size=args.transformers_page_size,

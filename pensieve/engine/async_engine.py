@@ -12,7 +12,6 @@ import queue
 import sys
 import threading
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
 import torch
@@ -21,25 +20,12 @@ from pensieve.config import EngineConfig
 from pensieve.engine import profiling
 from pensieve.engine.llm_engine import EngineStats, LLMEngine
 from pensieve.engine.outputs import RequestOutput
+from pensieve.engine.streams import OutputStreams
 from pensieve.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
 __all__ = ["AsyncEngine", "EngineStats"]
-
-
-@dataclass
-class _Stream:
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
-
-    def put(self, item: RequestOutput | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-
-
-def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
-    for q, out in items:
-        q.put_nowait(out)
 
 
 class AsyncEngine:
@@ -54,7 +40,7 @@ class AsyncEngine:
         self.device = self.engine.device.type
         self._commands: queue.SimpleQueue[Callable[[], Any]] = queue.SimpleQueue()
         self._wake = threading.Event()
-        self._streams: dict[str, _Stream] = {}
+        self._streams = OutputStreams()
         self._stats = self.engine.stats()
         self._running = True
         self._thread = threading.Thread(target=self._loop, name="pensieve-engine", daemon=True)
@@ -80,28 +66,12 @@ class AsyncEngine:
                 outputs = self.engine.step()
             except Exception as exc:  # keep serving: fail what was in flight, free its blocks
                 log.exception("engine step failed")
-                for rid in list(self._streams):
+                for rid in self._streams.ids():
                     self.engine.abort_request(rid)
-                    self._streams.pop(rid).put(RuntimeError(f"engine step failed: {exc}"))
+                    self._streams.fail(rid, RuntimeError(f"engine step failed: {exc}"))
                 continue
             self._stats = self.engine.stats()  # before the outputs: a caller that saw its last token sees this step
-            self._deliver(outputs)
-
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
-        """One wake-up per event loop per step, not one per output: each call_soon_threadsafe writes to the
-        loop's self-pipe, and the engine thread would pay that (and the GIL hand-offs) per running request."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
-        for out in outputs:
-            stream = self._streams.get(out.request_id)
-            if stream is not None:
-                by_loop.setdefault(stream.loop, []).append((stream.queue, out))
-            if out.finished:
-                self._streams.pop(out.request_id, None)
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, items)
-            except RuntimeError:  # that caller's loop has closed: nobody is listening
-                pass
+            self._streams.deliver(outputs)
 
     def _drain(self) -> None:
         changed = False
@@ -143,35 +113,22 @@ class AsyncEngine:
             raise RuntimeError("the engine is shut down")
         if not append_to_conversation:  # an appended turn is checked whole, on the engine thread
             self.engine.validate_prompt(prompt_token_ids, params)  # pure: raises ValueError before anything starts
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        stream = self._streams.open(request_id)
 
         def add() -> None:
-            self._streams[request_id] = stream
             try:
                 self.engine.add_request(request_id, prompt_token_ids, params, conversation_id,
                                         append_to_conversation=append_to_conversation, every_step=every_step)
             except Exception as exc:
-                self._streams.pop(request_id, None)
-                stream.put(exc)
+                self._streams.fail(request_id, exc)
 
         self._post(add)
-        finished = False
-        try:
-            while True:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
-        finally:
-            if not finished:  # the caller went away (disconnect, cancel): free the blocks now
-                self._post(lambda: self._abort_on_engine(request_id))
+        async for out in stream.iterate(abandon=lambda: self._post(lambda: self._abort_on_engine(request_id))):
+            yield out
 
     def _abort_on_engine(self, request_id: str) -> None:
         """On the engine thread: free the request's blocks and hand its caller the final output."""
-        stream = self._streams.pop(request_id, None)
+        stream = self._streams.pop(request_id)
         out = self.engine.abort_request(request_id)
         if stream is not None and out is not None:
             stream.put(out)
@@ -209,7 +166,7 @@ class AsyncEngine:
             return
 
         def abort_all() -> None:
-            for rid in list(self._streams):
+            for rid in self._streams.ids():
                 self._abort_on_engine(rid)
             path = self.config.cache.persist_path
             if path is not None:  # the cache outlives the process

@@ -213,10 +213,13 @@ def test_cli_real_dataset_file(tmp_path, demo_path):
                                                  f"follow up {i}", "short reply"]}) for i in range(4)]
     data = tmp_path / "ultrachat.jsonl"
     data.write_text("\n".join(lines) + "\n")
+    # ... through an engine in its own process, as `serve --engine-process` runs it
     args = _bench_args(tmp_path / "out", "--systems", "gpu", "--model", demo_path, "--dataset", "ultrachat",
-                       "--dataset-path", str(data), "--rates", "10,20", "--max-conversations", "2")
+                       "--dataset-path", str(data), "--rates", "10,20", "--max-conversations", "2",
+                       "--engine-process")
     results = asyncio.run(bench_async(args))
     assert not results["errors"]
+    assert results["system_configs"]["gpu"]["engine_process"] is True
     pts = results["points"]["gpu"]
     assert [p["run"]["planned_turns"] for p in pts] == [4, 4]          # 2 conversations x 2 turns, disjoint per rate
     assert all(p["summary"]["num_requests"] == 4 for p in pts)

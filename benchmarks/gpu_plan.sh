@@ -30,8 +30,14 @@ case "$N" in
   3)  # the paper's MHA model: caching matters most, KV is 4x larger per token
       timeout 580 $MT --model-shape opt-13b $SCALED --systems tiered,gpu,stateless --rates 3,6 \
         --gpu-kv-gb 16 --cpu-kv-gb 64 --stop-above 0.15 --out "$RUNS/opt-13b" ;;
-  0)  # correctness on CUDA first: the equality tests (copy streams, events, graphs, token rows), kernels, models
-      TEST_TIMEOUT=240 BENCH_TIMEOUT=1 bash benchmarks/gpu_check.sh ;;
+  0)  # correctness on CUDA first: the equality tests (copy streams, events, graphs, token rows), kernels, models,
+      # the async and process engines and the profilers
+      TEST_TIMEOUT=300 BENCH_TIMEOUT=1 EXTRA_TESTS="tests/kernels tests/model/test_models_gpu.py tests/engine/test_sampler.py \
+        tests/engine/test_async_engine.py tests/engine/test_profiling.py tests/engine/test_engine_process.py" \
+        bash benchmarks/gpu_check.sh ;;
+  6)  # the engine in its own process vs on a thread of the benchmark's process, same workload and rate
+      timeout 250 $MT $GQA --systems tiered --rates 22 --out "$RUNS/gqa10-tiered-thread"
+      timeout 300 $MT $GQA --systems tiered --rates 22 --engine-process --out "$RUNS/gqa10-tiered-process" ;;
   4)  # engine numbers: swap overlap, decode step vs graph, prefill
       timeout 400 python3 benchmarks/engine_bench.py --models llama-2-13b-gqa10 --out "$RUNS/engine-13b"
       timeout 170 python3 benchmarks/kernel_bench.py --quick --out "$RUNS/kernels" ;;

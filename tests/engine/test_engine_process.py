@@ -10,6 +10,7 @@ from pensieve.engine.async_engine import AsyncEngine
 from pensieve.engine.engine_process import EngineProcess
 from pensieve.model.random_checkpoint import make_random_checkpoint
 from pensieve.sampling_params import SamplingParams
+from tests.engine.test_conversation_cache import DEVICE
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +19,7 @@ def config(tmp_path_factory) -> EngineConfig:
     return EngineConfig(model=ModelConfig(model=str(path), max_model_len=128),
                         cache=CacheConfig(block_size=4, num_gpu_blocks=64, num_cpu_blocks=64),
                         scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64),
-                        device="cpu", enforce_eager=True)
+                        device=DEVICE, enforce_eager=DEVICE == "cpu")
 
 
 async def _collect(engine, rid: str, prompt: list[int], params: SamplingParams, **kw) -> list:
@@ -38,7 +39,7 @@ def test_same_answers_and_surface_as_the_thread_engine(config):
 
     want = asyncio.run(run(AsyncEngine(config)))
     process = EngineProcess(config)
-    assert process.max_model_len == 128 and process.device == "cpu" and process.tokenizer is not None
+    assert process.max_model_len == 128 and process.device == DEVICE and process.tokenizer is not None
 
     async def checks() -> dict:
         got = await asyncio.gather(*(_collect(process, rid, p, params) for rid, p in prompts.items()))

@@ -15,6 +15,7 @@ import asyncio
 import itertools
 import logging
 import multiprocessing as mp
+import pickle
 import queue
 import signal
 import threading
@@ -50,6 +51,16 @@ def _engine_main(config: EngineConfig, commands: Connection, results: Connection
     results.send(("ready", {"max_model_len": engine.max_model_len, "device": engine.device.type,
                             "stats": engine.stats()}))
     _EngineLoop(engine, commands, results).run()
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """The exception itself when it survives pickling (ValueError for a bad prompt does), else a
+    RuntimeError with its text: an unpicklable one must not take the engine process down."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
 
 
 class _EngineLoop:
@@ -98,7 +109,7 @@ class _EngineLoop:
                 self.engine.add_request(rid, prompt, params, conv, append_to_conversation=append,
                                         every_step=every_step)
             except Exception as exc:
-                self.results.send(("request_error", rid, exc))
+                self.results.send(("request_error", rid, _portable(exc)))
             else:
                 self.live.add(rid)
         elif kind == "abort":
@@ -113,7 +124,7 @@ class _EngineLoop:
                     raise ValueError(f"not an engine call: {name!r}")
                 result = getattr(self.engine, name)(*args)
             except Exception as exc:
-                self.results.send(("reply", call_id, None, exc))
+                self.results.send(("reply", call_id, None, _portable(exc)))
             else:
                 self.results.send(("reply", call_id, result, None))
         elif kind == "profile":  # torch.profiler in this process's main thread, which steps the engine
@@ -192,8 +203,10 @@ class EngineProcess:
                     self._streams.fail(rid, RuntimeError(msg[2]))
             elif kind == "reply":
                 fut = self._calls.pop(msg[1], None)
-                if fut is not None:
-                    fut.set_exception(msg[3]) if msg[3] is not None else fut.set_result(msg[2])
+                if fut is not None and msg[3] is not None:
+                    fut.set_exception(msg[3])
+                elif fut is not None:
+                    fut.set_result(msg[2])
             elif kind == "bye":
                 if msg[1] is not None:
                     log.info("saved %d cached KV blocks to %s", msg[1], self.config.cache.persist_path)

@@ -95,3 +95,15 @@ def test_an_engine_that_cannot_start_fails_the_constructor(config):
     bad = EngineConfig(model=ModelConfig(model=config.model.model, dtype="float7"), device="cpu")
     with pytest.raises(RuntimeError, match="failed to start.*float7"):
         EngineProcess(bad)
+
+
+def test_exceptions_cross_the_pipe_even_when_they_cannot_be_pickled():
+    from pensieve.engine.engine_process import _portable
+
+    class Odd(Exception):
+        def __init__(self, a, b):  # pickling calls Odd(msg) and fails
+            super().__init__(f"{a}/{b}")
+
+    assert isinstance(_portable(ValueError("bad prompt")), ValueError)
+    odd = _portable(Odd(1, 2))
+    assert isinstance(odd, RuntimeError) and "Odd: 1/2" in str(odd)

@@ -85,10 +85,15 @@ def test_loading_never_evicts_and_fills_most_recent_first(checkpoints, tmp_path)
     small.check_integrity()
 
 
-def test_async_engine_saves_at_shutdown_and_loads_at_start(checkpoints, tmp_path):
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_async_engine_saves_at_shutdown_and_loads_at_start(checkpoints, tmp_path, kind):
+    """Both engines behind the server (a thread of it, or `--engine-process`) persist the cache."""
     import asyncio
 
     from pensieve.engine.async_engine import AsyncEngine
+    from pensieve.engine.engine_process import EngineProcess
+
+    make = AsyncEngine if kind == "thread" else EngineProcess
 
     ckpt, _ = checkpoints
     cfg = EngineConfig(model=ModelConfig(model=str(ckpt), max_model_len=256),
@@ -103,10 +108,10 @@ def test_async_engine_saves_at_shutdown_and_loads_at_start(checkpoints, tmp_path
         return outs[-1]
 
     async def main() -> None:
-        first = AsyncEngine(cfg)
+        first = make(cfg)
         await turn(first, "a")
         await first.shutdown()
-        second = AsyncEngine(cfg)       # a restart: the cache comes back from disk
+        second = make(cfg)              # a restart: the cache comes back from disk
         out = await turn(second, "b")
         assert out.cache.cpu_hit_tokens == ((len(prompt) - 1) // BS) * BS
         await second.shutdown()

@@ -49,9 +49,12 @@ class OutputStreams:
         self._lock = threading.Lock()
 
     def open(self, request_id: str) -> OutputStream:
-        """From the caller's event loop, before the request reaches the engine."""
+        """From the caller's event loop, before the request reaches the engine. An id already in
+        flight is refused here: replacing its stream would leave its caller waiting forever."""
         stream = OutputStream()
         with self._lock:
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already running")
             self._streams[request_id] = stream
         return stream
 

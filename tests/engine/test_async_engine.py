@@ -108,3 +108,36 @@ def test_engine_builds_outputs_only_when_asked(checkpoint):
         for out in engine.step():
             seen[out.request_id].append(len(out.outputs[0].token_ids))
     assert seen == {"quiet": [1, 5], "loud": [1, 2, 3, 4, 5]}
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_a_duplicate_request_id_is_refused_and_the_first_finishes(checkpoint, kind):
+    import asyncio
+
+    from pensieve.engine.async_engine import AsyncEngine
+    from pensieve.engine.engine_process import EngineProcess
+
+    config = EngineConfig(
+        model=ModelConfig(model=str(checkpoint), max_model_len=256),
+        cache=CacheConfig(block_size=BS, num_gpu_blocks=128, num_cpu_blocks=64),
+        scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64),
+        device=DEVICE, enforce_eager=DEVICE == "cpu")
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+    async def main() -> None:
+        engine = AsyncEngine(config) if kind == "thread" else EngineProcess(config)
+        try:
+            first = engine.generate("same", [5, 6, 7, 8], params)
+            got = [await first.__anext__()]
+            with pytest.raises(ValueError, match="already running"):
+                async for _ in engine.generate("same", [9, 10], params):
+                    pass
+            async def rest() -> list:
+                return [o async for o in first]
+
+            got += await asyncio.wait_for(rest(), 60)  # a lost stream would wait forever
+            assert got[-1].finished and len(got[-1].outputs[0].token_ids) == 12
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(main())

@@ -142,6 +142,10 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         return self._stats
 
+    @property
+    def alive(self) -> bool:
+        return self._running and self._thread.is_alive()
+
     def check_integrity(self) -> None:
         self._call(self.engine.check_integrity)
 

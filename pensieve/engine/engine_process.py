@@ -257,6 +257,10 @@ class EngineProcess:
     def stats(self) -> EngineStats:
         return self._stats
 
+    @property
+    def alive(self) -> bool:
+        return self._running and self._proc.is_alive()
+
     async def profile(self, num_steps: int) -> str:
         """torch.profiler over the engine's next `num_steps` busy steps, run in the engine process."""
         return await asyncio.wrap_future(self._call("profile", num_steps))

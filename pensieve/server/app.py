@@ -49,8 +49,11 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
     app.include_router(responses_api.router)
 
     @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    async def health() -> JSONResponse:
+        # 503 once the engine has stopped (its thread or process died): a supervisor restarts the server
+        if not getattr(engine, "alive", True):
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/v1/models", dependencies=[Depends(authenticate)])
     async def models(request: Request) -> JSONResponse:

@@ -63,3 +63,30 @@ def test_errors_and_disconnects_across_the_process(process_server: ServerHandle)
     assert stats.gpu_blocks_used == 0
     metrics = httpx.get(f"{process_server.base_url}/metrics").text
     assert "pensieve_engine_steps_total" in metrics
+
+
+def test_a_dead_engine_process_fails_requests_and_health() -> None:
+    """The engine process dies (OOM killer, driver fault): requests in flight and new ones fail with an
+    error instead of hanging, and /health says 503 so a supervisor restarts the server."""
+    from pensieve.config import CacheConfig, EngineConfig, ModelConfig
+    from pensieve.demo import demo_model_path
+    from pensieve.engine.engine_process import EngineProcess
+    from pensieve.server.app import build_app
+    from pensieve.server.settings import ServerSettings
+
+    engine = EngineProcess(EngineConfig(model=ModelConfig(model=str(demo_model_path()), max_model_len=256),
+                                        cache=CacheConfig(num_gpu_blocks=64, num_cpu_blocks=64), device="cpu"))
+    port = free_port()
+    app = build_app(engine, ServerSettings(port=port, served_model_names=("demo",)))
+    with serve_in_thread(app, port) as url, httpx.Client(base_url=url, timeout=30) as http:
+        assert http.get("/health").status_code == 200
+        body = {"model": "demo", "prompt": "A long story:", "max_tokens": 200, "ignore_eos": True, "stream": True}
+        with http.stream("POST", "/v1/completions", json=body) as resp:
+            lines = resp.iter_lines()
+            assert next(lines).startswith("data:")
+            engine._proc.kill()
+            rest = "\n".join(lines)           # the stream ends, with an error event, instead of hanging
+        assert "error" in rest
+        assert http.get("/health").status_code == 503
+        r = http.post("/v1/completions", json={"model": "demo", "prompt": "Hi", "max_tokens": 2})
+        assert r.status_code >= 500 and "error" in r.json()

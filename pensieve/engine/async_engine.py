@@ -52,23 +52,18 @@ class AsyncEngine:
         while self._running:
             self._drain()
             if not self.engine.has_unfinished():
-                if not checked:  # once per idle spell: both pools must add up (free + cached + used)
+                if not checked:
                     checked = True
-                    try:
-                        self.engine.check_integrity()  # flushes the swap-outs still in flight first
-                    except AssertionError:
-                        log.exception("KV cache integrity check failed")
+                    self.engine.idle_check()
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
             checked = False
-            try:
-                outputs = self.engine.step()
-            except Exception as exc:  # keep serving: fail what was in flight, free its blocks
-                log.exception("engine step failed")
-                for rid in self._streams.ids():
-                    self.engine.abort_request(rid)
-                    self._streams.fail(rid, RuntimeError(f"engine step failed: {exc}"))
+            in_flight = self._streams.ids()
+            outputs, error = self.engine.step_or_abort(in_flight)
+            if error is not None:
+                for rid in in_flight:
+                    self._streams.fail(rid, RuntimeError(error))
                 continue
             self._stats = self.engine.stats()  # before the outputs: a caller that saw its last token sees this step
             self._streams.deliver(outputs)

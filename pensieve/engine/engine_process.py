@@ -72,12 +72,9 @@ class _EngineLoop:
         checked = True
         while True:
             idle = not self.engine.has_unfinished()
-            if idle and not checked:  # once per idle spell: both pools must add up
+            if idle and not checked:
                 checked = True
-                try:
-                    self.engine.check_integrity()
-                except AssertionError:
-                    log.exception("KV cache integrity check failed")
+                self.engine.idle_check()
             while self.commands.poll(0.05 if idle else 0):
                 try:
                     msg = self.commands.recv()
@@ -89,13 +86,9 @@ class _EngineLoop:
             if not self.engine.has_unfinished():
                 continue
             checked = False
-            try:
-                outputs = self.engine.step()
-            except Exception as exc:  # keep serving: fail what was in flight, free its blocks
-                log.exception("engine step failed")
-                for rid in self.live:
-                    self.engine.abort_request(rid)
-                self.results.send(("failed_requests", sorted(self.live), f"engine step failed: {exc}"))
+            outputs, error = self.engine.step_or_abort(self.live)
+            if error is not None:
+                self.results.send(("failed_requests", sorted(self.live), error))
                 self.live.clear()
                 continue
             self.live.difference_update(o.request_id for o in outputs if o.finished)

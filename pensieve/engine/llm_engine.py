@@ -5,6 +5,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Callable
 
 import torch
@@ -67,6 +68,7 @@ class EngineStats:
 
 
 SLOW_STEP_S = 0.25   # a step this long is logged with what it held
+STEP_PATHS = ("graph", "rows", "eager", "swapin")   # how a step's forward ran (EngineStats.steps_*)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -134,9 +136,9 @@ class LLMEngine:
         if path is not None and os.path.exists(os.path.join(path, "index.json")):
             log.info("loaded %d cached KV blocks from %s", self.load_cache(path), path)
         self._tracked: dict[str, _Tracked] = {}
-        self._step_counts = dict.fromkeys(("graph", "rows", "eager", "swapin", "copying"), 0)
-        self._step_seconds = dict.fromkeys(("graph", "rows", "eager", "swapin", "copying"), 0.0)
-        self._step_gpu_seconds = dict.fromkeys(("graph", "rows", "eager", "swapin"), 0.0)
+        self._step_counts = dict.fromkeys((*STEP_PATHS, "copying"), 0)
+        self._step_seconds = dict.fromkeys((*STEP_PATHS, "copying"), 0.0)
+        self._step_gpu_seconds = dict.fromkeys(STEP_PATHS, 0.0)
         self._slow_steps = 0
         self._window: StepWindow | None = None   # a profile window being counted
         self._prompt_tokens = 0
@@ -289,6 +291,25 @@ class LLMEngine:
     def check_integrity(self) -> None:
         self.flush_transfers()
         self.kv.check_integrity()
+
+    # ------------------------------------------------------------ driving loops (engine thread or process)
+    def idle_check(self) -> None:
+        """Once per idle spell: both pools must add up (free + cached + used); a failure is logged."""
+        try:
+            self.check_integrity()  # flushes the swap-outs still in flight first
+        except AssertionError:
+            log.exception("KV cache integrity check failed")
+
+    def step_or_abort(self, in_flight: Iterable[str]) -> tuple[list[RequestOutput], str | None]:
+        """step(); if it raises, keep serving: abort `in_flight` (their blocks are freed) and return
+        the error text for their callers instead of outputs."""
+        try:
+            return self.step(), None
+        except Exception as exc:
+            log.exception("engine step failed")
+            for rid in in_flight:
+                self.abort_request(rid)
+            return [], f"engine step failed: {exc}"
 
     def _postprocess(self, plan: StepPlan, result) -> list[RequestOutput]:
         now = time.monotonic()

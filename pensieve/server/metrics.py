@@ -14,6 +14,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pensieve.engine.llm_engine import STEP_PATHS
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
 
@@ -37,9 +39,6 @@ _COUNTERS = (
     ("preemptions", "pensieve_preemptions", "Running requests suspended for lack of blocks"),
     ("finished_requests", "pensieve_finished_requests", "Requests finished by the engine"),
 )
-
-
-_STEP_PATHS = ("graph", "rows", "eager", "swapin")
 
 
 class EngineCollector(Collector):
@@ -66,7 +65,7 @@ class EngineCollector(Collector):
                                    labels=["path"])
         gpu = CounterMetricFamily("pensieve_engine_step_gpu_seconds",
                                   "GPU span of engine steps by forward path (CUDA only)", labels=["path"])
-        for path in _STEP_PATHS:
+        for path in STEP_PATHS:
             steps.add_metric([path], float(getattr(stats, f"steps_{path}", 0)))
             wall.add_metric([path], float(getattr(stats, f"step_seconds_{path}", 0.0)))
             gpu.add_metric([path], float(getattr(stats, f"step_gpu_seconds_{path}", 0.0)))

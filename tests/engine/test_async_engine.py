@@ -10,11 +10,16 @@ from tests.engine.test_conversation_cache import BS, DEVICE
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return make_random_checkpoint(tmp_path_factory.mktemp("llama"), "llama", seed=1, initializer_range=0.1)
+def config(tmp_path_factory) -> EngineConfig:
+    checkpoint = make_random_checkpoint(tmp_path_factory.mktemp("llama"), "llama", seed=1, initializer_range=0.1)
+    return EngineConfig(
+        model=ModelConfig(model=str(checkpoint), max_model_len=256),
+        cache=CacheConfig(block_size=BS, num_gpu_blocks=128, num_cpu_blocks=64),
+        scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64),
+        device=DEVICE, enforce_eager=DEVICE == "cpu")
 
 
-def test_async_engine_wakes_each_caller_loop_once_per_step(checkpoint):
+def test_async_engine_wakes_each_caller_loop_once_per_step(config):
     """Outputs of one step reach an event loop in one call_soon_threadsafe (a self-pipe write and a
     GIL hand-off each), not one per running request."""
     import asyncio
@@ -22,11 +27,6 @@ def test_async_engine_wakes_each_caller_loop_once_per_step(checkpoint):
 
     from pensieve.engine.async_engine import AsyncEngine
 
-    config = EngineConfig(
-        model=ModelConfig(model=str(checkpoint), max_model_len=256),
-        cache=CacheConfig(block_size=BS, num_gpu_blocks=128, num_cpu_blocks=64),
-        scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64),
-        device=DEVICE, enforce_eager=DEVICE == "cpu")
 
     async def main() -> tuple[int, int, list[list[int]]]:
         loop = asyncio.get_running_loop()
@@ -62,17 +62,12 @@ def test_async_engine_wakes_each_caller_loop_once_per_step(checkpoint):
     assert calls <= steps  # 6 requests x 6 tokens: per-output delivery would need 36
 
 
-def test_first_and_final_outputs_only(checkpoint):
+def test_first_and_final_outputs_only(config):
     """every_step=False: the first output that carries a token, then the final one, same tokens."""
     import asyncio
 
     from pensieve.engine.async_engine import AsyncEngine
 
-    config = EngineConfig(
-        model=ModelConfig(model=str(checkpoint), max_model_len=256),
-        cache=CacheConfig(block_size=BS, num_gpu_blocks=128, num_cpu_blocks=64),
-        scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64),
-        device=DEVICE, enforce_eager=DEVICE == "cpu")
     params = SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True)
 
     async def main():
@@ -90,16 +85,12 @@ def test_first_and_final_outputs_only(checkpoint):
     assert sparse[1].finished and sparse[1].outputs[0].token_ids == every[-1].outputs[0].token_ids
 
 
-def test_engine_builds_outputs_only_when_asked(checkpoint):
+def test_engine_builds_outputs_only_when_asked(config):
     """LLMEngine.add_request(every_step=False): step() returns that request at its first token and at
     its end only; a streaming request beside it still gets one output per token."""
     from pensieve.engine.llm_engine import LLMEngine
 
-    engine = LLMEngine(EngineConfig(
-        model=ModelConfig(model=str(checkpoint), max_model_len=256),
-        cache=CacheConfig(block_size=BS, num_gpu_blocks=128, num_cpu_blocks=64),
-        scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64),
-        device=DEVICE, enforce_eager=DEVICE == "cpu"))
+    engine = LLMEngine(config)
     params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
     engine.add_request("quiet", [5, 6, 7, 8], params, every_step=False)
     engine.add_request("loud", [5, 6, 7, 8], params)
@@ -111,17 +102,12 @@ def test_engine_builds_outputs_only_when_asked(checkpoint):
 
 
 @pytest.mark.parametrize("kind", ["thread", "process"])
-def test_a_duplicate_request_id_is_refused_and_the_first_finishes(checkpoint, kind):
+def test_a_duplicate_request_id_is_refused_and_the_first_finishes(config, kind):
     import asyncio
 
     from pensieve.engine.async_engine import AsyncEngine
     from pensieve.engine.engine_process import EngineProcess
 
-    config = EngineConfig(
-        model=ModelConfig(model=str(checkpoint), max_model_len=256),
-        cache=CacheConfig(block_size=BS, num_gpu_blocks=128, num_cpu_blocks=64),
-        scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64),
-        device=DEVICE, enforce_eager=DEVICE == "cpu")
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
     async def main() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from pensieve.engine.llm_engine import STEP_PATHS
 from tests.server.conftest import ServerHandle
 
 
@@ -51,7 +52,7 @@ def test_metrics_parse_and_move(server: ServerHandle) -> None:
     assert value(after, "pensieve_num_requests_running") == 0
     # engine steps by path: on the CPU every step runs eagerly
     steps = sum(value(after, "pensieve_engine_steps_total", path=p) - value(before, "pensieve_engine_steps_total", path=p)
-                for p in ("graph", "rows", "eager", "swapin"))
+                for p in STEP_PATHS)
     assert steps >= 8 and value(after, "pensieve_engine_step_seconds_total", path="eager") > 0
 
 

@@ -1,11 +1,40 @@
 """Random paged batches and an independent dense attention oracle for the kernel tests."""
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Callable
 
 import torch
 
 from pensieve.model.metadata import AttentionMetadata
+
+
+# The tests build inputs on the CPU. Without a GPU the kernels run there under TRITON_INTERPRET=1;
+# with one (PENSIEVE_TEST_DEVICE=cuda runs on the H100) compiled Triton needs CUDA tensors, so the
+# kernel calls go through these shims and their results come back to the CPU for the checks.
+ON_GPU = torch.cuda.is_available()
+
+
+def to_kernel_device(x):
+    if not ON_GPU:
+        return x
+    if isinstance(x, torch.Tensor):
+        return x.cuda()
+    if dataclasses.is_dataclass(x):
+        return dataclasses.replace(x, **{f.name: getattr(x, f.name).cuda() for f in dataclasses.fields(x)
+                                         if isinstance(getattr(x, f.name), torch.Tensor)})
+    return x
+
+
+def run_kernel(fn: Callable, *args, inplace: tuple[int, ...] = (), **kwargs):
+    """fn(*args) on the kernel device; args at the `inplace` indices are written back to the CPU."""
+    moved = [to_kernel_device(a) for a in args]
+    out = fn(*moved, **kwargs)
+    for i in inplace:
+        if moved[i] is not args[i]:
+            args[i].copy_(moved[i].cpu())
+    return out.cpu() if isinstance(out, torch.Tensor) else out
 
 
 def make_batch(

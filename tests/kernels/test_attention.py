@@ -9,7 +9,8 @@ import torch
 from pensieve.kernels import paged_attention
 from pensieve.kernels.attention import LaunchConfig, choose_config, paged_attention_triton
 from pensieve.kernels.reference import paged_attention_reference
-from tests.kernels.helpers import default_scale, dense_attention, make_batch, random_cache, random_q
+from tests.kernels.helpers import (default_scale, dense_attention, make_batch, random_cache, random_q,
+                                  run_kernel, to_kernel_device)
 
 # The interpreter converts 0-d arrays to ints in loop bounds (a NumPy deprecation, harmless here).
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -17,6 +18,10 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 BLOCK_SIZE = 16
 NUM_BLOCKS = 24
 TOL = {torch.float32: 1e-4, torch.float16: 3e-3}
+
+def triton_attention(q, cache, meta, scale, config=None) -> torch.Tensor:
+    return run_kernel(paged_attention_triton, q, cache, meta, scale, config=config)
+
 
 # One ragged batch holding every shape of work the engine sends in one step.
 MIXED = [
@@ -51,7 +56,7 @@ def test_mixed_ragged_batch(num_heads: int, num_kv_heads: int, head_dim: int, dt
     cache = random_cache(NUM_BLOCKS, BLOCK_SIZE, num_kv_heads, head_dim, dtype)
     q = random_q(meta.positions.shape[0], num_heads, head_dim, dtype)
     scale = default_scale(head_dim)
-    _check(paged_attention_triton(q, cache, meta, scale), q, cache, meta, scale, dtype)
+    _check(triton_attention(q, cache, meta, scale), q, cache, meta, scale, dtype)
 
 
 @pytest.mark.parametrize("k_nd", [False, True])
@@ -62,7 +67,7 @@ def test_multi_tile_queries_and_groups(k_nd: bool) -> None:
     cache = random_cache(NUM_BLOCKS, BLOCK_SIZE, 2, 32, torch.float32)
     q = random_q(meta.positions.shape[0], 4, 32, torch.float32)
     config = LaunchConfig(block_m=16, block_q=8, block_n=16, num_splits=1, num_warps=4, num_stages=1, k_nd=k_nd)
-    out = paged_attention_triton(q, cache, meta, 0.2, config=config)
+    out = triton_attention(q, cache, meta, 0.2, config=config)
     _check(out, q, cache, meta, 0.2, torch.float32)
 
 
@@ -78,7 +83,7 @@ def test_decode_split_kv(dtype: torch.dtype) -> None:
     for max_seq_len, splits in [(meta.max_seq_len, None), (4096, 8)]:
         m = dataclasses.replace(meta, max_seq_len=max_seq_len)
         config = None if splits is None else LaunchConfig(16, 1, 32, splits, 4, 1)
-        out = paged_attention_triton(q, cache, m, scale, config=config)
+        out = triton_attention(q, cache, m, scale, config=config)
         _check(out, q, cache, m, scale, dtype)
     auto = choose_config(len(seqs), 1, meta.max_seq_len, 2, 4, 64, True, on_gpu=False)
     assert auto.num_splits > 1  # the default CPU config does take the split path
@@ -89,8 +94,8 @@ def test_decode_without_split_matches_split() -> None:
     meta = make_batch(seqs, BLOCK_SIZE, NUM_BLOCKS)
     cache = random_cache(NUM_BLOCKS, BLOCK_SIZE, 4, 32, torch.float32)
     q = random_q(2, 4, 32, torch.float32)
-    one = paged_attention_triton(q, cache, meta, 0.3, config=LaunchConfig(16, 1, 32, 1, 4, 1))
-    many = paged_attention_triton(q, cache, meta, 0.3, config=LaunchConfig(16, 1, 16, 3, 4, 1))
+    one = triton_attention(q, cache, meta, 0.3, config=LaunchConfig(16, 1, 32, 1, 4, 1))
+    many = triton_attention(q, cache, meta, 0.3, config=LaunchConfig(16, 1, 16, 3, 4, 1))
     torch.testing.assert_close(one, many, atol=1e-5, rtol=1e-5)
     _check(one, q, cache, meta, 0.3, torch.float32)
 
@@ -101,7 +106,7 @@ def test_padding_sequence_with_no_kv_gives_zeros() -> None:
     meta = dataclasses.replace(meta, seq_lens=torch.tensor([20, 0], dtype=torch.int32))
     cache = random_cache(NUM_BLOCKS, BLOCK_SIZE, 2, 32, torch.float32)
     q = random_q(2, 4, 32, torch.float32)
-    out = paged_attention_triton(q, cache, meta, 0.2)
+    out = triton_attention(q, cache, meta, 0.2)
     assert torch.equal(out[1], torch.zeros_like(out[1]))
     ref = paged_attention_reference(q[:1], cache, make_batch([(20, [19])], BLOCK_SIZE, NUM_BLOCKS), 0.2)
     torch.testing.assert_close(out[:1], ref, atol=1e-5, rtol=1e-5)
@@ -112,7 +117,7 @@ def test_sequence_output_independent_of_batch() -> None:
     meta = make_batch(seqs, BLOCK_SIZE, NUM_BLOCKS)
     cache = random_cache(NUM_BLOCKS, BLOCK_SIZE, 2, 32, torch.float32)
     q = random_q(meta.positions.shape[0], 8, 32, torch.float32)
-    full = paged_attention_triton(q, cache, meta, 0.2)
+    full = triton_attention(q, cache, meta, 0.2)
     lo, hi = int(meta.query_start_loc[2]), int(meta.query_start_loc[3])
     alone = dataclasses.replace(
         meta,
@@ -124,7 +129,7 @@ def test_sequence_output_independent_of_batch() -> None:
         max_query_len=hi - lo,
         max_seq_len=int(meta.seq_lens[2]),
     )
-    torch.testing.assert_close(paged_attention_triton(q[lo:hi], cache, alone, 0.2), full[lo:hi], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(triton_attention(q[lo:hi], cache, alone, 0.2), full[lo:hi], atol=1e-5, rtol=1e-5)
 
 
 def test_dispatch_uses_triton_when_forced(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -138,9 +143,9 @@ def test_dispatch_uses_triton_when_forced(monkeypatch: pytest.MonkeyPatch) -> No
         return real(*args, **kwargs)
 
     monkeypatch.setattr(attention_module, "paged_attention_triton", spy)
-    meta = make_batch([(30, list(range(25, 30)))], BLOCK_SIZE, NUM_BLOCKS)
-    cache = random_cache(NUM_BLOCKS, BLOCK_SIZE, 2, 32, torch.float32)
-    q = random_q(5, 4, 32, torch.float32)
+    meta = to_kernel_device(make_batch([(30, list(range(25, 30)))], BLOCK_SIZE, NUM_BLOCKS))
+    cache = to_kernel_device(random_cache(NUM_BLOCKS, BLOCK_SIZE, 2, 32, torch.float32))
+    q = to_kernel_device(random_q(5, 4, 32, torch.float32))
     monkeypatch.setenv("PENSIEVE_ATTENTION_BACKEND", "triton")
     out = paged_attention(q, cache, meta, 0.2)
     monkeypatch.setenv("PENSIEVE_ATTENTION_BACKEND", "reference")

@@ -7,6 +7,7 @@ import torch
 from pensieve.kernels import copy_blocks
 from pensieve.kernels.block_copy import copy_blocks_runs, launch_copy_kernel
 from pensieve.kernels.reference import copy_blocks_reference
+from tests.kernels.helpers import run_kernel
 
 SHAPE = (2, 4, 2, 24)  # [2, block_size, Hkv, D]: 384 elements per block
 
@@ -24,21 +25,22 @@ def test_copy_kernel_matches_reference(dtype: torch.dtype, monkeypatch: pytest.M
     src, dst = _pools(dtype)
     expected = dst.clone()
     copy_blocks_reference(src, expected, *IDS)
-    launch_copy_kernel(src, dst, *IDS)
+    run_kernel(launch_copy_kernel, src, dst, *IDS, inplace=(1,))
     assert torch.equal(dst, expected)
     # Small chunks: a block row is split over several programs, the last one partly masked.
     import pensieve.kernels.block_copy as bc
 
     monkeypatch.setattr(bc, "_CHUNK_BYTES", 256 * dtype.itemsize)
     src, dst = _pools(dtype)
-    launch_copy_kernel(src, dst, IDS[0].to(torch.int32), IDS[1].to(torch.int32))
+    run_kernel(launch_copy_kernel, src, dst, IDS[0].to(torch.int32), IDS[1].to(torch.int32), inplace=(1,))
     assert torch.equal(dst, expected)
 
 
 def test_copy_kernel_on_a_layer_view_of_a_multi_layer_pool() -> None:
     pool = torch.randn((3, 9, *SHAPE))          # [layers, NB, ...]: each layer is a view
     host = torch.zeros((3, 7, *SHAPE))
-    launch_copy_kernel(pool[1], host[2], *IDS)
+    layer = host[2]
+    run_kernel(launch_copy_kernel, pool[1], layer, *IDS, inplace=(1,))
     assert torch.equal(host[2][IDS[1]], pool[1][IDS[0]])
     assert host[:2].abs().sum() == 0 and host[2][[4]].abs().sum() == 0
 

@@ -7,6 +7,7 @@ import torch
 from pensieve.kernels import store_kv
 from pensieve.kernels.reference import store_kv_reference
 from pensieve.kernels.store import store_kv_triton
+from tests.kernels.helpers import run_kernel
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
@@ -22,7 +23,7 @@ def test_store_matches_reference_and_skips_negative_slots(cache_dtype: torch.dty
     expected = cache.clone()
     store_kv_reference(k, v, expected, slots)
     before = cache.clone()
-    store_kv_triton(k, v, cache, slots)
+    run_kernel(store_kv_triton, k, v, cache, slots, inplace=(2,))
     assert torch.equal(cache, expected)
     # Every slot other than the stored ones is untouched.
     touched = torch.zeros(num_blocks * block_size, dtype=torch.bool)
@@ -37,6 +38,6 @@ def test_store_dispatch_forced_triton(monkeypatch: pytest.MonkeyPatch) -> None:
     k = torch.randn(3, 1, 16)
     v = torch.randn(3, 1, 16)
     cache = torch.zeros(2, 2, 4, 1, 16)
-    store_kv(k, v, cache, torch.tensor([7, 0, -1]))
+    run_kernel(store_kv, k, v, cache, torch.tensor([7, 0, -1]), inplace=(2,))
     assert torch.equal(cache[1, 0, 3, 0], k[0, 0]) and torch.equal(cache[0, 1, 0, 0], v[1, 0])
     assert int((cache.abs().sum(-1) != 0).sum()) == 4  # two tokens x (K, V); the skipped one wrote nothing

@@ -88,11 +88,16 @@ def stats_delta(before: Mapping[str, Any] | None, after: Mapping[str, Any] | Non
 class SustainedRate:
     value: float | None
     # interpolated: the bound is crossed between two swept points; at_least: never exceeded (value = the
-    # highest swept point, a lower bound); below_range: exceeded already at the lowest point (value None)
+    # highest swept point, a lower bound); below_range: exceeded already at the lowest point (value None,
+    # and the rate it sustains is under `below`, the lowest swept x)
     status: str
+    below: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"value": self.value, "status": self.status}
+        out: dict[str, Any] = {"value": self.value, "status": self.status}
+        if self.below is not None:
+            out["below"] = self.below
+        return out
 
 
 def sustained_rate(xs: Sequence[float], latencies: Sequence[float | None], bound: float) -> SustainedRate:
@@ -104,7 +109,7 @@ def sustained_rate(xs: Sequence[float], latencies: Sequence[float | None], bound
         return SustainedRate(None, "below_range")
     lat = [math.inf if v is None else float(v) for _, v in pts]
     if lat[0] > bound:
-        return SustainedRate(None, "below_range")
+        return SustainedRate(None, "below_range", float(pts[0][0]))
     for i in range(1, len(pts)):
         if lat[i] > bound:
             x0, x1 = float(pts[i - 1][0]), float(pts[i][0])
@@ -168,9 +173,13 @@ def headline(points: Mapping[str, Sequence[Mapping[str, Any]]], bounds: Sequence
 def tiered_ratio(tiered: Mapping[str, Any], base: Mapping[str, Any]) -> tuple[float | None, str]:
     """tiered / base sustained rate, and what kind of number it is: exact (both interpolated), lower_bound
     (tiered never crossed the bound in the sweep), upper_bound (base never crossed), unknown (neither did:
-    sweep higher rates) or base_below_range (base over the bound everywhere: no finite ratio)."""
+    sweep higher rates) or base_below_range (base over the bound everywhere and its lowest rate unknown).
+    A base over the bound already at its lowest swept rate x sustains less than x, so tiered / x is a
+    lower bound on the ratio."""
     t_st, b_st = tiered["status"], base["status"]
     if b_st == "below_range":
+        if t_st != "below_range" and base.get("below"):
+            return tiered["value"] / base["below"], "lower_bound"
         return None, "base_below_range"
     if t_st == "below_range":
         return 0.0, "exact"

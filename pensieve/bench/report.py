@@ -74,7 +74,10 @@ def markdown_summary(results: Mapping[str, Any]) -> str:
             for system in systems:
                 sr = per_sys.get(system, {"value": None, "status": "below_range"})
                 prefix = {"at_least": ">=", "below_range": "<"}.get(sr["status"], "")
-                cells.append(prefix + _fmt(sr["value"]) if sr["value"] is not None else prefix + "min")
+                if sr["value"] is None:  # over the bound at its lowest rate: under that rate, if known
+                    cells.append(prefix + (_fmt(sr["below"]) if sr.get("below") is not None else "min"))
+                else:
+                    cells.append(prefix + _fmt(sr["value"]))
             ratios = [_ratio_cell(results, k, variant, bound) for k in ratio_keys]
             lines.append(f"| {variant} | {bound} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
     lines.append("")

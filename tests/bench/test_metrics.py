@@ -119,3 +119,14 @@ def test_tiered_ratio_statuses():
     assert tiered_ratio({"value": 8.0, "status": "at_least"}, {"value": 8.0, "status": "at_least"}) == \
         (None, "unknown")
     assert tiered_ratio(interp, {"value": None, "status": "below_range"}) == (None, "base_below_range")
+    # a base over the bound at its lowest swept rate (3 req/s) sustains less: tiered / 3 is a lower bound
+    assert tiered_ratio(interp, {"value": None, "status": "below_range", "below": 3.0}) == (4.0 / 3.0, "lower_bound")
+    assert tiered_ratio({"value": None, "status": "below_range", "below": 1.0},
+                        {"value": None, "status": "below_range", "below": 3.0}) == (None, "base_below_range")
+
+
+def test_sustained_rate_below_range_records_the_lowest_rate():
+    from pensieve.bench.metrics import sustained_rate
+
+    r = sustained_rate([6.0, 3.0], [0.2, 0.15], 0.1)
+    assert (r.value, r.status, r.to_json()["below"]) == (None, "below_range", 3.0)

@@ -180,7 +180,7 @@ def bench_swap(engine: LLMEngine, num_tokens: int, variant: str = "dma") -> dict
     t = time.perf_counter()
     for _ in range(10):
         forward(None)
-    sync()
+        sync()
     fwd_s = (time.perf_counter() - t) / 10
 
     def both(pipelined: bool) -> float:
@@ -191,7 +191,8 @@ def bench_swap(engine: LLMEngine, num_tokens: int, variant: str = "dma") -> dict
             wait = runner.transfer.start(plan)
             forward(wait)
             runner.transfer.settle(ran_forward=True)
-        sync()
+            sync()  # as the engine does (it reads the step's sampled tokens); with the host a step ahead,
+            # the next step's copies queue before its metadata uploads on the copy engine
         return (time.perf_counter() - t0) / 10
 
     both(True)

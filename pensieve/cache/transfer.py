@@ -3,7 +3,12 @@
 Swap-ins record one event per layer; layer l's attention waits only for
 event l (pipelined with the forward), and layer l's copies are issued when
 the forward reaches layer l - lookahead, so the host's issue work overlaps
-the GPU. Runs of consecutive blocks go through the copy engines, which take
+the GPU. Nothing bulk is issued before the forward's first layer: the step's
+small metadata uploads ride the same host-to-device copy engine, and on the
+H100 one queued behind the bulk copies held the whole forward back
+(benchmarks/overlap_probe.py: 99% of the copy time hidden with the bulk
+copies alone beside a GEMM loop, 0% once small uploads on the compute stream
+queued behind them). Runs of consecutive blocks go through the copy engines, which take
 no SMs from the forward. Eviction copies whose GPU blocks are reused this
 step must land before the forward starts. Ahead-of-time swap-outs run behind
 everything else on a stream of their own (PCIe is full duplex, and a large
@@ -139,8 +144,7 @@ class KVTransfer:
             self._issue_through(self.num_layers - 1)
             compute.wait_event(self._events[-1])
             return None
-        self._issue_through(self.lookahead - 1)
-        return self._wait_for_layer
+        return self._wait_for_layer  # layer 0's wait issues the first copies, after the step's uploads
 
     def _issue_through(self, layer: int) -> None:
         """Issue the swap-in up to `layer`; after its last layer, the deferred swap-out."""

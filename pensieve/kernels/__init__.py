@@ -1,4 +1,5 @@
-"""Kernels: paged attention, KV store, block copy.
+"""Kernels: paged attention, KV store, block copy, and the decoder layer's fused elementwise ops
+(rotary, residual add + RMSNorm, SiLU-and-mul: `fused.py`, dispatched from pensieve.model.layers).
 
 Each op dispatches to a Triton kernel on CUDA tensors and to a PyTorch
 reference elsewhere (set PENSIEVE_ATTENTION_BACKEND=triton to run the Triton
@@ -28,6 +29,11 @@ def _use_triton(t: torch.Tensor) -> bool:
     if backend == "auto":
         return t.is_cuda
     return backend == "triton"
+
+
+def use_fused_kernels(t: torch.Tensor) -> bool:
+    """The decoder layer's fused Triton kernels (rotary, add + RMSNorm, SiLU-and-mul) for this tensor."""
+    return _use_triton(t)
 
 
 # The Triton modules are imported on first use: @triton.jit fixes interpreter mode when it runs,

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pensieve.kernels import use_fused_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +72,11 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None  # [..., dim], [..., dim]
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if x.dim() == 2 and x.stride(1) == 1 and use_fused_kernels(x):
+            from pensieve.kernels.fused import add_rms_norm
+
+            out, summed = add_rms_norm(x, residual, self.weight, self.eps)
+            return out if summed is None else (out, summed)
         if residual is None:
             return self._norm(x)
         x = x + residual
@@ -91,6 +99,10 @@ class LayerNorm(nn.Module):
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # [T, 2 * I] -> [T, I]
+    if x.stride(-1) == 1 and use_fused_kernels(x):
+        from pensieve.kernels.fused import silu_and_mul_triton
+
+        return silu_and_mul_triton(x)
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
 
@@ -139,6 +151,17 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -
     raise NotImplementedError(f"rope_type {rope_type!r} is not supported")
 
 
+@dataclass(frozen=True)
+class Rope:
+    """One step's rotary inputs, looked up once and used by every layer: the positions and the model's
+    cos/sin table (read directly by the fused kernel), or cos/sin gathered per token [T, 1, D] fp32 (the
+    PyTorch path)."""
+    positions: torch.Tensor
+    table: torch.Tensor
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+
+
 class RotaryEmbedding(nn.Module):
     """Neox-style rotary embedding (rotate halves) from a float32 cos/sin table indexed by position.
 
@@ -156,20 +179,25 @@ class RotaryEmbedding(nn.Module):
         # [max_positions, head_dim]: cos of the half frequencies, then sin.
         self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], dim=-1), persistent=False)
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [T] -> 2 x [T, 1, D] fp32
+    def forward(self, positions: torch.Tensor) -> Rope:  # [T]
+        if use_fused_kernels(positions):
+            return Rope(positions, self.cos_sin)
         cos, sin = self.cos_sin.index_select(0, positions).unsqueeze(1).chunk(2, dim=-1)
-        return torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
+        return Rope(positions, self.cos_sin, torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1))
 
 
 def apply_rotary(
     x: torch.Tensor,    # [T, H, D]: q and k heads together, one pass for both
-    cos: torch.Tensor,  # [T, 1, D] fp32
-    sin: torch.Tensor,  # [T, 1, D] fp32
-) -> torch.Tensor:      # [T, H, D] in x's dtype
+    rope: Rope,
+) -> torch.Tensor:      # [T, H, D] in x's dtype (the fused kernel rotates x in place)
+    if rope.cos is None or rope.sin is None:
+        from pensieve.kernels.fused import rotary_inplace
+
+        return rotary_inplace(x, rope.table, rope.positions)
     xf = x.float()
     x1, x2 = xf.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
-    return torch.addcmul(xf * cos, rotated, sin).to(x.dtype)
+    return torch.addcmul(xf * rope.cos, rotated, rope.sin).to(x.dtype)
 
 
 # ---------------------------------------------------------------- weight loading

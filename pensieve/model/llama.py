@@ -15,7 +15,7 @@ from torch import nn
 
 from pensieve.model.attention import PagedAttention
 from pensieve.model.layers import (
-    Embedding, Linear, RMSNorm, RotaryEmbedding, apply_rotary, load_named_weights, rope_parameters, silu_and_mul,
+    Embedding, Linear, RMSNorm, Rope, RotaryEmbedding, apply_rotary, load_named_weights, rope_parameters, silu_and_mul,
 )
 from pensieve.model.metadata import AttentionMetadata
 
@@ -51,7 +51,7 @@ class LlamaAttention(nn.Module):
 
     def forward(
         self,
-        rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin [T, 1, D] fp32
+        rope: Rope,
         x: torch.Tensor,                          # [T, hidden]
         kv_cache: torch.Tensor,                   # [num_blocks, 2, block_size, Hkv, D]
         meta: AttentionMetadata,
@@ -62,7 +62,7 @@ class LlamaAttention(nn.Module):
         v = qkv[:, self.q_size + self.kv_size :]
         if self.q_norm is not None and self.k_norm is not None:
             qk = torch.cat([self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])], dim=1)
-        qk = apply_rotary(qk, *rope)
+        qk = apply_rotary(qk, rope)
         # Strided views, no copies: the kernels take any row stride.
         q, k = qk[:, :H].reshape(T, self.q_size), qk[:, H:].reshape(T, self.kv_size)
         return self.o_proj(self.attn(q, k, v, kv_cache, meta))
@@ -92,7 +92,7 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(
         self,
-        rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin [T, 1, D]
+        rope: Rope,
         x: torch.Tensor,                    # [T, hidden]: this layer's input before the residual add
         residual: torch.Tensor | None,      # [T, hidden]: the residual stream (None for layer 0)
         kv_cache: torch.Tensor,

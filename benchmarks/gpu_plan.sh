@@ -12,8 +12,8 @@
 # for the cache to reach steady state.
 # Timing, as measured in stop 9: each point takes 110-125 s (engine start, warm-up, 45 s of arrivals,
 # drain); a 13B checkpoint builds in 30-45 s (once per machine: a warm machine keeps /tmp). Budget
-# 125 s per point. The synthetic workload's seed follows the rate's position in --rates: a point is
-# comparable only with points at the same position, so every system of one comparison gets the same list.
+# 125 s per point. A point's workload follows its rate (`point_seed`; before stop 9's last commits it
+# followed the rate's position in --rates), so sweeps split across calls merge point by point.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 OUT=${OUT:-benchmarks/results}

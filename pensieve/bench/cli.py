@@ -202,6 +202,12 @@ def synthetic_spec(args: argparse.Namespace) -> SyntheticSpec:
                          sigma_input=base.sigma_input, sigma_output=base.sigma_output)
 
 
+def point_seed(seed: int, rate: float) -> int:
+    """A rate point's seed, from the rate itself rather than its place in --rates: a point's conversations
+    and arrivals are the same in every sweep that includes its rate (runs split across calls merge)."""
+    return int(np.random.SeedSequence([seed, int(round(rate * 1_000_000))]).generate_state(1)[0])
+
+
 class ConversationSource:
     """The conversations of each rate point: the same for every system; disjoint between rate points so that
     no system can reuse a previous point's cache by content."""
@@ -233,7 +239,7 @@ class ConversationSource:
     def for_point(self, cfg: WorkloadConfig, point_index: int) -> list[Conversation]:
         n = num_arrivals(cfg)
         if self.real is None:
-            return generate_synthetic(synthetic_spec(self.args), n, self.vocab, seed=self.args.seed * 1000 + point_index,
+            return generate_synthetic(synthetic_spec(self.args), n, self.vocab, seed=cfg.seed,
                                       max_context=self.args.max_context, max_input_tokens=self.args.max_input_tokens,
                                       max_output_tokens=self.args.max_output_tokens, id_prefix=f"p{point_index}")
         if self.used + n > len(self.real):
@@ -250,6 +256,7 @@ def workload_record(args: argparse.Namespace, rates: Sequence[float]) -> dict[st
         "dataset": args.dataset, "dataset_path": args.dataset_path, "rates": list(rates),
         "think_time_mean_s": args.think_time, "duration_s": args.duration, "time_limit_s": args.time_limit,
         "max_conversations": args.max_conversations, "warmup_s": args.warmup, "seed": args.seed,
+        "point_seeds": {f"{r:g}": point_seed(args.seed, r) for r in rates},
         "max_context": args.max_context, "max_input_tokens": args.max_input_tokens,
         "max_output_tokens": args.max_output_tokens, "api": args.api, "end_conversations": args.end_conversations,
     }
@@ -315,7 +322,7 @@ async def bench_async(args: argparse.Namespace, extra: dict[str, Any] | None = N
             points[spec.name] = []
             for i, rate in enumerate(rates):
                 cfg = WorkloadConfig(rate=rate, think_time_mean=args.think_time, duration=args.duration or None,
-                                     max_conversations=args.max_conversations, seed=args.seed + i)
+                                     max_conversations=args.max_conversations, seed=point_seed(args.seed, rate))
                 if i not in workloads:
                     workloads[i] = source.for_point(cfg, i)
                     dataset_stats[f"{rate:g}"] = conversation_stats(workloads[i], source.encode)

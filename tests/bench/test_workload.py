@@ -59,3 +59,24 @@ def test_schedule_is_deterministic_and_complete():
 def test_turn_prompt_appends_ids():
     assert append_turn_prompt([1, 2, 3], [9, 8]) == [1, 2, 3, 9, 8]
     assert append_turn_prompt([], (4,)) == [4]
+
+
+def test_a_rate_point_has_the_same_workload_in_any_sweep():
+    """Seeds follow the rate, not its place in --rates: runs split across device calls merge point by point."""
+    import argparse
+
+    from pensieve.bench.cli import ConversationSource, add_bench_arguments, point_seed
+
+    parser = argparse.ArgumentParser()
+    add_bench_arguments(parser)
+    args = parser.parse_args(["--duration", "5", "--seed", "3"])
+    source = ConversationSource(args, None)
+
+    def point(rate: float, index: int):
+        cfg = WorkloadConfig(rate=rate, think_time_mean=1.0, duration=5.0, seed=point_seed(args.seed, rate))
+        convs = source.for_point(cfg, index)
+        return [(c.turns, c.system) for c in convs], [(s.start_time, s.think_times) for s in build_schedule(convs, cfg)]
+
+    assert point(6.0, 1) == point(6.0, 0)          # "--rates 3,6" and "--rates 6" agree at 6 conv/s
+    assert point(3.0, 0)[0] != point(6.0, 0)[0][:len(point(3.0, 0)[0])]  # and rate points differ
+    assert point_seed(3, 6.0) != point_seed(4, 6.0)

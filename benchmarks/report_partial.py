@@ -5,6 +5,9 @@ per system, by rate).
 
     python benchmarks/report_partial.py RUN_DIR/partial.json --device "NVIDIA H100 80GB HBM3" \\
         --command "$(cat RUN_DIR/command.txt)" --out RUN_DIR
+
+An input may keep only some of its points: `run2/partial.json:stateless@6,gpu` takes stateless at 6 conv/s
+and every gpu point of that run (a repeat measured in two runs must come from one of them).
 """
 from __future__ import annotations
 
@@ -18,9 +21,21 @@ from pensieve.bench.metrics import headline  # noqa: E402
 from pensieve.bench.report import write_report  # noqa: E402
 
 
+def parse_input(spec: str) -> tuple[Path, set[tuple[str, float | None]] | None]:
+    """'run/partial.json:tiered,stateless@6' -> (path, {("tiered", None), ("stateless", 6.0)}); no ':' keeps all."""
+    path, sep, sel = spec.partition(":")
+    if not sep:
+        return Path(path), None
+    keep: set[tuple[str, float | None]] = set()
+    for item in filter(None, sel.split(",")):
+        system, at, rate = item.partition("@")
+        keep.add((system, float(rate) if at else None))
+    return Path(path), keep
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("partial", type=Path, nargs="+")
+    ap.add_argument("partial", nargs="+", help="PATH or PATH:SYSTEM[@RATE],... (the points to keep)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--device", required=True)
     ap.add_argument("--command", required=True, help="the command that produced the run")
@@ -30,12 +45,15 @@ def main() -> int:
     args = ap.parse_args()
     points: dict[str, list[dict]] = {}
     errors: dict[str, str] = {}
-    for path in args.partial:
+    for spec in args.partial:
+        path, keep = parse_input(spec)
         partial = json.loads(path.read_text())
         errors.update(partial.get("errors", {}))
         for system, pts in partial["points"].items():
             merged = {p["rate"]: p for p in points.get(system, [])}
             for p in pts:
+                if keep is not None and (system, None) not in keep and (system, float(p["rate"])) not in keep:
+                    continue
                 if p["rate"] in merged:
                     raise SystemExit(f"{system} @ {p['rate']} is in more than one run")
                 merged[p["rate"]] = p

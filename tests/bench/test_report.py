@@ -40,3 +40,17 @@ def test_write_report(tmp_path):
     assert json.loads(paths["records"].read_text().splitlines()[0])["point"] == "tiered@0.5"
     with pytest.raises(ValueError, match="lack"):
         write_report({"device": "cpu"}, tmp_path / "bad")
+
+
+def test_report_partial_input_selection():
+    """`PATH:SYSTEM[@RATE],...` keeps those points of one partial run (a repeat must come from one run)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "report_partial", Path(__file__).resolve().parents[2] / "benchmarks" / "report_partial.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.parse_input("run/partial.json") == (Path("run/partial.json"), None)
+    assert mod.parse_input("run/partial.json:tiered,stateless@6") == (
+        Path("run/partial.json"), {("tiered", None), ("stateless", 6.0)})

@@ -171,14 +171,13 @@ def main() -> int:
     result["timelines"] = []
     layers = engine.runner.transfer.num_layers
     for variant, lookahead in (("dma", 2), ("dma", layers), ("kernel8", 2)):
-        if True:
-            engine.runner.transfer.lookahead = lookahead
-            t = timeline(engine, variant, 4096)
-            t["lookahead"] = lookahead
-            result["timelines"].append(t)
-            print({k: v for k, v in t.items() if k not in ("copies", "compute_gaps")}, flush=True)
-            print("  copies (start us, dur us):", [(a, d) for a, d, _ in t["copies"][:40]], flush=True)
-            print("  compute gaps (at us, len us):", t["compute_gaps"][:20], flush=True)
+        engine.runner.transfer.lookahead = lookahead
+        t = timeline(engine, variant, 4096)
+        t["lookahead"] = lookahead
+        result["timelines"].append(t)
+        print({k: v for k, v in t.items() if k not in ("copies", "compute_gaps")}, flush=True)
+        print("  copies (start us, dur us):", [(a, d) for a, d, _ in t["copies"][:40]], flush=True)
+        print("  compute gaps (at us, len us):", t["compute_gaps"][:20], flush=True)
     engine.runner.transfer.lookahead = 2
     (out / "probe.json").write_text(json.dumps(result, indent=1))
     return 0

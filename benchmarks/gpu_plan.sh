@@ -30,7 +30,10 @@ case "$N" in
         tests/kernels tests/model/test_models_gpu.py tests/engine/test_sampler.py tests/engine/test_async_engine.py \
         tests/engine/test_profiling.py tests/engine/test_engine_process.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
       timeout 240 python3 benchmarks/engine_bench.py --models llama-3.1-8b --skip-prefill --decode-batches 1,8 \
-        --swap-variants dma,dma-all,kernel8,kernel8-all --out "$RUNS/engine-tuning" ;;
+        --swap-variants dma,dma-all,kernel8,kernel8-all --keep-ckpt --out "$RUNS/engine-tuning"
+      # the fused decoder kernels' A/B: the same decode steps with the PyTorch ops
+      PENSIEVE_FUSED_KERNELS=0 timeout 120 python3 benchmarks/engine_bench.py --models llama-3.1-8b --skip-prefill \
+        --decode-batches 1,8 --swap-variants dma --out "$RUNS/engine-tuning-unfused" ;;
   1)  # stateless on the current code at the headline's rates (tiered: r18-26 of stop 9), one list for both
       timeout 560 $MT $GQA --systems stateless --rates 14,18,22,26 --stop-above 0.15 --out "$RUNS/gqa10-stateless" ;;
   2)  # tiered and gpu past 26 conv/s, same list

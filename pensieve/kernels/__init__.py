@@ -32,8 +32,9 @@ def _use_triton(t: torch.Tensor) -> bool:
 
 
 def use_fused_kernels(t: torch.Tensor) -> bool:
-    """The decoder layer's fused Triton kernels (rotary, add + RMSNorm, SiLU-and-mul) for this tensor."""
-    return _use_triton(t)
+    """The decoder layer's fused Triton kernels (rotary, add + RMSNorm, SiLU-and-mul) for this tensor.
+    PENSIEVE_FUSED_KERNELS=0 keeps the PyTorch ops (the benchmark's A/B of the fusion)."""
+    return _use_triton(t) and os.environ.get("PENSIEVE_FUSED_KERNELS", "1") != "0"
 
 
 # The Triton modules are imported on first use: @triton.jit fixes interpreter mode when it runs,

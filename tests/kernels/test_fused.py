@@ -90,3 +90,13 @@ def test_llama_forward_with_fused_kernels_matches_reference(monkeypatch: pytest.
         assert ref.outputs[0].token_ids == fused.outputs[0].token_ids
         for (lp_ref, _), (lp_fused, _) in zip(ref.outputs[0].logprobs, fused.outputs[0].logprobs):
             assert abs(lp_ref - lp_fused) < 1e-4
+
+
+def test_fused_kernels_can_be_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pensieve.kernels import use_fused_kernels
+
+    monkeypatch.setenv("PENSIEVE_ATTENTION_BACKEND", "triton")
+    t = torch.zeros(1)
+    assert use_fused_kernels(t)
+    monkeypatch.setenv("PENSIEVE_FUSED_KERNELS", "0")
+    assert not use_fused_kernels(t)

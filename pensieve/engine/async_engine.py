@@ -164,14 +164,13 @@ class AsyncEngine:
         if not self._running:
             return
 
-        def abort_all() -> None:
-            for rid in self._streams.ids():
-                self._abort_on_engine(rid)
-            path = self.config.cache.persist_path
-            if path is not None:  # the cache outlives the process
-                log.info("saved %d cached KV blocks to %s", self.engine.save_cache(path), path)
+        def close() -> None:
+            outputs, saved = self.engine.close(self._streams.ids())
+            self._streams.deliver(outputs)
+            if saved is not None:
+                log.info("saved %d cached KV blocks to %s", saved, self.config.cache.persist_path)
 
-        await asyncio.get_running_loop().run_in_executor(None, self._call, abort_all)
+        await asyncio.get_running_loop().run_in_executor(None, self._call, close)
         self._running = False
         self._wake.set()
         await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10)

@@ -124,13 +124,9 @@ class _EngineLoop:
             _, call_id, num_steps = msg
             self.engine.profile_steps(num_steps, lambda report: self.results.send(("reply", call_id, report, None)))
         elif kind == "shutdown":
-            for rid in sorted(self.live):
-                out = self.engine.abort_request(rid)
-                if out is not None:
-                    self.results.send(("step", [out], self.engine.stats()))
-            saved = None
-            if self.engine.config.cache.persist_path is not None:  # the cache outlives the process
-                saved = self.engine.save_cache(self.engine.config.cache.persist_path)
+            outputs, saved = self.engine.close(sorted(self.live))
+            if outputs:
+                self.results.send(("step", outputs, self.engine.stats()))
             self.results.send(("bye", saved))
             return False
         return True

@@ -15,7 +15,6 @@ from pensieve.cache.policy import LRUPolicy, ProfiledCost, RecomputeCost, Retent
 from pensieve.config import EngineConfig
 from pensieve.engine.detokenizer import IncrementalDetokenizer, StopChecker
 from pensieve.engine.model_runner import ModelRunner
-from pensieve.engine.profiling import StepWindow
 from pensieve.engine import profiling
 from pensieve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from pensieve.engine.scheduler import Scheduler, StepPlan
@@ -140,7 +139,7 @@ class LLMEngine:
         self._step_seconds = dict.fromkeys((*STEP_PATHS, "copying"), 0.0)
         self._step_gpu_seconds = dict.fromkeys(STEP_PATHS, 0.0)
         self._slow_steps = 0
-        self._window: StepWindow | None = None   # a profile window being counted
+        self._window: profiling.StepWindow | None = None   # a profile window being counted
         self._prompt_tokens = 0
         self._generation_tokens = 0
         self._finished = 0
@@ -231,7 +230,7 @@ class LLMEngine:
 
     def watch_steps(self, num_steps: int, done: Callable[[str], None]) -> None:
         """Call `done` with a summary ('K steps in W s: {path: n}') after the next `num_steps` busy steps."""
-        self._window = StepWindow(num_steps, done, self.device.type == "cuda")
+        self._window = profiling.StepWindow(num_steps, done, self.device.type == "cuda")
 
     def profile_steps(self, num_steps: int, done: Callable[[str], None]) -> None:
         """torch.profiler over the next `num_steps` busy steps, run from the thread that steps the
@@ -243,7 +242,7 @@ class LLMEngine:
             prof.__exit__(None, None, None)
             done(profiling.report(summary, prof, cuda))
 
-        self._window = StepWindow(num_steps, finish, cuda, on_begin=prof.__enter__)
+        self._window = profiling.StepWindow(num_steps, finish, cuda, on_begin=prof.__enter__)
 
     def _account_step(self, plan, seconds: float) -> None:
         path = self.runner.last_path
@@ -310,6 +309,14 @@ class LLMEngine:
             for rid in in_flight:
                 self.abort_request(rid)
             return [], f"engine step failed: {exc}"
+
+    def close(self, in_flight: Iterable[str]) -> tuple[list[RequestOutput], int | None]:
+        """Shutdown: abort `in_flight` (their final outputs are returned for their callers) and, with a
+        persist_path, save the cache there, since it outlives the process. Returns the outputs and the
+        number of blocks saved (None: not saved)."""
+        outputs = [out for rid in in_flight if (out := self.abort_request(rid)) is not None]
+        path = self.config.cache.persist_path
+        return outputs, (self.save_cache(path) if path is not None else None)
 
     def _postprocess(self, plan: StepPlan, result) -> list[RequestOutput]:
         now = time.monotonic()

@@ -34,8 +34,9 @@ class CacheConfig:
     defer_swap_in: bool = True             # with other work running, swap a returning conversation in
                                            # behind this step and compute it next step (keeps CUDA graphs)
     # Copy engines (one memcpy per run of consecutive blocks and layer) when a transfer is at most
-    # this many runs, else the gather kernel. Off by default: on the H100 DMA reached 91-97% of PCIe
-    # but hid 5-9% of its time behind a prefill, the 8-program kernel 76-80% and 48-69% (engine_bench).
+    # this many runs, else the gather kernel. Off until re-measured: on the H100 DMA reached 92-97% of
+    # PCIe (the kernel 75-85%) but seemed to hide little behind a prefill, because the benchmark's
+    # back-to-back steps queued uploads behind the bulk copies (docs/BENCHMARKS.md, stop 9).
     swap_dma_max_runs: int = 0
     ahead_of_time_swap_out: bool = True
     conversation_ttl: float | None = None  # seconds an idle named conversation is kept

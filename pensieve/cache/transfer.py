@@ -5,12 +5,8 @@ event l (pipelined with the forward), and layer l's copies are issued when
 the forward reaches layer l - lookahead, so the host's issue work overlaps
 the GPU. Nothing bulk is issued before the forward's first layer: the step's
 small metadata uploads ride the same host-to-device copy engine, and on the
-H100 one queued behind the bulk copies held the whole forward back
-(benchmarks/overlap_probe.py: 99% of the copy time hidden with the bulk
-copies alone beside a GEMM loop, 0% once small uploads on the compute stream
-queued behind them; issued one per GEMM, interleaved, only 15%: whether the
-engine should issue every layer at the first wait instead is still to be
-measured). Runs of consecutive blocks go through the copy engines, which take
+H100 uploads queued behind bulk copies held the whole forward back
+(benchmarks/overlap_probe.py, docs/BENCHMARKS.md stop 9). Runs of consecutive blocks go through the copy engines, which take
 no SMs from the forward. Eviction copies whose GPU blocks are reused this
 step must land before the forward starts. Ahead-of-time swap-outs run behind
 everything else on a stream of their own (PCIe is full duplex, and a large

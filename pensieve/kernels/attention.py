@@ -228,9 +228,10 @@ def _num_sms(device_index: int) -> int:
 
 def choose_config(
     num_seqs: int, max_query_len: int, max_seq_len: int, num_kv_heads: int, group: int,
-    head_dim: int, decode_only: bool, on_gpu: bool, num_sms: int = 132,
+    head_dim: int, decode_only: bool, on_gpu: bool, num_sms: int = 132, elem_bytes: int = 2,
 ) -> LaunchConfig:
-    """Tile sizes from host ints only (so a decode launch is graph-capturable).
+    """Tile sizes from host ints only (so a decode launch is graph-capturable). elem_bytes: 4 for
+    float32 (tests), whose KV tiles are twice as large: at most 64 positions and 2 stages on a GPU.
 
     GPU (H100): prefill tiles of 128 rows x 128 KV positions, 8 warps, 3 stages, K loaded as rows
     (64 x 32 for head_dim > 128, to fit shared memory); the prefill sweep on an H100 (Llama-3-8B
@@ -255,7 +256,7 @@ def choose_config(
         else:
             splits = min(4, max(1, triton.cdiv(max_seq_len, block_n)))  # exercise the split path in tests
         splits = max(1, splits)
-        return LaunchConfig(block_m, 1, block_n, splits, 4, 3 if d_pad <= 128 else 2)
+        return _fit(LaunchConfig(block_m, 1, block_n, splits, 4, 3 if d_pad <= 128 else 2), on_gpu, elem_bytes)
     if on_gpu:
         big = 128 if d_pad <= 128 else 64
         rows = max(16, triton.next_power_of_2(max(1, max_query_len)) * group_pad)
@@ -269,7 +270,13 @@ def choose_config(
         block_m = max(group_pad, min(64, rows), 16)
         block_n = 32
         num_warps, num_stages, k_nd = 4, 1, False
-    return LaunchConfig(block_m, block_m // group_pad, block_n, 1, num_warps, num_stages, k_nd)
+    return _fit(LaunchConfig(block_m, block_m // group_pad, block_n, 1, num_warps, num_stages, k_nd), on_gpu, elem_bytes)
+
+
+def _fit(config: LaunchConfig, on_gpu: bool, elem_bytes: int) -> LaunchConfig:
+    if on_gpu and elem_bytes > 2:  # float32 KV tiles must still fit shared memory
+        return replace(config, block_n=min(config.block_n, 64), num_stages=min(config.num_stages, 2))
+    return config
 
 
 def paged_attention_triton(
@@ -292,9 +299,7 @@ def paged_attention_triton(
     if config is None:
         sms = _num_sms(q.device.index if q.device.index is not None else torch.cuda.current_device()) if on_gpu else 132
         config = choose_config(num_seqs, meta.max_query_len, meta.max_seq_len, num_kv_heads, group,
-                               head_dim, meta.decode_only, on_gpu, sms)
-        if on_gpu and q.element_size() > 2:  # fp32 (tests): KV tiles twice as large must still fit shared memory
-            config = replace(config, block_n=min(config.block_n, 64), num_stages=min(config.num_stages, 2))
+                               head_dim, meta.decode_only, on_gpu, sms, kv_cache.element_size())
     group_pad = triton.next_power_of_2(group)
     d_pad = triton.next_power_of_2(head_dim)
     decode = meta.decode_only and config.block_q == 1
@@ -348,7 +353,7 @@ def warm_up_attention(kv_cache: torch.Tensor, num_heads: int, dtype: torch.dtype
     # Triton also specialises integer arguments equal to 1 or divisible by 16 (num_seqs here)
     for num_seqs in (1, 3, 16):
         base = choose_config(num_seqs, 1, 1 << 20, num_kv_heads, group, head_dim, True, True, _num_sms(
-            device.index if device.index is not None else torch.cuda.current_device()))
+            device.index if device.index is not None else torch.cuda.current_device()), kv_cache.element_size())
         split_values = sorted({1 << i for i in range(7)})
         for splits in split_values:  # decode: one token per sequence
             meta = _tiny_meta(num_seqs, 1, block_size, device)

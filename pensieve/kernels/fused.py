@@ -6,8 +6,8 @@ engine-tuning/stop9/decode_profile.txt) the norms and elementwise ops took ~1.1 
 about 13 kernels per layer next to the GEMMs and attention. The PyTorch versions in
 pensieve.model.layers stay the reference (CPU runs and tests); these run on CUDA tensors.
 
-Row counts change every step and are kept out of Triton's integer specialisation, so no new variant
-compiles mid-serving.
+Row counts change every step and only size the grid (no kernel argument), so no new variant compiles
+mid-serving.
 """
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import triton
 import triton.language as tl
 
 
-@triton.jit(do_not_specialize=["num_rows"])
+@triton.jit
 def _rotary_kernel(
-    x, cos_sin, positions, num_rows,
+    x, cos_sin, positions,
     stride_xt, stride_xh, stride_cs,
     NUM_HEADS: tl.constexpr, H_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
 ):
@@ -48,15 +48,15 @@ def rotary_inplace(
     if T:
         half = head_dim // 2
         _rotary_kernel[(T,)](
-            x, cos_sin, positions, T, x.stride(0), x.stride(1), cos_sin.stride(0),
+            x, cos_sin, positions, x.stride(0), x.stride(1), cos_sin.stride(0),
             NUM_HEADS=num_heads, H_PAD=triton.next_power_of_2(num_heads), HALF=half,
             HALF_PAD=triton.next_power_of_2(half), num_warps=4 if num_heads * half >= 1024 else 1)
     return x
 
 
-@triton.jit(do_not_specialize=["num_rows"])
+@triton.jit
 def _add_rms_norm_kernel(
-    x, residual, weight, out, new_residual, num_rows, eps,
+    x, residual, weight, out, new_residual, eps,
     stride_x, stride_r, stride_o, stride_n,
     DIM: tl.constexpr, BLOCK: tl.constexpr, ADD: tl.constexpr,
 ):
@@ -89,15 +89,15 @@ def add_rms_norm(
         r = residual if residual is not None else x
         n = new_residual if new_residual is not None else out
         _add_rms_norm_kernel[(T,)](
-            x, r, weight, out, n, T, eps, x.stride(0), r.stride(0), out.stride(0), n.stride(0),
+            x, r, weight, out, n, eps, x.stride(0), r.stride(0), out.stride(0), n.stride(0),
             DIM=dim, BLOCK=block, ADD=residual is not None,
             num_warps=min(16, max(1, block // 256)))
     return out, new_residual
 
 
-@triton.jit(do_not_specialize=["num_rows"])
+@triton.jit
 def _silu_and_mul_kernel(
-    x, out, num_rows, stride_x, stride_o,
+    x, out, stride_x, stride_o,
     INTER: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -118,5 +118,5 @@ def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:  # [T, 2 * I] -> [T, I
     if T:
         block = 1024
         _silu_and_mul_kernel[(T, triton.cdiv(inter, block))](
-            x, out, T, x.stride(0), out.stride(0), INTER=inter, BLOCK=block, num_warps=4)
+            x, out, x.stride(0), out.stride(0), INTER=inter, BLOCK=block, num_warps=4)
     return out

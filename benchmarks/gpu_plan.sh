@@ -24,27 +24,27 @@ GQA="--checkpoint-dir /tmp/gqa --model-shape llama-2-13b-gqa10 $SCALED --gpu-kv-
 OPT="--checkpoint-dir /tmp/opt --model-shape opt-13b $SCALED --gpu-kv-gb 16 --cpu-kv-gb 64 --stop-above 0.15"
 N=${1:-0}
 case "$N" in
-  0)  # correctness on CUDA first (~75 s of tests; the engine-process tests load the model in children),
-      # then the swap-in overlap with the stop-9 fix (uploads before bulk copies, synced steps)
-      PENSIEVE_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q -p no:cacheprovider tests/engine/test_conversation_cache.py \
-        tests/kernels tests/model/test_models_gpu.py tests/engine/test_sampler.py tests/engine/test_async_engine.py \
-        tests/engine/test_profiling.py tests/engine/test_engine_process.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
-      timeout 240 python3 benchmarks/engine_bench.py --models llama-3.1-8b --skip-prefill --decode-batches 1,8 \
+  0)  # the stop-9 changes measured first: swap-in overlap with uploads before bulk copies (synced steps) and the
+      # fused decoder kernels' A/B against the PyTorch ops (PENSIEVE_FUSED_KERNELS=0); then the CUDA tests with what is
+      # left of the call (~75 s of tests; the engine-process tests load the model in children)
+      timeout 230 python3 benchmarks/engine_bench.py --models llama-3.1-8b --skip-prefill --decode-batches 1,8 \
         --swap-variants dma,dma-all,kernel8,kernel8-all --keep-ckpt --out "$RUNS/engine-tuning"
-      # the fused decoder kernels' A/B: the same decode steps with the PyTorch ops
-      PENSIEVE_FUSED_KERNELS=0 timeout 120 python3 benchmarks/engine_bench.py --models llama-3.1-8b --skip-prefill \
-        --decode-batches 1,8 --swap-variants dma --out "$RUNS/engine-tuning-unfused" ;;
+      PENSIEVE_FUSED_KERNELS=0 timeout 110 python3 benchmarks/engine_bench.py --models llama-3.1-8b --skip-prefill \
+        --decode-batches 1,8 --swap-variants dma --keep-ckpt --out "$RUNS/engine-tuning-unfused"
+      PENSIEVE_TEST_DEVICE=cuda timeout 200 python3 -m pytest -q -p no:cacheprovider tests/engine/test_conversation_cache.py \
+        tests/kernels tests/model/test_models_gpu.py tests/engine/test_sampler.py tests/engine/test_async_engine.py \
+        tests/engine/test_profiling.py tests/engine/test_engine_process.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt" ;;
   1)  # stateless on the current code at the headline's rates (tiered: r18-26 of stop 9), one list for both
       timeout 560 $MT $GQA --systems stateless --rates 14,18,22,26 --stop-above 0.15 --out "$RUNS/gqa10-stateless" ;;
   2)  # tiered and gpu past 26 conv/s, same list
       timeout 560 $MT $GQA --systems tiered,gpu --rates 30,34 --out "$RUNS/gqa10-tiered-gpu-30" ;;
   3)  # OPT-13B where the systems cross the bounds (3 and 6 conv/s crossed nothing), one system per call
-      timeout 560 $MT $OPT --systems ${SYSTEM:-tiered} --rates 10,14,18,22 --out "$RUNS/opt-13b-${SYSTEM:-tiered}" ;;
+      timeout 560 $MT $OPT --systems ${SYSTEM:-tiered} --rates ${RATES:-10,16,22} --out "$RUNS/opt-13b-${SYSTEM:-tiered}" ;;
   4)  # ablations where they can bite: a CPU tier smaller than the idle working set (drops), same rate
       timeout 560 $MT ${GQA/--cpu-kv-gb 48/--cpu-kv-gb 8} --systems tiered,tiered-lru,tiered-noaot,tiered-nopipe \
         --rates 18 --out "$RUNS/gqa10-ablations-cpu8" ;;
   5)  # today's common model
-      timeout 560 $MT --checkpoint-dir /tmp/l8b --model-shape llama-3.1-8b $SCALED --gpu-kv-gb 8 --cpu-kv-gb 48 \
+      timeout 560 $MT --checkpoint-dir /tmp/pensieve-ckpt/llama-3.1-8b --model-shape llama-3.1-8b $SCALED --gpu-kv-gb 8 --cpu-kv-gb 48 \
         --systems tiered,stateless --rates 18,26 --out "$RUNS/llama-3.1-8b" ;;
   6)  # the engine in its own process vs on a thread of the benchmark's process, same workload and rate
       timeout 260 $MT $GQA --systems tiered --rates 22 --out "$RUNS/gqa10-tiered-thread"

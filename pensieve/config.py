@@ -34,10 +34,10 @@ class CacheConfig:
     defer_swap_in: bool = True             # with other work running, swap a returning conversation in
                                            # behind this step and compute it next step (keeps CUDA graphs)
     # Copy engines (one memcpy per run of consecutive blocks and layer) when a transfer is at most
-    # this many runs, else the gather kernel. Off until re-measured: on the H100 DMA reached 92-97% of
-    # PCIe (the kernel 75-85%) but seemed to hide little behind a prefill, because the benchmark's
-    # back-to-back steps queued uploads behind the bulk copies (docs/BENCHMARKS.md, stop 9).
-    swap_dma_max_runs: int = 0
+    # this many runs, else the gather kernel. H100, Llama-3.1-8B, stop 10: DMA issued whole at the
+    # forward's first layer moved 85-90% of PCIe and hid 94% / 88% of it (1k / 4k tokens); the
+    # kernel, two layers ahead, 64-81% and 76-82% (docs/BENCHMARKS.md). 0: always the kernel.
+    swap_dma_max_runs: int = 8
     ahead_of_time_swap_out: bool = True
     conversation_ttl: float | None = None  # seconds an idle named conversation is kept
     persist_path: str | None = None        # load the cache from here at start, save it here at shutdown
@@ -57,6 +57,11 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     device: str = "auto"                  # auto | cuda | cpu
     enforce_eager: bool = False           # disable CUDA graphs
+    # Overlap the host's work with the GPU's: while decode step N runs, schedule and launch step N+1
+    # (its tokens taken on the device from N's sampling) and only then read N's tokens back. Outputs
+    # come one step later; a request that stops at step N costs step N+1 one wasted row.
+    # None: on with CUDA (on a CPU nothing runs asynchronously; tests turn it on to check the logic).
+    async_scheduling: bool | None = None
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 320, 384, 512)
     # A mixed step runs as one-token rows through the decode graphs instead of eagerly when its
     # prefill tokens' contexts (re-read once per token) come to at most this many KV bytes and it

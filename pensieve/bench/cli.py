@@ -60,6 +60,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-num-batched-tokens", type=int, default=4096)
     g.add_argument("--enforce-eager", action="store_true")
+    g.add_argument("--async-scheduling", choices=("auto", "on", "off"), default="auto",
+                   help="schedule decode step N+1 while step N runs (auto: on with CUDA)")
     g.add_argument("--url", default=None, help="base URL of a running OpenAI-compatible server (system http)")
     g.add_argument("--served-model", default=None, help="model name at --url (default: the first listed)")
     g.add_argument("--api-key", default=None)
@@ -169,7 +171,8 @@ def engine_config(spec: SystemSpec, args: argparse.Namespace, model_path: str, b
         model=ModelConfig(model=model_path, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed),
         cache=CacheConfig(**cache),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
-        device=args.device, enforce_eager=args.enforce_eager)
+        device=args.device, enforce_eager=args.enforce_eager,
+        async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling])
 
 
 def _write_partial(out_dir: str, points: dict[str, Any], errors: dict[str, str]) -> None:

@@ -1,19 +1,20 @@
 """Moves blocks between the tiers on a side stream, layer by layer.
 
 Swap-ins record one event per layer; layer l's attention waits only for
-event l (pipelined with the forward), and layer l's copies are issued when
-the forward reaches layer l - lookahead, so the host's issue work overlaps
-the GPU. Nothing bulk is issued before the forward's first layer: the step's
-small metadata uploads ride the same host-to-device copy engine, and on the
-H100 uploads queued behind bulk copies held the whole forward back
-(benchmarks/overlap_probe.py, docs/BENCHMARKS.md stop 9). Runs of consecutive blocks go through the copy engines, which take
-no SMs from the forward. Eviction copies whose GPU blocks are reused this
-step must land before the forward starts. Ahead-of-time swap-outs run behind
-everything else on a stream of their own (PCIe is full duplex, and a large
-swap-out must not hold up the next swap-in queued behind it), and are never
-waited for on the hot path: each step's group records an event, polled at
-later steps, and the cache manager unpins a group's blocks once its event has
-fired.
+event l (pipelined with the forward). Runs of consecutive blocks go through
+the copy engines, which take no SMs from the forward, and are issued whole at
+the forward's first layer wait; the gather kernel's per-layer launches are
+issued `lookahead` layers ahead of the layer the forward is launching. Nothing
+bulk is issued before the forward's first layer: the step's small metadata
+uploads ride the same host-to-device copy engine, and on the H100 uploads
+queued behind bulk copies held the whole forward back
+(benchmarks/overlap_probe.py, docs/BENCHMARKS.md stop 9). Eviction copies
+whose GPU blocks are reused this step must land before the forward starts.
+Ahead-of-time swap-outs run behind everything else on a stream of their own
+(PCIe is full duplex, and a large swap-out must not hold up the next swap-in
+queued behind it), and are never waited for on the hot path: each step's
+group records an event, polled at later steps, and the cache manager unpins a
+group's blocks once its event has fired.
 On the CPU every copy is synchronous and nothing needs waiting.
 """
 from __future__ import annotations
@@ -170,7 +171,11 @@ class KVTransfer:
         self._swap_outs.append(done)
 
     def _wait_for_layer(self, layer: int) -> None:
-        self._issue_through(layer + self.lookahead)
+        # DMA copies take no SMs: issued together at the first layer they hid 88-94% behind the
+        # forward on the H100, one layer at a time 63-89%. Kernel copies compete with the forward
+        # for SMs and go `lookahead` layers ahead.
+        ahead = self.num_layers if self._swap_in is not None and self._swap_in.use_dma else self.lookahead
+        self._issue_through(layer + ahead)
         torch.cuda.current_stream().wait_event(self._events[layer])
 
     def issue_rest(self) -> None:

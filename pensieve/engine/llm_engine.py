@@ -14,11 +14,11 @@ from pensieve.cache.manager import KVCacheManager
 from pensieve.cache.policy import LRUPolicy, ProfiledCost, RecomputeCost, RetentionValuePolicy
 from pensieve.config import EngineConfig
 from pensieve.engine.detokenizer import IncrementalDetokenizer, StopChecker
-from pensieve.engine.model_runner import ModelRunner
+from pensieve.engine.model_runner import LaunchedStep, ModelRunner
 from pensieve.engine import profiling
 from pensieve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from pensieve.engine.scheduler import Scheduler, StepPlan
-from pensieve.engine.sequence import Sequence
+from pensieve.engine.sequence import SeqStatus, Sequence
 from pensieve.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,8 @@ class EngineStats:
     steps_copying: int = 0
     step_seconds_copying: float = 0.0
     slow_steps: int = 0
+    # decode steps scheduled and launched while the step before them still ran (async scheduling)
+    steps_overlapped: int = 0
 
 
 SLOW_STEP_S = 0.25   # a step this long is logged with what it held
@@ -74,6 +76,14 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+@dataclass(frozen=True)
+class _Step:
+    """A step launched on the GPU, with what its postprocessing needs once its tokens are read."""
+    plan: StepPlan
+    launched: LaunchedStep
+    started: float   # perf_counter() when its scheduling began
 
 
 @dataclass
@@ -139,11 +149,16 @@ class LLMEngine:
         self._step_seconds = dict.fromkeys((*STEP_PATHS, "copying"), 0.0)
         self._step_gpu_seconds = dict.fromkeys(STEP_PATHS, 0.0)
         self._slow_steps = 0
+        self._overlapped = 0
         self._window: profiling.StepWindow | None = None   # a profile window being counted
         self._prompt_tokens = 0
         self._generation_tokens = 0
         self._finished = 0
         self._last_expiry = float("-inf")
+        self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
+                                 else self.device.type == "cuda")
+        self._inflight: _Step | None = None   # a decode step launched, its tokens not read yet
+        self._last_resolved = 0.0             # perf_counter() when the last step's outputs were made
         log.info("engine ready: %s on %s, %d GPU blocks, %d CPU blocks, mode=%s", mc.model, self.device,
                  self.runner.num_gpu_blocks, self.runner.num_cpu_blocks, config.cache.cache_mode)
 
@@ -196,13 +211,20 @@ class LLMEngine:
         return self._output(t, "abort", None, finished=True)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._inflight is not None
 
     def delete_conversation(self, conversation_id: str) -> bool:
         return self.kv.delete_conversation(conversation_id)
 
     # ------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
+        """One engine iteration; returns the outputs of the steps whose tokens were read back.
+
+        With async scheduling a pure decode step is left running on the GPU: the next call
+        schedules the same sequences' next tokens first (placeholders; the ids stay on the
+        device), launches that step behind it, and only then reads the earlier step's tokens and
+        postprocesses them while the GPU computes. Any other case (new requests, prefill, swaps,
+        penalties that need the tokens on the host) reads the running step back first."""
         ttl = self.config.cache.conversation_ttl
         now = time.monotonic()
         if ttl is not None and now - self._last_expiry >= min(1.0, ttl):  # a scan of every conversation: not every step
@@ -211,22 +233,81 @@ class LLMEngine:
         if self._window is not None:
             self._window.begin_step()
         t0 = time.perf_counter()
-        plan = self.scheduler.schedule()
+        prev, self._inflight = self._inflight, None
+        outputs: list[RequestOutput] = []
+        follow = self._next_decode(prev) if prev is not None else None
+        if follow is not None:
+            seqs, rows = follow
+            plan = self.scheduler.schedule_decode(seqs)
+            launched = self._launch(plan, self.runner.sampled_ids(prev.launched, rows))
+            self._overlapped += 1
+            outputs = self._resolve(prev)
+        else:
+            if prev is not None:
+                outputs = self._resolve(prev)
+            plan = self.scheduler.schedule()
+            launched = self._launch(plan)
+        step = _Step(plan, launched, t0)
+        if self.async_scheduling and self._can_leave_running(plan):
+            self._inflight = step
+        else:
+            outputs += self._resolve(step)
+        return outputs
+
+    def _launch(self, plan: StepPlan, input_ids: torch.Tensor | None = None) -> LaunchedStep:
         try:
-            result = self.runner.execute(plan)
+            return self.runner.launch(plan, input_ids)
         except Exception:
             # leave the pools consistent for whoever handles this (the async engine aborts the batch)
             self.runner.transfer.synchronize()
             self.kv.end_step()
             self.flush_transfers()
             raise
+
+    def _resolve(self, step: _Step) -> list[RequestOutput]:
+        """Read a launched step's tokens back (waits for the GPU) and postprocess them."""
+        result = self.runner.finish(step.launched)
         self.kv.end_step()
         self.kv.swap_outs_done(self.runner.transfer.completed_swap_outs())
-        outputs = self._postprocess(plan, result)
-        self._account_step(plan, time.perf_counter() - t0)
+        outputs = self._postprocess(step.plan, result)
+        now = time.perf_counter()
+        # overlapped steps: the time since the previous step's outputs, so seconds add up to wall time
+        self._account_step(step.plan, now - max(step.started, self._last_resolved))
+        self._last_resolved = now
         if self._window is not None and self._window.end_step(self.runner.last_path):
             self._window = None
         return outputs
+
+    @staticmethod
+    def _can_leave_running(plan: StepPlan) -> bool:
+        """A step may stay on the GPU past this call when it is pure decode and holds no copies
+        whose pins end with the step (a swap-in, an eviction copy)."""
+        t = plan.transfers
+        return (bool(plan.chunks) and all(c.sample and c.num_tokens == 1 for c in plan.chunks)
+                and not t.swap_in and not t.evict_out and not plan.preempted)
+
+    def _next_decode(self, prev: _Step) -> tuple[list[Sequence], list[int]] | None:
+        """The sequences (and their rows of `prev`'s sampled tokens) whose next decode step can be
+        scheduled before `prev`'s tokens are read, or None when this step must read them first."""
+        if self.scheduler.waiting:
+            return None
+        live = [(row, c.seq) for row, c in enumerate(prev.plan.chunks) if c.seq.status is SeqStatus.RUNNING]
+        if len(live) != len(self.scheduler.running):
+            return None   # a running sequence outside the last step: it is not a plain decode
+        rows, seqs, new_blocks = [], [], 0
+        for row, seq in live:
+            p = seq.params
+            if p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
+                return None   # penalties count the output ids: they must be on the host
+            generated = len(seq.output_token_ids) + 1   # with the token being sampled
+            if (p.max_tokens is not None and generated >= p.max_tokens) or seq.num_tokens + 1 >= self.max_model_len:
+                continue      # that token is its last: it stops when read, nothing to schedule
+            rows.append(row)
+            seqs.append(seq)
+            new_blocks += self.kv.blocks_needed(seq.num_tokens + 1) > len(seq.block_table)
+        if not seqs or new_blocks > self.kv.num_free_gpu:
+            return None   # growing would evict cached blocks, a copy the forward must wait for
+        return seqs, rows
 
     def watch_steps(self, num_steps: int, done: Callable[[str], None]) -> None:
         """Call `done` with a summary ('K steps in W s: {path: n}') after the next `num_steps` busy steps."""
@@ -314,7 +395,9 @@ class LLMEngine:
         """Shutdown: abort `in_flight` (their final outputs are returned for their callers) and, with a
         persist_path, save the cache there, since it outlives the process. Returns the outputs and the
         number of blocks saved (None: not saved)."""
-        outputs = [out for rid in in_flight if (out := self.abort_request(rid)) is not None]
+        outputs = self._resolve(self._inflight) if self._inflight is not None else []
+        self._inflight = None
+        outputs += [out for rid in in_flight if (out := self.abort_request(rid)) is not None]
         path = self.config.cache.persist_path
         return outputs, (self.save_cache(path) if path is not None else None)
 
@@ -324,16 +407,19 @@ class LLMEngine:
         sampled = iter(range(len(result.token_ids)))
         for chunk in plan.chunks:
             seq = chunk.seq
-            t = self._tracked[seq.request_id]
+            i = next(sampled) if chunk.sample else -1
+            t = self._tracked.get(seq.request_id)
+            if t is None or t.seq is not seq:
+                continue  # stopped or aborted while this overlapped step ran: its row is dropped
             if t.metrics.first_scheduled_time is None:
                 t.metrics.first_scheduled_time = now
                 self._prompt_tokens += seq.num_prompt_tokens
+            if chunk.sample:  # first: block keys hash the real token, never a placeholder
+                seq.append_token(result.token_ids[i], self.config.cache.block_size)
             self.scheduler.commit_computed(chunk)
             if not chunk.sample:
                 continue
-            i = next(sampled)
             token = result.token_ids[i]
-            seq.append_token(token, self.config.cache.block_size)
             self._generation_tokens += 1
             if t.metrics.first_token_time is None:
                 t.metrics.first_token_time = now
@@ -387,4 +473,5 @@ class LLMEngine:
             finished_requests=self._finished, num_conversations=len(self.kv.conversations),
             **{f"steps_{k}": n for k, n in self._step_counts.items()},
             **{f"step_seconds_{k}": t for k, t in self._step_seconds.items()},
-            **{f"step_gpu_seconds_{k}": t for k, t in self._step_gpu_seconds.items()}, slow_steps=self._slow_steps)
+            **{f"step_gpu_seconds_{k}": t for k, t in self._step_gpu_seconds.items()}, slow_steps=self._slow_steps,
+            steps_overlapped=self._overlapped)

@@ -24,6 +24,15 @@ CPU_DEVICE_KV_BYTES = 1 << 30   # on a CPU-only machine the "GPU" tier is host m
 
 
 @dataclass(frozen=True)
+class LaunchedStep:
+    """A step queued on the GPU whose sampled tokens have not been read back (ModelRunner.finish)."""
+    sampled: SamplerOutput | None                          # device tensors; None: nothing sampled
+    path: str                                              # graph | rows | eager | swapin | idle
+    copied_in: bool                                        # copied a swap-in for the next step behind its forward
+    span: tuple[torch.cuda.Event, torch.cuda.Event] | None  # GPU-queue span, start to sampled tokens (CUDA)
+
+
+@dataclass(frozen=True)
 class StepResult:
     token_ids: list[int]                                   # one per sampling chunk, in plan order
     logprobs: list[tuple[float, dict[int, float]]] | None  # per sampling chunk, when any asked
@@ -55,11 +64,10 @@ class ModelRunner:
                                    config.cache.swap_dma_max_runs)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.force_token_rows = False  # tests: take the one-token-rows layout without graphs
-        self.last_path = "idle"        # how the last step ran: graph | rows | eager | swapin | idle
+        self.last_path = "idle"        # how the last finished step ran: graph | rows | eager | swapin | idle
         self.last_copied_in = False    # the last step copied a swap-in for the next step behind its forward
-        self.last_gpu_seconds = 0.0    # the last step's span on the GPU's queue: execute() start to its sampled tokens
+        self.last_gpu_seconds = 0.0    # the last finished step's span on the GPU's queue: launch to its sampled tokens
         self.kv_bytes_per_token = block_bytes(kv_spec, 1, dtype)
-        self._span = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if self.on_cuda else None
         if self.on_cuda:
             from pensieve.kernels.attention import warm_up_attention
 
@@ -181,9 +189,11 @@ class ModelRunner:
             max_query_len=int(max_q), max_seq_len=int(seq_lens.max()), decode_only=decode_only,
             wait_for_layer=wait)
 
-    def _prepare(self, plan: StepPlan, wait, as_rows: bool) -> tuple[torch.Tensor, AttentionMetadata, torch.Tensor]:
+    def _prepare(self, plan: StepPlan, wait, as_rows: bool,
+                 with_ids: bool = True) -> tuple[torch.Tensor | None, AttentionMetadata, torch.Tensor]:
         """The flattened batch. as_rows: every token is its own one-token query row (same block
-        table, seq_len = its position + 1), so a mixed step can replay a decode CUDA graph."""
+        table, seq_len = its position + 1), so a mixed step can replay a decode CUDA graph.
+        with_ids=False: the caller has the token ids on the device already."""
         bs = self.block_size
         ids: list[int] = []
         pos: list[int] = []
@@ -210,7 +220,7 @@ class ModelRunner:
         max_q = max(b - a for a, b in zip(qsl, qsl[1:]))
         meta = self._metadata(np.array(pos), np.array(qsl), np.array(seq_lens), tables, np.array(slots),
                               max_q, decode_only=max_q == 1, wait=wait)
-        input_ids = self._upload(torch.tensor(ids, dtype=torch.int64))
+        input_ids = self._upload(torch.tensor(ids, dtype=torch.int64)) if with_ids else None
         # uploaded before the forward: a blocking copy after it would stall the host until the forward ends
         rows = self._upload(torch.tensor(logits_rows, dtype=torch.int64))
         return input_ids, meta, rows
@@ -237,48 +247,51 @@ class ModelRunner:
     # ------------------------------------------------------------ execution
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
-        if self._span is not None:
-            self._span[0].record()
+        return self.finish(self.launch(plan))
+
+    @torch.inference_mode()
+    def launch(self, plan: StepPlan, input_ids: torch.Tensor | None = None) -> LaunchedStep:
+        """Queue the step's copies, forward and sampling on the GPU; nothing waits for them here.
+        input_ids: the step's tokens already on the device (an overlapped decode step takes them
+        from the previous step's sampled tokens, which the host has not read yet)."""
+        span = ((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                if self.on_cuda else None)
+        if span is not None:
+            span[0].record()
         wait = self.transfer.start(plan.transfers, used_now=plan.swap_in_now)
         sampling = [c for c in plan.chunks if c.sample]
+        sampled, path = None, "idle"
         if plan.chunks:
             as_rows = wait is None and any(c.num_tokens > 1 for c in plan.chunks) and self._rows_pay_off(plan)
-            input_ids, meta, rows = self._prepare(plan, wait, as_rows)
+            ids, meta, rows = self._prepare(plan, wait, as_rows, with_ids=input_ids is None)
+            ids = ids if input_ids is None else input_ids
             num_rows = meta.num_seqs
             graph_bs = self._graph_size(num_rows) if (meta.decode_only and wait is None) else None
             if graph_bs is not None:
-                hidden = self._replay(graph_bs, input_ids, meta)[:num_rows]
+                hidden = self._replay(graph_bs, ids, meta)[:num_rows]
             else:
-                hidden = self.model(input_ids, meta.positions, self.kv_caches, meta)
-            self.transfer.issue_rest()  # swap-ins for the next step go behind this forward, before sampling syncs
-            result = self._sample(hidden, rows, sampling)
-            self.last_path = ("swapin" if wait is not None else "rows" if as_rows
-                              else "graph" if graph_bs is not None else "eager")
-            self.last_copied_in = bool(plan.transfers.swap_in) and not plan.swap_in_now
-            self.last_gpu_seconds = (self._span[0].elapsed_time(self._span[1]) / 1e3
-                                     if self._span is not None and sampling else 0.0)
-        else:
-            result = StepResult([], None)
-            self.last_path = "idle"
+                hidden = self.model(ids, meta.positions, self.kv_caches, meta)
+            self.transfer.issue_rest()  # swap-ins for the next step go behind this forward, before sampling
+            sampled = self._sample(hidden, rows, sampling)
+            path = "swapin" if wait is not None else "rows" if as_rows else "graph" if graph_bs is not None else "eager"
+        if span is not None:
+            span[1].record()
         self.transfer.settle(ran_forward=bool(plan.chunks))
-        return result
+        copied_in = bool(plan.chunks) and bool(plan.transfers.swap_in) and not plan.swap_in_now
+        return LaunchedStep(sampled, path, copied_in, span if sampling else None)
 
-    def _sample(self, hidden: torch.Tensor, rows: torch.Tensor, chunks) -> StepResult:
-        if not chunks:
+    def finish(self, step: LaunchedStep) -> StepResult:
+        """Wait for a launched step and read its sampled tokens back: the step's only sync."""
+        self.last_path, self.last_copied_in = step.path, step.copied_in
+        self.last_gpu_seconds = 0.0
+        out = step.sampled
+        if out is None:
             return StepResult([], None)
-        logits = self.model.compute_logits(hidden.index_select(0, rows))
-        seqs = [c.seq for c in chunks]
-        params = [s.params for s in seqs]
-        # prompt ids matter only to the repetition penalty: skip copying long prompts otherwise
-        prompts = [s.token_ids[:s.num_prompt_tokens] if p.repetition_penalty != 1.0 else [] for s, p in zip(seqs, params)]
-        batch = SamplingBatch.build(params, prompts, [s.output_token_ids for s in seqs], self.eos_token_ids,
-                                    logits.shape[-1], logits.device)
-        out: SamplerOutput = self.sampler(logits, batch)
-        if self._span is not None:
-            self._span[1].record()
+        if step.span is not None:
             # Wait here, not in .tolist(): an event wait releases the GIL, so the server's event
             # loop runs during the GPU's step instead of contending with this thread after it.
-            self._span[1].synchronize()
+            step.span[1].synchronize()
+            self.last_gpu_seconds = step.span[0].elapsed_time(step.span[1]) / 1e3
         tokens = out.token_ids.tolist()
         logprobs = None
         if out.logprobs is not None:
@@ -287,6 +300,25 @@ class ModelRunner:
             top_lp = out.top_logprobs.tolist() if out.top_logprobs is not None else [[] for _ in tokens]
             logprobs = [(lp[i], dict(zip(top_ids[i], top_lp[i]))) for i in range(len(tokens))]
         return StepResult(tokens, logprobs)
+
+    def sampled_ids(self, step: LaunchedStep, rows: list[int]) -> torch.Tensor:
+        """Rows `rows` of a launched step's sampled tokens, left on the device."""
+        ids = step.sampled.token_ids
+        if rows == list(range(ids.shape[0])):
+            return ids
+        return ids.index_select(0, self._upload(torch.tensor(rows, dtype=torch.int64)))
+
+    def _sample(self, hidden: torch.Tensor, rows: torch.Tensor, chunks) -> SamplerOutput | None:
+        if not chunks:
+            return None
+        logits = self.model.compute_logits(hidden.index_select(0, rows))
+        seqs = [c.seq for c in chunks]
+        params = [s.params for s in seqs]
+        # prompt ids matter only to the repetition penalty: skip copying long prompts otherwise
+        prompts = [s.token_ids[:s.num_prompt_tokens] if p.repetition_penalty != 1.0 else [] for s, p in zip(seqs, params)]
+        batch = SamplingBatch.build(params, prompts, [s.output_token_ids for s in seqs], self.eos_token_ids,
+                                    logits.shape[-1], logits.device)
+        return self.sampler(logits, batch)
 
     # ------------------------------------------------------------ CUDA graphs (decode-only steps)
     def _graph_size(self, batch: int) -> int | None:

@@ -129,6 +129,19 @@ class Scheduler:
         self.kv.plan_swap_out()
         return StepPlan(tuple(chunks), self.kv.take_plan(), tuple(preempted), swap_in_now)
 
+    def schedule_decode(self, seqs: list[Sequence]) -> StepPlan:
+        """An overlapped decode step: one token for each of `seqs`, running sequences whose last
+        token the GPU is still sampling (it enters as a placeholder). The caller checked that the
+        free GPU blocks cover their growth, so no block is evicted and no copy is planned; nobody
+        is admitted (the caller takes this path only with nobody waiting)."""
+        chunks = []
+        for seq in seqs:
+            seq.append_placeholder()
+            grown = self.kv.grow(seq.block_table, seq.num_tokens)
+            assert grown, "schedule_decode needs free blocks for every growth"
+            chunks.append(self._chunk(seq, 1))
+        return StepPlan(tuple(chunks), self.kv.take_plan(), ())
+
     def _chunk(self, seq: Sequence, n: int) -> ScheduledChunk:
         ranges = tuple(seq.take_pending(n))
         return ScheduledChunk(seq, ranges, sample=not seq.pending and ranges[-1][1] == seq.num_tokens)

@@ -32,6 +32,9 @@ class Sequence:
     num_committed_blocks: int = 0         # leading full blocks already offered to the cache
     cache: CacheUsage = field(default_factory=CacheUsage)
     num_preemptions: int = 0
+    # the last token is a placeholder: an overlapped step is computing its KV while the step that
+    # samples it has not been read back yet (see LLMEngine.step)
+    unresolved: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -60,6 +63,20 @@ class Sequence:
         return taken
 
     def append_token(self, token_id: int, block_size: int) -> None:
-        self.token_ids.append(token_id)
-        self.pending.append((self.num_tokens - 1, self.num_tokens))
+        """A sampled token: it becomes the next position to compute, unless an overlapped step
+        already holds it as a placeholder (then it only replaces the placeholder)."""
+        if self.unresolved:
+            self.token_ids[-1] = token_id
+            self.unresolved = False
+        else:
+            self.token_ids.append(token_id)
+            self.pending.append((self.num_tokens - 1, self.num_tokens))
         extend_block_keys(self.block_keys, self.token_ids, block_size)
+
+    def append_placeholder(self) -> None:
+        """The token being sampled on the GPU right now, scheduled before its value is known.
+        Block keys are content hashes: they wait for the real token (append_token)."""
+        assert not self.unresolved and not self.pending, "one token in flight at a time"
+        self.token_ids.append(-1)
+        self.pending.append((self.num_tokens - 1, self.num_tokens))
+        self.unresolved = True

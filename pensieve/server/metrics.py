@@ -38,6 +38,8 @@ _COUNTERS = (
     ("dropped_blocks", "pensieve_dropped_blocks", "Cached blocks dropped from the last tier"),
     ("preemptions", "pensieve_preemptions", "Running requests suspended for lack of blocks"),
     ("finished_requests", "pensieve_finished_requests", "Requests finished by the engine"),
+    ("steps_overlapped", "pensieve_engine_steps_overlapped",
+     "Decode steps launched while the previous step still ran (async scheduling)"),
 )
 
 

@@ -22,13 +22,13 @@ def checkpoint(tmp_path_factory):
 
 
 def make_engine(path, mode: str, num_gpu_blocks: int, num_cpu_blocks: int = 0, max_num_seqs: int = 8,
-                **cache_kw) -> LLMEngine:
+                async_scheduling: bool | None = None, **cache_kw) -> LLMEngine:
     return LLMEngine(EngineConfig(
         model=ModelConfig(model=str(path), max_model_len=256),
         cache=CacheConfig(block_size=BS, cache_mode=mode, num_gpu_blocks=num_gpu_blocks,
                           num_cpu_blocks=num_cpu_blocks, **cache_kw),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=48),
-        device=DEVICE, enforce_eager=DEVICE == "cpu"))
+        device=DEVICE, enforce_eager=DEVICE == "cpu", async_scheduling=async_scheduling))
 
 
 def run_all(engine: LLMEngine) -> dict:
@@ -74,6 +74,9 @@ def stateless_results(checkpoint):
     ("tiered", 32, 128, "swaps", {"ahead_of_time_swap_out": False}),
     # every swap-in read in the step that issues it (layer-wise waits), none deferred to the next step
     ("tiered", 32, 128, "swaps", {"defer_swap_in": False}),
+    # decode steps launched before the previous step's tokens are read (on by default with CUDA)
+    ("tiered", 32, 16, "all", {"async_scheduling": True}),
+    ("gpu", 32, 0, "drops", {"async_scheduling": True}),
 ])
 def test_cached_outputs_equal_stateless(checkpoint, stateless_results, mode, gpu, cpu, expect, knobs):
     engine = make_engine(checkpoint, mode, num_gpu_blocks=gpu, num_cpu_blocks=cpu, swap_out_watermark=0.5, **knobs)
@@ -94,6 +97,7 @@ def test_cached_outputs_equal_stateless(checkpoint, stateless_results, mode, gpu
         assert (s.steps_copying > 0) == knobs.get("defer_swap_in", True)
     if expect in ("drops", "all"):
         assert s.dropped_blocks > 0 and s.recomputed_tokens > 0
+    assert (s.steps_overlapped > 0) == engine.async_scheduling
     engine.check_integrity()
     for i in range(6):
         assert engine.delete_conversation(f"conv{i}")
@@ -247,9 +251,9 @@ def test_mixed_steps_as_one_token_rows_keep_answers(checkpoint, stateless_result
     used = []
     real = engine.runner._prepare
 
-    def spy(plan, wait, as_rows):
+    def spy(plan, wait, as_rows, **kw):
         used.append(as_rows)
-        return real(plan, wait, as_rows)
+        return real(plan, wait, as_rows, **kw)
 
     engine.runner._prepare = spy
     results = converse(engine)

@@ -96,16 +96,16 @@ def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(checkpoint, mon
                                       cache=CacheConfig(num_gpu_blocks=64, num_cpu_blocks=16), device="cpu",
                                       enforce_eager=True))
     runner = engine.engine.runner
-    real = runner.execute
+    real = runner.launch
     calls = {"n": 0}
 
-    def flaky(plan):
+    def flaky(plan, input_ids=None):
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("injected device fault")
-        return real(plan)
+        return real(plan, input_ids)
 
-    monkeypatch.setattr(runner, "execute", flaky)
+    monkeypatch.setattr(runner, "launch", flaky)
     params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
 
     async def main() -> None:

@@ -61,6 +61,8 @@ case "$N" in
         --systems tiered,stateless --rates 18,26 --out "$RUNS/llama-3.1-8b" ;;
   7)  # async scheduling alone
       async_check ;;
+  8)  # async scheduling in serving: tiered with and without it, same workload, the headline's top rates
+      timeout 560 $MT $GQA --systems tiered,tiered-sync --rates 22,26 --out "$RUNS/gqa10-async" ;;
   6)  # the engine in its own process vs on a thread of the benchmark's process, same workload and rate
       timeout 260 $MT $GQA --systems tiered --rates 22 --out "$RUNS/gqa10-tiered-thread"
       timeout 290 $MT $GQA --systems tiered --rates 22 --engine-process --out "$RUNS/gqa10-tiered-process" ;;

@@ -26,6 +26,7 @@ ENGINE_MODES = ("tiered", "gpu", "stateless")
 # Ablation suffixes: `tiered-lru`, `tiered-noaot`, `tiered-nopipe`, combinable (`tiered-lru-noaot`).
 _SUFFIXES = {"lru": ("eviction_policy", "lru"), "retention": ("eviction_policy", "retention"),
              "noaot": ("ahead_of_time_swap_out", False), "nopipe": ("pipelined_swap_in", False)}
+_ENGINE_SUFFIXES = {"sync": ("async_scheduling", False)}   # EngineConfig fields
 
 
 @dataclass(frozen=True)
@@ -34,10 +35,11 @@ class SystemSpec:
     kind: str                          # engine | http | transformers
     cache_mode: str | None = None      # engine systems: CacheConfig.cache_mode
     overrides: tuple[tuple[str, Any], ...] = ()   # CacheConfig fields set by the name's suffixes
+    engine_overrides: tuple[tuple[str, Any], ...] = ()   # EngineConfig fields set by them (-sync)
 
 
 def parse_system(name: str) -> SystemSpec:
-    """`tiered`, `gpu`, `stateless` (+ `-lru`, `-noaot`, `-nopipe` suffixes), `transformers`, `http`."""
+    """`tiered`, `gpu`, `stateless` (+ `-lru`, `-noaot`, `-nopipe`, `-sync` suffixes), `transformers`, `http`."""
     name = name.strip()
     if name == "transformers" or name == "http" or name.startswith("http:"):
         return SystemSpec(name=name, kind="transformers" if name == "transformers" else "http")
@@ -45,12 +47,17 @@ def parse_system(name: str) -> SystemSpec:
     if base not in ENGINE_MODES:
         raise ValueError(f"unknown system {name!r}: use tiered, gpu, stateless (with -lru/-noaot/-nopipe), "
                          "transformers or http")
-    overrides = []
+    overrides, engine_overrides = [], []
     for s in suffixes:
-        if s not in _SUFFIXES:
-            raise ValueError(f"unknown variant suffix {s!r} in {name!r} (known: {', '.join(_SUFFIXES)})")
-        overrides.append(_SUFFIXES[s])
-    return SystemSpec(name=name, kind="engine", cache_mode=base, overrides=tuple(overrides))
+        if s in _ENGINE_SUFFIXES:
+            engine_overrides.append(_ENGINE_SUFFIXES[s])
+        elif s in _SUFFIXES:
+            overrides.append(_SUFFIXES[s])
+        else:
+            raise ValueError(f"unknown variant suffix {s!r} in {name!r} "
+                             f"(known: {', '.join([*_SUFFIXES, *_ENGINE_SUFFIXES])})")
+    return SystemSpec(name=name, kind="engine", cache_mode=base, overrides=tuple(overrides),
+                      engine_overrides=tuple(engine_overrides))
 
 
 _DTYPE_BYTES = {"float32": 4, "float": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "half": 2}

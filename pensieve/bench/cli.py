@@ -172,7 +172,8 @@ def engine_config(spec: SystemSpec, args: argparse.Namespace, model_path: str, b
         cache=CacheConfig(**cache),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
         device=args.device, enforce_eager=args.enforce_eager,
-        async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling])
+        **{"async_scheduling": {"auto": None, "on": True, "off": False}[args.async_scheduling],
+           **dict(spec.engine_overrides)})
 
 
 def _write_partial(out_dir: str, points: dict[str, Any], errors: dict[str, str]) -> None:

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from pensieve.bench.backends import Backend, EngineBackend, HttpBackend, parse_system
-from pensieve.bench.cli import add_bench_arguments, bench_async
+from pensieve.bench.cli import add_bench_arguments, bench_async, engine_config
 from pensieve.bench.datasets import SHAREGPT_SPEC, generate_synthetic, vocab_ids_of
 from pensieve.bench.records import TurnRequest, TurnResult
 from pensieve.bench.runner import run_schedule
@@ -143,6 +143,14 @@ def test_parse_system_variants():
     s = parse_system("tiered-lru-noaot")
     assert s.kind == "engine" and s.cache_mode == "tiered"
     assert dict(s.overrides) == {"eviction_policy": "lru", "ahead_of_time_swap_out": False}
+    s = parse_system("tiered-sync")
+    assert s.overrides == () and dict(s.engine_overrides) == {"async_scheduling": False}
+    parser = argparse.ArgumentParser()
+    add_bench_arguments(parser)
+    args = parser.parse_args(["--async-scheduling", "on"])
+    budget = {"num_gpu_blocks": 64, "num_cpu_blocks": 32}
+    assert engine_config(s, args, "m", budget).async_scheduling is False          # the suffix wins
+    assert engine_config(parse_system("tiered"), args, "m", budget).async_scheduling is True
     assert parse_system("transformers").kind == "transformers"
     assert parse_system("http").kind == "http"
     with pytest.raises(ValueError):

@@ -31,6 +31,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=4096)
     g.add_argument("--max-waiting", type=int, default=4096, help="refuse new requests (503) while this many wait")
     g.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="schedule the next decode step while the GPU runs this one (default: on with CUDA)")
     c = parser.add_argument_group("KV cache")
     c.add_argument("--cache-mode", choices=("stateless", "gpu", "tiered"), default="tiered")
     c.add_argument("--block-size", type=int, default=16)
@@ -57,7 +59,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
                           persist_path=args.kv_cache_path),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_waiting=args.max_waiting),
-        device=args.device, enforce_eager=args.enforce_eager)
+        device=args.device, enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling)
 
 
 def parse_api_keys(values: Sequence[str] | None, env: str | None) -> tuple[str, ...]:

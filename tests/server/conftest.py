@@ -64,7 +64,8 @@ def server() -> Iterator[ServerHandle]:
         model=ModelConfig(model=model, dtype="float32", max_model_len=MAX_MODEL_LEN),
         cache=CacheConfig(num_gpu_blocks=256, num_cpu_blocks=256, cache_mode="tiered"),
         scheduler=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=1024),
-        device="cpu")
+        # as on a GPU, where it is the default: decode steps overlap, outputs come a step later
+        device="cpu", async_scheduling=True)
     engine = AsyncEngine(config)
     port = free_port()
     app = build_app(engine, ServerSettings(port=port, api_keys=(KEY_A, KEY_B), served_model_names=("demo",)))

@@ -24,9 +24,9 @@ GQA="--checkpoint-dir /tmp/gqa --model-shape llama-2-13b-gqa10 $SCALED --gpu-kv-
 OPT="--checkpoint-dir /tmp/opt --model-shape opt-13b $SCALED --gpu-kv-gb 16 --cpu-kv-gb 64 --stop-above 0.15"
 N=${1:-0}
 async_check() {  # async scheduling on CUDA: its tests, then the decode steps with it off and on (A/B)
-  PENSIEVE_TEST_DEVICE=cuda timeout 120 python3 -m pytest -q -p no:cacheprovider tests/engine/test_async_scheduling.py \
+  PENSIEVE_TEST_DEVICE=cuda timeout 110 python3 -m pytest -q -p no:cacheprovider tests/engine/test_async_scheduling.py \
     tests/engine/test_conversation_cache.py 2>&1 | tail -6 | tee "$OUT/gpu_tests_async.txt"
-  timeout 130 python3 benchmarks/engine_bench.py --models llama-3.1-8b --skip-prefill --decode-batches 1,8,32 \
+  timeout 140 python3 benchmarks/engine_bench.py --models llama-3.1-8b --skip-prefill --decode-batches 1,8,32 \
     --swap-variants dma --keep-ckpt --out "$RUNS/engine-async"
 }
 case "$N" in
@@ -44,15 +44,8 @@ case "$N" in
       timeout 560 $MT $GQA --systems stateless --rates 14,18,22,26 --stop-above 0.15 --out "$RUNS/gqa10-stateless" ;;
   2)  # tiered and gpu past 26 conv/s, same list
       timeout 560 $MT $GQA --systems tiered,gpu --rates 30,34 --out "$RUNS/gqa10-tiered-gpu-30" ;;
-  3)  # OPT-13B where the systems cross the bounds (3 and 6 conv/s crossed nothing), one system per call.
-      # Stop 10 ran tiered and stateless on the code before async scheduling; its gpu call checks async
-      # scheduling first and runs gpu with it off (the same engine as theirs) at the two lower rates.
-      LIMIT=560 EXTRA=""
-      if [ "${SYSTEM:-tiered}" = gpu ]; then
-        async_check
-        LIMIT=290 RATES=${RATES:-10,16} EXTRA="--async-scheduling off"
-      fi
-      timeout $LIMIT $MT $OPT --systems ${SYSTEM:-tiered} --rates ${RATES:-10,16,22} $EXTRA --out "$RUNS/opt-13b-${SYSTEM:-tiered}" ;;
+  3)  # OPT-13B where the systems cross the bounds (3 and 6 conv/s crossed nothing), one system per call
+      timeout 560 $MT $OPT --systems ${SYSTEM:-tiered} --rates ${RATES:-10,16,22} --out "$RUNS/opt-13b-${SYSTEM:-tiered}" ;;
   4)  # ablations where they can bite: a CPU tier smaller than the idle working set (drops), same rate
       timeout 560 $MT ${GQA/--cpu-kv-gb 48/--cpu-kv-gb 8} --systems tiered,tiered-lru,tiered-noaot,tiered-nopipe \
         --rates 18 --out "$RUNS/gqa10-ablations-cpu8" ;;
@@ -63,6 +56,9 @@ case "$N" in
       async_check ;;
   8)  # async scheduling in serving: tiered with and without it, same workload, the headline's top rates
       timeout 560 $MT $GQA --systems tiered,tiered-sync --rates 22,26 --out "$RUNS/gqa10-async" ;;
+  9)  # stop 10's last call: async scheduling's CUDA tests and decode A/B, then serving with and without it at 26
+      async_check
+      timeout 300 $MT $GQA --systems tiered,tiered-sync --rates 26 --out "$RUNS/gqa10-async-r26" ;;
   6)  # the engine in its own process vs on a thread of the benchmark's process, same workload and rate
       timeout 260 $MT $GQA --systems tiered --rates 22 --out "$RUNS/gqa10-tiered-thread"
       timeout 290 $MT $GQA --systems tiered --rates 22 --engine-process --out "$RUNS/gqa10-tiered-process" ;;

@@ -276,14 +276,18 @@ class KVCacheManager:
         now = self.clock()
         scores = self.policy.scores(self.g_last[cand], self.g_pos[cand], now)
         order = lowest(scores, k)
-        # the most valuable of the chosen get CPU blocks first, in case the CPU tier runs short
+        # The most valuable of the chosen get CPU blocks first, in case the CPU tier runs short.
+        # Only free CPU blocks: a copy made ahead of time duplicates a block the GPU still holds,
+        # and dropping CPU-only content for it loses data now to save a copy that may never be
+        # needed. With the CPU tier full, eviction copies instead and drops the least valuable
+        # then (on the H100 with an 8 GB CPU tier, dropping for ahead-of-time copies recomputed
+        # ~10% more tokens than copying at eviction: docs/BENCHMARKS.md, stop 10 ablations).
         chosen, cpu_blocks = [], []
         for j in order[::-1]:
-            c = self._allocate_cpu(float(scores[j]), now)
-            if c is None:
+            if not self.c_free:
                 break
             chosen.append(int(cand[j]))
-            cpu_blocks.append(c)
+            cpu_blocks.append(self.c_free.pop())
         # paired in ascending order on both sides, a conversation's blocks stay runs of consecutive
         # ids in both tiers, and its swap-in later is a few DMA copies per layer
         for b, c in zip(sorted(chosen), sorted(cpu_blocks)):

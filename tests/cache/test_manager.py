@@ -155,6 +155,28 @@ def test_cpu_full_drops_the_least_valuable_and_reports_recompute():
     kv.check_integrity()
 
 
+def test_swap_out_ahead_of_time_never_drops_cpu_content():
+    """With the CPU tier full of blocks only it holds, ahead-of-time copies wait: the GPU blocks
+    stay unbacked and nothing is dropped until an eviction needs the space."""
+    kv, clock = make(6, 2, mode="tiered", swap_out_watermark=1.0)
+    run_turn(kv, list(range(9)), conv="old")          # 2 full blocks
+    kv.plan_swap_out()
+    assert len(kv.take_plan().swap_out) == 2          # copied to the 2 free CPU blocks
+    finish_step(kv)
+    clock.t = 1.0
+    run_turn(kv, [500 + i for i in range(24)], conv="big")   # needs every GPU block: "old" leaves the GPU
+    assert kv.num_used_cpu == 2 and all(kv.g_cpu[b] < 0 for b in range(6) if kv.g_evictable[b])
+    dropped = kv.counters.dropped_blocks
+    clock.t = 2.0
+    kv.plan_swap_out()                                 # the CPU tier holds only "old": no copy, no drop
+    assert not kv.take_plan().swap_out and kv.counters.dropped_blocks == dropped
+    finish_step(kv)
+    clock.t = 3.0
+    adm, plan, _ = run_turn(kv, [900 + i for i in range(13)])  # evicts "big" blocks: copies at eviction
+    assert plan.evict_out and kv.num_used_cpu == 2
+    kv.check_integrity()
+
+
 def test_delete_conversation_frees_both_tiers():
     kv, clock = make(8, 8, mode="tiered", swap_out_watermark=1.0)
     run_turn(kv, list(range(17)), conv="x")

@@ -182,8 +182,9 @@ def test_context_is_capped_to_what_the_pool_can_hold(checkpoint):
 
 def test_slow_swap_outs_never_change_answers(checkpoint, stateless_results, monkeypatch):
     """Swap-outs that land several steps late (as on a busy copy stream) keep their blocks pinned
-    meanwhile; answers stay equal and nothing leaks."""
-    engine = make_engine(checkpoint, "tiered", num_gpu_blocks=32, num_cpu_blocks=16, swap_out_watermark=0.5)
+    meanwhile; answers stay equal and nothing leaks. (A roomy CPU tier: ahead-of-time copies only
+    take free CPU blocks, and a full one would leave few groups to hold.)"""
+    engine = make_engine(checkpoint, "tiered", num_gpu_blocks=32, num_cpu_blocks=128, swap_out_watermark=0.5)
     transfer = engine.runner.transfer
     real = transfer.completed_swap_outs
     steps = {"n": 0}

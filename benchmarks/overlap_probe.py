@@ -131,7 +131,7 @@ def timeline(engine, variant: str, tokens: int) -> dict:
                 compute_gaps=gaps[:40], compute_end_us=round(ku[-1][1] - t0))
 
 
-def decode_profile(engine, batch: int = 8, ctx: int = 1024) -> str:
+def decode_profile(engine, batch: int = 8, ctx: int = 1024, rows: int = 30) -> str:
     cfg = engine.hf_config
     params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
     for i in range(batch):
@@ -151,17 +151,33 @@ def decode_profile(engine, batch: int = 8, ctx: int = 1024) -> str:
     busy = sum(b - a for a, b in ku)
     span = ku[-1][1] - ku[0][0]
     drain(engine)
-    head = f"decode batch {batch}: GPU busy {busy / 10:.0f} us of {span / 10:.0f} us per step"
-    return profiling.report(head, prof, True, rows=30)
+    gaps = sorted(((b[0] - a[1]) for a, b in zip(ku, ku[1:])), reverse=True)
+    head = (f"decode batch {batch}, async scheduling {engine.async_scheduling}: GPU busy {busy / 10:.0f} us of "
+            f"{span / 10:.0f} us per step; idle gaps over 20 us: {sum(g > 20 for g in gaps) / 10:.1f} per step, "
+            f"largest {[round(g) for g in gaps[:8]]} us")
+    return profiling.report(head, prof, True, rows=rows)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--model", default="llama-3.1-8b")
+    ap.add_argument("--decode-only", action="store_true",
+                    help="only profile decode steps, with async scheduling off and on, at --batches")
+    ap.add_argument("--batches", default="1,8")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.decode_only:
+        engine = engine_for(build(args.model, Path("/tmp/pensieve-ckpt")), num_cpu_blocks=1024)
+        reports = []
+        for batch in map(int, args.batches.split(",")):
+            for overlap in (False, True):
+                engine.async_scheduling = overlap
+                reports.append(decode_profile(engine, batch, rows=18))
+                print(reports[-1].splitlines()[0], flush=True)
+        (out / "decode_profile_async.txt").write_text("\n\n".join(reports))
+        return 0
     result: dict = {"device": torch.cuda.get_device_name(), "hardware": hardware()}
     for r in result["hardware"]:
         print(r, flush=True)

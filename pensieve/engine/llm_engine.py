@@ -208,6 +208,11 @@ class LLMEngine:
         if t is None:
             return None
         self.scheduler.remove(request_id)
+        if not self._tracked and self._inflight is not None:
+            # nothing left for the step still running: wait for it (its rows are dropped), so the
+            # engine is idle now rather than after one more step() call
+            self._resolve(self._inflight)
+            self._inflight = None
         return self._output(t, "abort", None, finished=True)
 
     def has_unfinished(self) -> bool:

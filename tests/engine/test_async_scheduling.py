@@ -130,3 +130,18 @@ def test_growth_that_would_evict_reads_back_first(checkpoint):
     assert stats.dropped_blocks > 0   # the cached blocks were evicted on the way
     for rid in outs[False]:
         assert reply(outs[True][rid]) == reply(outs[False][rid]), rid
+
+
+def test_aborting_everything_leaves_the_engine_idle(checkpoint):
+    """The last abort also settles the decode step left running: nothing unfinished, no block held."""
+    engine = make_engine(checkpoint, async_scheduling=True)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    for i in range(3):
+        engine.add_request(f"x{i}", prompt(50 + i, 12), params)
+    while engine.stats().steps_overlapped < 2:
+        engine.step()
+    assert engine.has_unfinished() and engine.kv.num_used_gpu > 0
+    for i in range(3):
+        assert engine.abort_request(f"x{i}").outputs[0].finish_reason == "abort"
+    assert not engine.has_unfinished() and engine.kv.num_used_gpu == 0
+    engine.check_integrity()

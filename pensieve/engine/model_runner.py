@@ -27,6 +27,7 @@ CPU_DEVICE_KV_BYTES = 1 << 30   # on a CPU-only machine the "GPU" tier is host m
 class LaunchedStep:
     """A step queued on the GPU whose sampled tokens have not been read back (ModelRunner.finish)."""
     sampled: SamplerOutput | None                          # device tensors; None: nothing sampled
+    host: SamplerOutput | None                             # the same, copied to pinned host memory
     path: str                                              # graph | rows | eager | swapin | idle
     copied_in: bool                                        # copied a swap-in for the next step behind its forward
     span: tuple[torch.cuda.Event, torch.cuda.Event] | None  # GPU-queue span, start to sampled tokens (CUDA)
@@ -260,7 +261,7 @@ class ModelRunner:
             span[0].record()
         wait = self.transfer.start(plan.transfers, used_now=plan.swap_in_now)
         sampling = [c for c in plan.chunks if c.sample]
-        sampled, path = None, "idle"
+        sampled, host, path = None, None, "idle"
         if plan.chunks:
             as_rows = wait is None and any(c.num_tokens > 1 for c in plan.chunks) and self._rows_pay_off(plan)
             ids, meta, rows = self._prepare(plan, wait, as_rows, with_ids=input_ids is None)
@@ -273,18 +274,35 @@ class ModelRunner:
                 hidden = self.model(ids, meta.positions, self.kv_caches, meta)
             self.transfer.issue_rest()  # swap-ins for the next step go behind this forward, before sampling
             sampled = self._sample(hidden, rows, sampling)
+            host = self._copy_to_host(sampled)
             path = "swapin" if wait is not None else "rows" if as_rows else "graph" if graph_bs is not None else "eager"
         if span is not None:
             span[1].record()
         self.transfer.settle(ran_forward=bool(plan.chunks))
         copied_in = bool(plan.chunks) and bool(plan.transfers.swap_in) and not plan.swap_in_now
-        return LaunchedStep(sampled, path, copied_in, span if sampling else None)
+        return LaunchedStep(sampled, host, path, copied_in, span if sampling else None)
+
+    def _copy_to_host(self, out: SamplerOutput | None) -> SamplerOutput | None:
+        """Queue the sampled tokens' copy to pinned host memory right behind the sampling. Read
+        later with .tolist() on the device tensors, the copy would queue behind whatever was
+        launched meanwhile: with async scheduling, the whole next step (measured on the H100: the
+        host then waited a full step for each step's tokens and the GPU idled ~1 ms per step)."""
+        if out is None or not self.on_cuda:
+            return out
+
+        def host(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            # into pinned memory, or the copy would not be asynchronous
+            return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+
+        return SamplerOutput(*(host(t) for t in (out.token_ids, out.logprobs, out.top_ids, out.top_logprobs)))
 
     def finish(self, step: LaunchedStep) -> StepResult:
         """Wait for a launched step and read its sampled tokens back: the step's only sync."""
         self.last_path, self.last_copied_in = step.path, step.copied_in
         self.last_gpu_seconds = 0.0
-        out = step.sampled
+        out = step.host
         if out is None:
             return StepResult([], None)
         if step.span is not None:

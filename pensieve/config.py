@@ -33,10 +33,12 @@ class CacheConfig:
     pipelined_swap_in: bool = True         # layer l waits only for layer l's copy
     defer_swap_in: bool = True             # with other work running, swap a returning conversation in
                                            # behind this step and compute it next step (keeps CUDA graphs)
-    # Copy engines (one memcpy per run of consecutive blocks and layer) when a transfer is at most
-    # this many runs, else the gather kernel. H100, Llama-3.1-8B, stop 10: DMA issued whole at the
-    # forward's first layer moved 85-90% of PCIe and hid 94% / 88% of it (1k / 4k tokens); the
-    # kernel, two layers ahead, 64-81% and 76-82% (docs/BENCHMARKS.md). 0: always the kernel.
+    # Swap-ins that a forward waits on layer by layer go through the copy engines (one memcpy per
+    # run of consecutive blocks and layer) when they are at most this many runs, else the gather
+    # kernel; deferred swap-ins, eviction copies and swap-outs always take the one-launch kernel
+    # (cache/transfer.py says why). H100, Llama-3.1-8B, stop 10, 4k tokens: DMA issued whole at the
+    # first layer wait moved 87-92% of PCIe and hid 79-100% of it; the kernel 81% and 82%
+    # (docs/BENCHMARKS.md). 0: always the kernel.
     swap_dma_max_runs: int = 8
     ahead_of_time_swap_out: bool = True
     conversation_ttl: float | None = None  # seconds an idle named conversation is kept

@@ -41,15 +41,19 @@ def block_runs(pairs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
 
 class _Copy:
     """One group of block pairs, moved layer by layer: by the copy engines (one cudaMemcpyAsync
-    per run of consecutive blocks) when the pairs form few runs, since DMA takes no SMs from the
-    forward it overlaps with; else by the gather kernel, one launch per layer, or one launch for
-    every layer when nothing waits on single layers (each launch costs the host tens of us)."""
+    per run of consecutive blocks and layer) when a forward waits on it layer by layer and the
+    pairs form few runs, since DMA takes no SMs from that forward; else by the gather kernel, one
+    launch per layer, or one launch for every layer when nothing waits on single layers.
+    layerwise=False (deferred swap-ins, eviction copies, swap-outs) keeps the one-launch kernel:
+    DMA would cost the host runs x layers calls (hundreds) in the step, and serving is host-bound
+    (H100, stop 10: with DMA for every copy, tiered without async scheduling at 26 conv/s read
+    0.040 s/token against stop 9's 0.029 with the kernel; another call, the suspect not isolated)."""
 
     def __init__(self, transfer: "KVTransfer", pairs: list[tuple[int, int]], src: torch.Tensor,
-                 dst: torch.Tensor) -> None:
+                 dst: torch.Tensor, layerwise: bool = True) -> None:
         self.src, self.dst = src, dst
         self.runs = block_runs(pairs)
-        self.use_dma = len(self.runs) <= transfer.dma_max_runs
+        self.use_dma = layerwise and len(self.runs) <= transfer.dma_max_runs
         if not self.use_dma:
             self.s_ids = transfer._ids([p[0] for p in pairs])
             self.d_ids = transfer._ids([p[1] for p in pairs])
@@ -124,16 +128,16 @@ class KVTransfer:
             self.out_stream.wait_stream(compute)
         with torch.cuda.stream(self.stream):
             if plan.evict_out:
-                _Copy(self, plan.evict_out, self.gpu, self.cpu).all_layers()
+                _Copy(self, plan.evict_out, self.gpu, self.cpu, layerwise=False).all_layers()
                 evicted = torch.cuda.Event()
                 evicted.record(self.stream)
                 compute.wait_event(evicted)
-            out = _Copy(self, plan.swap_out, self.gpu, self.cpu) if plan.swap_out else None
+            out = _Copy(self, plan.swap_out, self.gpu, self.cpu, layerwise=False) if plan.swap_out else None
             if not plan.swap_in:
                 if out is not None:
                     self._issue_swap_out(out)
                 return None
-            copy_in = _Copy(self, plan.swap_in, self.cpu, self.gpu)
+            copy_in = _Copy(self, plan.swap_in, self.cpu, self.gpu, layerwise=used_now)
         if not used_now:  # issued whole by issue_rest(), once this step's forward is launched
             self._deferred_in, self._deferred_out = copy_in, out
             return None

@@ -190,30 +190,28 @@ def bench_swap(engine: LLMEngine, num_tokens: int, variant: str = "dma") -> dict
         with torch.inference_mode():
             runner.model(ids, meta.positions, runner.kv_caches, meta)
 
-    for _ in range(3):
-        forward(None)
-    sync()
-    t = time.perf_counter()
-    for _ in range(10):
-        forward(None)
-        sync()
-    fwd_s = (time.perf_counter() - t) / 10
-
-    def both(pipelined: bool) -> float:
-        runner.transfer.pipelined = pipelined
+    def step(kind: str) -> float:
+        """One synced step (as the engine runs them: it reads each step's sampled tokens): the forward
+        alone, or with the swap-in pipelined layer by layer, or with it landed before the forward."""
+        runner.transfer.pipelined = kind != "serial"
         sync()
         t0 = time.perf_counter()
-        for _ in range(10):
-            wait = runner.transfer.start(plan)
-            forward(wait)
+        wait = runner.transfer.start(plan) if kind != "forward" else None
+        forward(wait)
+        if kind != "forward":
             runner.transfer.settle(ran_forward=True)
-            sync()  # as the engine does (it reads the step's sampled tokens); with the host a step ahead,
-            # the next step's copies queue before its metadata uploads on the copy engine
-        return (time.perf_counter() - t0) / 10
+        sync()
+        return time.perf_counter() - t0
 
-    both(True)
-    pipe_s = both(True)
-    serial_s = both(False)
+    for kind in ("forward", "pipelined", "serial"):
+        step(kind)
+    # Interleaved rounds, medians: a 1k-token copy (~3 ms) is smaller than the drift between batches
+    # of a ~55 ms forward measured one after another (stop 10 read 0-94% "hidden" at 1k that way).
+    times: dict[str, list[float]] = {"forward": [], "pipelined": [], "serial": []}
+    for _ in range(15):
+        for kind in times:
+            times[kind].append(step(kind))
+    fwd_s, pipe_s, serial_s = (float(np.median(times[k])) for k in ("forward", "pipelined", "serial"))
     runner.transfer.pipelined = True
     hidden = max(0.0, min(1.0, (fwd_s + copy_s - pipe_s) / copy_s))
     # The same pipelined steps under torch.profiler: did the copies run beside the forward's kernels

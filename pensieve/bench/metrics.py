@@ -100,11 +100,16 @@ class SustainedRate:
         return out
 
 
-def sustained_rate(xs: Sequence[float], latencies: Sequence[float | None], bound: float) -> SustainedRate:
+def sustained_rate(xs: Sequence[float], latencies: Sequence[float | None], bound: float,
+                   offered: Sequence[float] | None = None) -> SustainedRate:
     """Highest x (request rate) whose latency stays <= bound, interpolating linearly between the last point
-    under the bound and the first one above it. Points are taken in increasing x; a missing latency counts
-    as above the bound (the run failed at that rate)."""
-    pts = sorted(zip(xs, latencies), key=lambda p: p[0])
+    under the bound and the first one above it. Points are taken in increasing offered load (`offered`, the
+    swept arrival rates; x itself when not given): past saturation the measured throughput stops growing or
+    falls, so ordering by it would put an overloaded point before the last good one. An over-bound point
+    whose x fell below the last good one's leaves that x as the answer. A missing latency counts as above
+    the bound (the run failed at that rate)."""
+    order = list(offered) if offered is not None else list(xs)
+    pts = [(x, v) for _, x, v in sorted(zip(order, xs, latencies), key=lambda p: p[0])]
     if not pts:
         return SustainedRate(None, "below_range")
     lat = [math.inf if v is None else float(v) for _, v in pts]
@@ -117,7 +122,7 @@ def sustained_rate(xs: Sequence[float], latencies: Sequence[float | None], bound
             if math.isinf(l1):
                 return SustainedRate(x0, "interpolated")
             frac = (bound - l0) / (l1 - l0) if l1 != l0 else 0.0
-            return SustainedRate(x0 + frac * (x1 - x0), "interpolated")
+            return SustainedRate(x0 + frac * max(0.0, x1 - x0), "interpolated")
     return SustainedRate(float(pts[-1][0]), "at_least")
 
 
@@ -149,7 +154,7 @@ def headline(points: Mapping[str, Sequence[Mapping[str, Any]]], bounds: Sequence
                 pts = [p for p in pts if p["summary"].get("num_requests", 1) or p["summary"].get("num_errors", 0)]
                 xs = [float(p["rate"]) if x_key == "rate" else float(p["summary"][x_key]) for p in pts]
                 lats = [p["summary"]["normalized_latency"][stat] for p in pts]
-                per_sys[system] = sustained_rate(xs, lats, bound).to_json()
+                per_sys[system] = sustained_rate(xs, lats, bound, [float(p["rate"]) for p in pts]).to_json()
             sustained[variant][bound_key(bound)] = per_sys
     out: dict[str, Any] = {"x_axis": x_key, "sustained_rates": sustained, "ratio_status": {}}
     for base in BASELINES:

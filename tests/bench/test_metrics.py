@@ -70,6 +70,11 @@ def test_sustained_rate_interpolation():
     assert r2.value == 1.0 and r2.status == "interpolated"
     # first crossing wins even if a later point dips back
     assert sustained_rate([1, 2, 3], [0.05, 0.15, 0.05], 0.1).value == pytest.approx(1.5)
+    # past saturation throughput falls (OPT-13B tiered, stop 10: 30.4, 39.0, 38.4 req/s at 10, 16, 22
+    # conv/s): points go by offered rate, and the overloaded point cannot pull the answer below 39.0
+    thr, lat, offered = [30.4, 39.0, 38.4], [0.024, 0.074, 0.288], [10, 16, 22]
+    assert sustained_rate(thr, lat, 0.08, offered).value == pytest.approx(39.0)
+    assert sustained_rate(thr, lat, 0.05, offered).value == pytest.approx(30.4 + (0.026 / 0.05) * 8.6)
 
 
 def test_ratio_and_delta():

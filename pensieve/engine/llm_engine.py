@@ -240,7 +240,7 @@ class LLMEngine:
         t0 = time.perf_counter()
         prev, self._inflight = self._inflight, None
         outputs: list[RequestOutput] = []
-        follow = self._next_decode(prev) if prev is not None else None
+        follow = self._next_decode(prev) if prev is not None and self.async_scheduling else None
         if follow is not None:
             seqs, rows = follow
             plan = self.scheduler.schedule_decode(seqs)

@@ -392,6 +392,11 @@ class LLMEngine:
             return self.step(), None
         except Exception as exc:
             log.exception("engine step failed")
+            # a step launched before the failure may still write its requests' blocks: let it land
+            # before they are freed (and reused by copies on the other streams)
+            self._inflight = None
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
             for rid in in_flight:
                 self.abort_request(rid)
             return [], f"engine step failed: {exc}"

@@ -14,6 +14,11 @@
 # drain); a 13B checkpoint builds in 30-45 s (once per machine: a warm machine keeps /tmp). Budget
 # 125 s per point. A point's workload follows its rate (`point_seed`; before stop 9's last commits it
 # followed the rate's position in --rates), so sweeps split across calls merge point by point.
+# Stop 10: an 8B checkpoint builds in ~42 s; a machine goes back after 30 minutes held, so about three
+# full calls share one (and its /tmp). Owed next, in order: 8 (serving with the fixed async scheduling
+# and copy engines for layer-wise swap-ins only), 7 (swap-in overlap at 1k with interleaved timing),
+# 4 (ablations after the ahead-of-time swap-out change), 3 with --gpu-kv-gb 40 (OPT with the paper's
+# KV budget), 1, 2, 6.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 OUT=${OUT:-benchmarks/results}

@@ -17,7 +17,7 @@
 # Stop 10: an 8B checkpoint builds in ~42 s; a machine goes back after 30 minutes held, so about three
 # full calls share one (and its /tmp). Owed next, in order: 8 (serving with the fixed async scheduling
 # and copy engines for layer-wise swap-ins only), 7 (swap-in overlap at 1k with interleaved timing),
-# 4 (ablations after the ahead-of-time swap-out change), 3 with --gpu-kv-gb 40 (OPT with the paper's
+# 4 (ablations after the ahead-of-time swap-out change), 3 with OPT_GPU_KV_GB=40 (OPT with the paper's
 # KV budget), 1, 2, 6.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -26,7 +26,7 @@ RUNS=$(mktemp -d)
 MT="python3 benchmarks/multiturn.py --no-progress"
 SCALED="--think-time 6 --output-mean 41 --input-mean 37.77 --duration 45 --time-limit 50 --warmup 20 --bounds 0.02,0.03,0.05,0.08,0.1,0.15"
 GQA="--checkpoint-dir /tmp/gqa --model-shape llama-2-13b-gqa10 $SCALED --gpu-kv-gb 8 --cpu-kv-gb 48"
-OPT="--checkpoint-dir /tmp/opt --model-shape opt-13b $SCALED --gpu-kv-gb 16 --cpu-kv-gb 64 --stop-above 0.15"
+OPT="--checkpoint-dir /tmp/opt --model-shape opt-13b $SCALED --gpu-kv-gb ${OPT_GPU_KV_GB:-16} --cpu-kv-gb 64 --stop-above 0.15"
 N=${1:-0}
 async_check() {  # async scheduling on CUDA: its tests, then the decode steps with it off and on (A/B)
   PENSIEVE_TEST_DEVICE=cuda timeout 110 python3 -m pytest -q -p no:cacheprovider tests/engine/test_async_scheduling.py \

@@ -35,6 +35,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < 1e-5 or self.top_k == 1
 
+    @property
+    def penalizes_tokens(self) -> bool:
+        """Sampling reads which tokens came before (the penalties), not only how many."""
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
     def validate(self) -> None:
         def bad(msg: str) -> None:
             raise ValueError(msg)

@@ -198,8 +198,9 @@ class KVTransfer:
         self._issue_through(self.num_layers - 1)
 
     def settle(self, ran_forward: bool) -> None:
-        """Step end. A forward waited for the step's swap-ins and eviction copies, and the step's
-        results were read, so those are done; without a forward, wait for them here."""
+        """Step launched. A forward waits for the step's swap-ins and eviction copies, so they are
+        done once its sampled tokens are (the cache manager unpins them only then, at the step's
+        read-back); without a forward, wait for them here."""
         if not self.on_cuda:
             return
         self.issue_rest()  # a forward that skipped some layer's wait, or a step without a forward

@@ -136,11 +136,15 @@ class StopChecker:
         else:
             # Stop strings that complete before min_tokens do not count (as in vLLM).
             self._searched_len = len(text)
-        if p.max_tokens is not None and n >= p.max_tokens:
-            return StopResult("length", None)
-        if num_prompt_tokens + n >= self._max_model_len:
+        if self.length_reached(n, num_prompt_tokens):
             return StopResult("length", None)
         return None
+
+    def length_reached(self, num_output_tokens: int, num_prompt_tokens: int) -> bool:
+        """max_tokens or the model's context is used up: the request stops whatever the token is."""
+        p = self._params
+        return ((p.max_tokens is not None and num_output_tokens >= p.max_tokens)
+                or num_prompt_tokens + num_output_tokens >= self._max_model_len)
 
     def safe_text_len(self, text: str) -> int:
         """Length of the prefix of `text` that can be streamed now.

@@ -301,12 +301,11 @@ class LLMEngine:
             return None   # a running sequence outside the last step: it is not a plain decode
         rows, seqs, new_blocks = [], [], 0
         for row, seq in live:
-            p = seq.params
-            if p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
-                return None   # penalties count the output ids: they must be on the host
-            generated = len(seq.output_token_ids) + 1   # with the token being sampled
-            if (p.max_tokens is not None and generated >= p.max_tokens) or seq.num_tokens + 1 >= self.max_model_len:
-                continue      # that token is its last: it stops when read, nothing to schedule
+            if seq.params.penalizes_tokens:
+                return None   # the sampler needs the output ids themselves, on the host
+            stop = self._tracked[seq.request_id].stop
+            if stop.length_reached(len(seq.output_token_ids) + 1, seq.num_prompt_tokens):
+                continue      # the token being sampled is its last: it stops when read
             rows.append(row)
             seqs.append(seq)
             new_blocks += self.kv.blocks_needed(seq.num_tokens + 1) > len(seq.block_table)
@@ -394,7 +393,6 @@ class LLMEngine:
             log.exception("engine step failed")
             # a step launched before the failure may still write its requests' blocks: let it land
             # before they are freed (and reused by copies on the other streams)
-            self._inflight = None
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             for rid in in_flight:

@@ -64,6 +64,13 @@ case "$N" in
   9)  # stop 10's last call: async scheduling's CUDA tests and decode A/B, then serving with and without it at 26
       async_check
       timeout 300 $MT $GQA --systems tiered,tiered-sync --rates 26 --out "$RUNS/gqa10-async-r26" ;;
+  10) # stop 11's first call: the decode kernel's in-kernel split merge (CUDA kernel tests, a sweep of split
+      # counts / tiles / stages, decode and prefill timed with KV rotated past L2), then async_check, whose
+      # engine_bench also times swap-ins of 1k and 4k tokens with interleaved medians (issue 3's open number)
+      PENSIEVE_TEST_DEVICE=cuda timeout 80 python3 -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tail -4 \
+        | tee "$OUT/gpu_tests_kernels.txt"
+      timeout 200 python3 benchmarks/kernel_bench.py --quick --sections decode,prefill,decode_sweep --out "$RUNS/kernels"
+      async_check ;;
   6)  # the engine in its own process vs on a thread of the benchmark's process, same workload and rate
       timeout 260 $MT $GQA --systems tiered --rates 22 --out "$RUNS/gqa10-tiered-thread"
       timeout 290 $MT $GQA --systems tiered --rates 22 --engine-process --out "$RUNS/gqa10-tiered-process" ;;

@@ -6,13 +6,15 @@ Writes kernel_bench.json (one row per measurement, each with the device name) an
 Sections (each runs on its own; a failure is recorded and the rest go on):
   correctness  every kernel vs the PyTorch reference on GPU-sized bf16 inputs (incl. >2^31-element pools)
   prefill      paged attention over shuffled blocks vs SDPA(is_causal=True) on contiguous KV
-  decode       B x context, bytes of KV read per second as a share of 3.0 TB/s
+  decode       B x context, bytes of KV read per second as a share of 3.0 TB/s (KV rotated past L2)
+  decode_sweep split counts / tiles / stages / in-kernel merge at batch 1 and 8 (not in the default list)
   copy         host<->device block copies (one gather kernel over pinned memory) vs a per-block loop
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import sys
@@ -37,6 +39,7 @@ from pensieve.kernels.store import store_kv_triton  # noqa: E402
 from pensieve.model.metadata import AttentionMetadata  # noqa: E402
 
 HBM_BYTES_PER_S = 3.0e12      # H100 measured copy bandwidth (DESIGN.md §5)
+L2_DEFEAT_BYTES = 200 << 20   # decode timings rotate over this much KV: 4x the H100's 50 MB L2
 PCIE_BYTES_PER_S = 54e9       # pinned host<->device
 BLOCK_SIZE = 16
 DTYPE = torch.bfloat16
@@ -281,27 +284,81 @@ class Bench:
             torch.cuda.empty_cache()
 
     # ---------------------------------------------------------------- decode
+    def decode_case(self, batch: int, ctx: int, shape: Shape):
+        """`batch` decode tokens over `ctx` cached tokens each, in several copies on disjoint blocks
+        (together >= 4x the 50 MB L2), and a timed call that takes the next copy each time: every
+        call reads its KV from HBM, as a real step does (one copy repeated would be served from L2)."""
+        kv_bytes = batch * ctx * 2 * shape.num_kv_heads * shape.head_dim * DTYPE.itemsize
+        copies = max(1, min(16, -(-L2_DEFEAT_BYTES // kv_bytes)))
+        seqs = [(ctx, [ctx - 1])] * (batch * copies)
+        num_blocks = batch * copies * (-(-ctx // BLOCK_SIZE)) + 16
+        full = build_meta(seqs, num_blocks, self.device, self.gen)
+        tickets = torch.zeros(batch * shape.num_kv_heads, dtype=torch.int32, device=self.device)
+        metas = [dataclasses.replace(
+            full, positions=full.positions[i * batch:(i + 1) * batch],
+            query_start_loc=full.query_start_loc[:batch + 1], seq_lens=full.seq_lens[i * batch:(i + 1) * batch],
+            block_tables=full.block_tables[i * batch:(i + 1) * batch],
+            slot_mapping=full.slot_mapping[i * batch:(i + 1) * batch],
+            # the runner's arrival counters for split decode: one buffer, re-armed by every launch
+            split_tickets=tickets) for i in range(copies)]
+        cache = self.cache(num_blocks, shape)
+        q = torch.randn((batch, shape.num_heads, shape.head_dim), dtype=DTYPE, device=self.device)
+        return metas, cache, q, kv_bytes
+
+    @staticmethod
+    def rotating(metas: list[AttentionMetadata], call: Callable[[AttentionMetadata], Any]) -> Callable[[], Any]:
+        turn = itertools.count()
+        return lambda: call(metas[next(turn) % len(metas)])
+
     def decode(self) -> None:
         shape = LLAMA3_8B
         scale = 1.0 / math.sqrt(shape.head_dim)
         grid = [(b, c) for b in (1, 8, 32, 64) for c in (4096, 16384, 32768)]
         if self.quick:
-            grid = [(1, 4096), (8, 16384), (32, 4096), (64, 32768)]
+            grid = [(1, 4096), (1, 16384), (8, 4096), (32, 4096), (64, 32768)]
         for batch, ctx in grid:
-            seqs = [(ctx, [ctx - 1])] * batch
-            num_blocks = batch * ctx // BLOCK_SIZE + 16
-            meta = build_meta(seqs, num_blocks, self.device, self.gen)
-            cache = self.cache(num_blocks, shape)
-            q = torch.randn((batch, shape.num_heads, shape.head_dim), dtype=DTYPE, device=self.device)
-            kv_bytes = batch * ctx * 2 * shape.num_kv_heads * shape.head_dim * cache.element_size()
-            eager = bench_ms(lambda: paged_attention_triton(q, cache, meta, scale))
-            ms = bench_graph_ms(lambda: paged_attention_triton(q, cache, meta, scale))
+            metas, cache, q, kv_bytes = self.decode_case(batch, ctx, shape)
+            eager = bench_ms(self.rotating(metas, lambda m: paged_attention_triton(q, cache, m, scale)))
+            ms = bench_graph_ms(self.rotating(metas, lambda m: paged_attention_triton(q, cache, m, scale)))
             # As the runner captures it: max_seq_len = max_model_len (32k) fixes the split count.
-            graph_meta = dataclasses.replace(meta, max_seq_len=32768)
-            ms_graph = bench_graph_ms(lambda: paged_attention_triton(q, cache, graph_meta, scale))
+            graph_metas = [dataclasses.replace(m, max_seq_len=32768) for m in metas]
+            ms_graph = bench_graph_ms(self.rotating(graph_metas, lambda m: paged_attention_triton(q, cache, m, scale)))
+            # One copy over and over: its KV stays in L2 when it fits (how earlier stops timed it).
+            ms_l2 = bench_graph_ms(lambda: paged_attention_triton(q, cache, metas[0], scale))
             self.add("decode", f"B{batch}_ctx{ctx}", shape=shape.name, ms=ms, ms_maxlen32k=ms_graph, eager_ms=eager,
-                     gb_per_s=kv_bytes / ms / 1e6, hbm_fraction=kv_bytes / (ms * 1e-3) / HBM_BYTES_PER_S,
+                     ms_same_kv=ms_l2, gb_per_s=kv_bytes / ms / 1e6, hbm_fraction=kv_bytes / (ms * 1e-3) / HBM_BYTES_PER_S,
                      hbm_fraction_maxlen32k=kv_bytes / (ms_graph * 1e-3) / HBM_BYTES_PER_S)
+            del cache
+            torch.cuda.empty_cache()
+
+    def decode_sweep(self) -> None:
+        """Split counts, KV tile sizes and pipeline depths of the decode path, and the in-kernel
+        merge against a separate merge kernel, on the batch-1 shapes that fall short of roofline."""
+        from pensieve.kernels.attention import choose_config
+
+        shape = LLAMA3_8B
+        scale = 1.0 / math.sqrt(shape.head_dim)
+        group = shape.num_heads // shape.num_kv_heads
+        for batch, ctx in [(1, 4096), (1, 16384), (8, 4096), (1, 32768)]:
+            metas, cache, q, kv_bytes = self.decode_case(batch, ctx, shape)
+            base = choose_config(batch, 1, ctx, shape.num_kv_heads, group, shape.head_dim, True, True)
+            ref = paged_attention_triton(q, cache, metas[0], scale, dataclasses.replace(base, num_splits=1))
+            variants = [dict(num_splits=s, block_n=n, num_stages=st)
+                        for s in (8, 16, 32, 64) for n in (32, 64, 128) for st in (2, 3, 4)]
+            variants += [dict(num_splits=s, merge_in_kernel=False) for s in (8, 16, 32, 64)]
+            variants += [dict(num_splits=s, num_warps=2, block_n=32) for s in (16, 32, 64)]
+            for v in variants:
+                cfg = dataclasses.replace(base, **v)
+                try:
+                    out = paged_attention_triton(q, cache, metas[0], scale, cfg)
+                    ms = bench_graph_ms(self.rotating(metas, lambda m: paged_attention_triton(q, cache, m, scale, cfg)))
+                except Exception as exc:  # out of shared memory, say: record and go on
+                    self.add("decode_sweep", f"B{batch}_ctx{ctx}", config=str(v), error=repr(exc)[:120])
+                    continue
+                self.add("decode_sweep", f"B{batch}_ctx{ctx}", default=cfg == base, splits=cfg.num_splits,
+                         block_n=cfg.block_n, stages=cfg.num_stages, warps=cfg.num_warps,
+                         merge_in_kernel=cfg.merge_in_kernel, ms=ms,
+                         hbm_fraction=kv_bytes / (ms * 1e-3) / HBM_BYTES_PER_S, rel_err_vs_unsplit=rel_err(out, ref))
             del cache
             torch.cuda.empty_cache()
 
@@ -336,7 +393,7 @@ class Bench:
     # ---------------------------------------------------------------- report
     def markdown(self) -> str:
         lines = [f"# Kernel bench on {self.device_name}", ""]
-        for section in ("correctness", "prefill", "prefill_sweep", "decode", "copy", "error"):
+        for section in ("correctness", "prefill", "prefill_sweep", "decode", "decode_sweep", "copy", "error"):
             rows = [r for r in self.rows if r["section"] == section]
             if not rows:
                 continue
@@ -375,9 +432,10 @@ def main() -> None:
             bench.add("error", section, error=f"{type(exc).__name__}: {exc}")
             torch.cuda.empty_cache()
         print(f"[{section}: {time.time() - t0:.1f}s]", flush=True)
-    (args.out / "kernel_bench.json").write_text(json.dumps(bench.rows, indent=1))
-    md = bench.markdown()
-    (args.out / "kernel_bench.md").write_text(md)
+        # written after every section: a run cut off by a time limit keeps what it measured
+        (args.out / "kernel_bench.json").write_text(json.dumps(bench.rows, indent=1))
+        md = bench.markdown()
+        (args.out / "kernel_bench.md").write_text(md)
     print("\n" + md)
 
 

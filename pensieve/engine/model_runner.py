@@ -69,6 +69,9 @@ class ModelRunner:
         self.last_copied_in = False    # the last step copied a swap-in for the next step behind its forward
         self.last_gpu_seconds = 0.0    # the last finished step's span on the GPU's queue: launch to its sampled tokens
         self.kv_bytes_per_token = block_bytes(kv_spec, 1, dtype)
+        # Arrival counters of split-KV decode, shared by every layer and graph (each launch re-arms them).
+        max_rows = max(config.scheduler.max_num_seqs, config.token_rows_max_tokens)
+        self.split_tickets = torch.zeros(max_rows * kv_spec.num_kv_heads, dtype=torch.int32, device=self.device)
         if self.on_cuda:
             from pensieve.kernels.attention import warm_up_attention
 
@@ -188,7 +191,7 @@ class ModelRunner:
             seq_lens=put(seq_lens, torch.int32), block_tables=put(table, torch.int32),
             slot_mapping=put(slots, torch.int64), block_size=self.block_size,
             max_query_len=int(max_q), max_seq_len=int(seq_lens.max()), decode_only=decode_only,
-            wait_for_layer=wait)
+            wait_for_layer=wait, split_tickets=self.split_tickets)
 
     def _prepare(self, plan: StepPlan, wait, as_rows: bool,
                  with_ids: bool = True) -> tuple[torch.Tensor | None, AttentionMetadata, torch.Tensor]:
@@ -366,7 +369,7 @@ class ModelRunner:
             meta = AttentionMetadata(
                 positions=self._g_pos[:size], query_start_loc=self._g_qsl[:size + 1], seq_lens=self._g_lens[:size],
                 block_tables=self._g_tables[:size], slot_mapping=self._g_slots[:size], block_size=self.block_size,
-                max_query_len=1, max_seq_len=self.max_model_len, decode_only=True)
+                max_query_len=1, max_seq_len=self.max_model_len, decode_only=True, split_tickets=self.split_tickets)
             args = (self._g_ids[:size], self._g_pos[:size], self.kv_caches, meta)
             with torch.inference_mode():
                 for _ in range(2):  # warm up: Triton compiles outside the capture

@@ -55,7 +55,10 @@ class ModelRunner:
         self.eos_token_ids = eos_token_ids
         self.sampler = Sampler()
         self.on_cuda = device.type == "cuda"
-        self.num_gpu_blocks = self._size_gpu_tier()
+        # Arrival counters of split-KV decode, shared by every layer and graph (each launch re-arms them).
+        max_rows = max(config.scheduler.max_num_seqs, config.token_rows_max_tokens)
+        self.split_tickets = torch.zeros(max_rows * kv_spec.num_kv_heads, dtype=torch.int32, device=self.device)
+        self.num_gpu_blocks = self._size_gpu_tier()  # profiles a step: metadata needs split_tickets
         self.gpu_tier = allocate_tier(kv_spec, self.num_gpu_blocks, self.block_size, dtype, device)
         self.kv_caches = list(self.gpu_tier.unbind(0))
         self.num_cpu_blocks = self._size_cpu_tier()
@@ -69,9 +72,6 @@ class ModelRunner:
         self.last_copied_in = False    # the last step copied a swap-in for the next step behind its forward
         self.last_gpu_seconds = 0.0    # the last finished step's span on the GPU's queue: launch to its sampled tokens
         self.kv_bytes_per_token = block_bytes(kv_spec, 1, dtype)
-        # Arrival counters of split-KV decode, shared by every layer and graph (each launch re-arms them).
-        max_rows = max(config.scheduler.max_num_seqs, config.token_rows_max_tokens)
-        self.split_tickets = torch.zeros(max_rows * kv_spec.num_kv_heads, dtype=torch.int32, device=self.device)
         if self.on_cuda:
             from pensieve.kernels.attention import warm_up_attention
 

@@ -71,7 +71,7 @@ case "$N" in
         | tee "$OUT/gpu_tests_kernels.txt"
       timeout 200 python3 benchmarks/kernel_bench.py --quick --sections decode,prefill,decode_sweep --out "$RUNS/kernels"
       async_check ;;
-  11) # stop 11's second call (call 1's engine_bench crashed: the runner read split_tickets before making them):
+  11) # stop 11's second call (call 1's engine_bench crashed before measuring):
       # the in-kernel split merge A/B per split count, then decode steps (async off/on) and swap-ins of 1k/4k tokens
       timeout 150 python3 benchmarks/kernel_bench.py --sections decode_sweep --out "$RUNS/kernels-merge-ab"
       timeout 170 python3 benchmarks/engine_bench.py --models llama-3.1-8b --skip-prefill --decode-batches 1,8,32 \

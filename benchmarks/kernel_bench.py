@@ -7,7 +7,7 @@ Sections (each runs on its own; a failure is recorded and the rest go on):
   correctness  every kernel vs the PyTorch reference on GPU-sized bf16 inputs (incl. >2^31-element pools)
   prefill      paged attention over shuffled blocks vs SDPA(is_causal=True) on contiguous KV
   decode       B x context, bytes of KV read per second as a share of 3.0 TB/s (KV rotated past L2)
-  decode_sweep in-kernel split merge vs a merge kernel, per split count (not in the default list)
+  decode_sweep split counts against the default at batch 1 and 8 (not in the default list)
   copy         host<->device block copies (one gather kernel over pinned memory) vs a per-block loop
 """
 from __future__ import annotations
@@ -293,14 +293,11 @@ class Bench:
         seqs = [(ctx, [ctx - 1])] * (batch * copies)
         num_blocks = batch * copies * (-(-ctx // BLOCK_SIZE)) + 16
         full = build_meta(seqs, num_blocks, self.device, self.gen)
-        tickets = torch.zeros(batch * shape.num_kv_heads, dtype=torch.int32, device=self.device)
         metas = [dataclasses.replace(
             full, positions=full.positions[i * batch:(i + 1) * batch],
             query_start_loc=full.query_start_loc[:batch + 1], seq_lens=full.seq_lens[i * batch:(i + 1) * batch],
             block_tables=full.block_tables[i * batch:(i + 1) * batch],
-            slot_mapping=full.slot_mapping[i * batch:(i + 1) * batch],
-            # the runner's arrival counters for split decode: one buffer, re-armed by every launch
-            split_tickets=tickets) for i in range(copies)]
+            slot_mapping=full.slot_mapping[i * batch:(i + 1) * batch]) for i in range(copies)]
         cache = self.cache(num_blocks, shape)
         q = torch.randn((batch, shape.num_heads, shape.head_dim), dtype=DTYPE, device=self.device)
         return metas, cache, q, kv_bytes
@@ -332,9 +329,9 @@ class Bench:
             torch.cuda.empty_cache()
 
     def decode_sweep(self) -> None:
-        """The split merge in the same launch against a second merge kernel, at each split count, on
-        the shapes short of roofline (a first sweep of tiles and stages, stop 11, found no config
-        that beat the default by more than the noise)."""
+        """Split counts of the decode path on the shapes short of roofline, against the default.
+        (Stop 11 also swept KV tiles and pipeline depths, and merging the splits in the same launch:
+        nothing beat the default by more than the noise; `kernels/stop11/`.)"""
         from pensieve.kernels.attention import choose_config
 
         shape = LLAMA3_8B
@@ -344,19 +341,16 @@ class Bench:
             metas, cache, q, kv_bytes = self.decode_case(batch, ctx, shape)
             base = choose_config(batch, 1, ctx, shape.num_kv_heads, group, shape.head_dim, True, True)
             ref = paged_attention_triton(q, cache, metas[0], scale, dataclasses.replace(base, num_splits=1))
-            variants = [dict(num_splits=s, merge_in_kernel=m) for s in (base.num_splits, 8, 16, 32, 64)
-                        for m in (True, False)]
-            for v in variants[:2] + [v for v in variants[2:] if v["num_splits"] != base.num_splits]:
-                cfg = dataclasses.replace(base, **v)
+            for splits in sorted({base.num_splits, 8, 16, 32, 64}):
+                cfg = dataclasses.replace(base, num_splits=splits)
                 try:
                     out = paged_attention_triton(q, cache, metas[0], scale, cfg)
                     ms = bench_graph_ms(self.rotating(metas, lambda m: paged_attention_triton(q, cache, m, scale, cfg)))
                 except Exception as exc:  # record and go on
-                    self.add("decode_sweep", f"B{batch}_ctx{ctx}", config=str(v), error=repr(exc)[:120])
+                    self.add("decode_sweep", f"B{batch}_ctx{ctx}", splits=splits, error=repr(exc)[:120])
                     continue
-                self.add("decode_sweep", f"B{batch}_ctx{ctx}", default_splits=cfg.num_splits == base.num_splits,
-                         splits=cfg.num_splits, block_n=cfg.block_n, stages=cfg.num_stages,
-                         merge_in_kernel=cfg.merge_in_kernel, ms=ms,
+                self.add("decode_sweep", f"B{batch}_ctx{ctx}", default=cfg == base, splits=splits,
+                         block_n=cfg.block_n, stages=cfg.num_stages, ms=ms,
                          hbm_fraction=kv_bytes / (ms * 1e-3) / HBM_BYTES_PER_S, rel_err_vs_unsplit=rel_err(out, ref))
             del cache
             torch.cuda.empty_cache()

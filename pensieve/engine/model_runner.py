@@ -55,10 +55,7 @@ class ModelRunner:
         self.eos_token_ids = eos_token_ids
         self.sampler = Sampler()
         self.on_cuda = device.type == "cuda"
-        # Arrival counters of split-KV decode, shared by every layer and graph (each launch re-arms them).
-        max_rows = max(config.scheduler.max_num_seqs, config.token_rows_max_tokens)
-        self.split_tickets = torch.zeros(max_rows * kv_spec.num_kv_heads, dtype=torch.int32, device=self.device)
-        self.num_gpu_blocks = self._size_gpu_tier()  # profiles a step: metadata needs split_tickets
+        self.num_gpu_blocks = self._size_gpu_tier()
         self.gpu_tier = allocate_tier(kv_spec, self.num_gpu_blocks, self.block_size, dtype, device)
         self.kv_caches = list(self.gpu_tier.unbind(0))
         self.num_cpu_blocks = self._size_cpu_tier()
@@ -191,7 +188,7 @@ class ModelRunner:
             seq_lens=put(seq_lens, torch.int32), block_tables=put(table, torch.int32),
             slot_mapping=put(slots, torch.int64), block_size=self.block_size,
             max_query_len=int(max_q), max_seq_len=int(seq_lens.max()), decode_only=decode_only,
-            wait_for_layer=wait, split_tickets=self.split_tickets)
+            wait_for_layer=wait)
 
     def _prepare(self, plan: StepPlan, wait, as_rows: bool,
                  with_ids: bool = True) -> tuple[torch.Tensor | None, AttentionMetadata, torch.Tensor]:
@@ -369,7 +366,7 @@ class ModelRunner:
             meta = AttentionMetadata(
                 positions=self._g_pos[:size], query_start_loc=self._g_qsl[:size + 1], seq_lens=self._g_lens[:size],
                 block_tables=self._g_tables[:size], slot_mapping=self._g_slots[:size], block_size=self.block_size,
-                max_query_len=1, max_seq_len=self.max_model_len, decode_only=True, split_tickets=self.split_tickets)
+                max_query_len=1, max_seq_len=self.max_model_len, decode_only=True)
             args = (self._g_ids[:size], self._g_pos[:size], self.kv_caches, meta)
             with torch.inference_mode():
                 for _ in range(2):  # warm up: Triton compiles outside the capture

@@ -32,10 +32,6 @@ class AttentionMetadata:
     # Called before layer l reads the cache: waits (on the device, via an event)
     # until layer l's swapped-in blocks have arrived. None when nothing is swapped in.
     wait_for_layer: Callable[[int], None] | None = None
-    # [>= B * num_kv_heads] int32 zeros that split-KV decode kernels count arrivals in (each launch
-    # leaves them zero again), owned by the runner so that a step allocates nothing for them.
-    # None: the kernel allocates its own.
-    split_tickets: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:

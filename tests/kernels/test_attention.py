@@ -71,10 +71,8 @@ def test_multi_tile_queries_and_groups(k_nd: bool) -> None:
     _check(out, q, cache, meta, 0.2, torch.float32)
 
 
-@pytest.mark.parametrize("merge_in_kernel", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_decode_split_kv(dtype: torch.dtype, merge_in_kernel: bool) -> None:
-    """Split-KV decode, its partials merged by the last split to finish or by a second kernel."""
+def test_decode_split_kv(dtype: torch.dtype) -> None:
     seqs = [(70, [69]), (1, [0]), (33, [32]), (17, [16])]
     meta = make_batch(seqs, BLOCK_SIZE, NUM_BLOCKS)
     assert meta.decode_only
@@ -84,31 +82,11 @@ def test_decode_split_kv(dtype: torch.dtype, merge_in_kernel: bool) -> None:
     # The runner captures decode with max_seq_len = max_model_len: more splits, many of them empty.
     for max_seq_len, splits in [(meta.max_seq_len, None), (4096, 8)]:
         m = dataclasses.replace(meta, max_seq_len=max_seq_len)
-        config = choose_config(len(seqs), 1, max_seq_len, 2, 4, 64, True, on_gpu=False)
-        if splits is not None:
-            config = LaunchConfig(16, 1, 32, splits, 4, 1)
-        config = dataclasses.replace(config, merge_in_kernel=merge_in_kernel)
+        config = None if splits is None else LaunchConfig(16, 1, 32, splits, 4, 1)
         out = triton_attention(q, cache, m, scale, config=config)
         _check(out, q, cache, m, scale, dtype)
     auto = choose_config(len(seqs), 1, meta.max_seq_len, 2, 4, 64, True, on_gpu=False)
     assert auto.num_splits > 1  # the default CPU config does take the split path
-
-
-def test_split_tickets_are_left_zero_for_the_next_launch() -> None:
-    """The runner hands every layer's decode the same ticket counters: each launch must re-arm them,
-    so that a second launch (the next layer, a graph replay) merges correctly too."""
-    seqs = [(70, [69]), (40, [39]), (5, [4])]
-    meta = make_batch(seqs, BLOCK_SIZE, NUM_BLOCKS)
-    tickets = torch.zeros(len(seqs) * 2 + 3, dtype=torch.int32)       # larger than needed, as the runner's is
-    meta = dataclasses.replace(meta, split_tickets=tickets)
-    cache = random_cache(NUM_BLOCKS, BLOCK_SIZE, 2, 32, torch.float32)
-    config = LaunchConfig(16, 1, 16, 4, 4, 1)
-    for seed in (1, 2):
-        q = random_q(len(seqs), 8, 32, torch.float32, seed=seed)
-        moved = to_kernel_device(meta)
-        out = paged_attention_triton(to_kernel_device(q), to_kernel_device(cache), moved, 0.3, config).cpu()
-        _check(out, q, cache, meta, 0.3, torch.float32)
-        assert torch.count_nonzero(moved.split_tickets).item() == 0
 
 
 def test_decode_without_split_matches_split() -> None:

@@ -76,6 +76,10 @@ case "$N" in
       timeout 150 python3 benchmarks/kernel_bench.py --sections decode_sweep --out "$RUNS/kernels-merge-ab"
       timeout 170 python3 benchmarks/engine_bench.py --models llama-3.1-8b --skip-prefill --decode-batches 1,8,32 \
         --swap-variants dma --keep-ckpt --out "$RUNS/engine-async" ;;
+  12) # OPT-13B's baselines in one call: gpu at two rates, stateless at one (stop 11: OPT_GPU_KV_GB=40, beside
+      # `OPT_GPU_KV_GB=40 SYSTEM=tiered RATES=16,22,28 bash benchmarks/gpu_plan.sh 3`)
+      timeout 330 $MT $OPT --systems gpu --rates 16,22 --out "$RUNS/opt-13b-gpu"
+      timeout 200 $MT $OPT --systems stateless --rates 16 --out "$RUNS/opt-13b-stateless" ;;
   6)  # the engine in its own process vs on a thread of the benchmark's process, same workload and rate
       timeout 260 $MT $GQA --systems tiered --rates 22 --out "$RUNS/gqa10-tiered-thread"
       timeout 290 $MT $GQA --systems tiered --rates 22 --engine-process --out "$RUNS/gqa10-tiered-process" ;;

@@ -15,10 +15,10 @@
 # 125 s per point. A point's workload follows its rate (`point_seed`; before stop 9's last commits it
 # followed the rate's position in --rates), so sweeps split across calls merge point by point.
 # Stop 10: an 8B checkpoint builds in ~42 s; a machine goes back after 30 minutes held, so about three
-# full calls share one (and its /tmp). Owed next, in order: 8 (serving with the fixed async scheduling
-# and copy engines for layer-wise swap-ins only), 7 (swap-in overlap at 1k with interleaved timing),
-# 4 (ablations after the ahead-of-time swap-out change), 3 with OPT_GPU_KV_GB=40 (OPT with the paper's
-# KV budget), 1, 2, 6.
+# full calls share one (and its /tmp). Stop 11 ran 10, 11, 3 (tiered) and 12 with OPT_GPU_KV_GB=40.
+# Owed next, in order: 13 (the final code's CUDA tests and decode steps), 14 (GQA tiered and stateless at
+# one commit), 8 (tiered with and without async scheduling), 4 (ablations after the ahead-of-time
+# swap-out change), 1, 2, 6.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 OUT=${OUT:-benchmarks/results}
@@ -80,6 +80,15 @@ case "$N" in
       # `OPT_GPU_KV_GB=40 SYSTEM=tiered RATES=16,22,28 bash benchmarks/gpu_plan.sh 3`)
       timeout 330 $MT $OPT --systems gpu --rates 16,22 --out "$RUNS/opt-13b-gpu"
       timeout 200 $MT $OPT --systems stateless --rates 16 --out "$RUNS/opt-13b-stateless" ;;
+  13) # stop 11's final code on the GPU: the kernel and engine CUDA tests (stop 9's list), then the decode steps again
+      PENSIEVE_TEST_DEVICE=cuda timeout 260 python3 -m pytest -q -p no:cacheprovider tests/kernels tests/model/test_models_gpu.py \
+        tests/engine/test_sampler.py tests/engine/test_async_scheduling.py tests/engine/test_conversation_cache.py \
+        2>&1 | tail -8 | tee "$OUT/gpu_tests.txt"
+      timeout 150 python3 benchmarks/engine_bench.py --models llama-3.1-8b --skip-prefill --decode-batches 1,8,32 \
+        --swap-variants dma --keep-ckpt --out "$RUNS/engine" ;;
+  14) # Llama-2-13B-GQA10 at one commit: tiered where stop 10 left it (26 conv/s), stateless where it crosses the bounds
+      timeout 230 $MT $GQA --systems tiered --rates 26 --out "$RUNS/gqa10-tiered"
+      timeout 290 $MT $GQA --systems stateless --rates 18,22 --out "$RUNS/gqa10-stateless" ;;
   6)  # the engine in its own process vs on a thread of the benchmark's process, same workload and rate
       timeout 260 $MT $GQA --systems tiered --rates 22 --out "$RUNS/gqa10-tiered-thread"
       timeout 290 $MT $GQA --systems tiered --rates 22 --engine-process --out "$RUNS/gqa10-tiered-process" ;;

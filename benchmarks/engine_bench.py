@@ -141,6 +141,24 @@ SWAP_VARIANTS = {  # name: (max DMA runs, copy-kernel programs)
 SWAP_VARIANTS["kernel8-all"] = SWAP_VARIANTS["kernel8"]
 
 
+def pinned_h2d_ceiling(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """This host's pinned host-to-device bandwidth in GB/s: one 1 GiB copy, median of `repeats`. Hosts
+    differ: stop 11's swap-ins read 96% of 54 GB/s on one H100 machine and 65% on the next one."""
+    import statistics
+
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    times = []
+    for _ in range(repeats + 1):
+        sync()
+        t = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        sync()
+        times.append(time.perf_counter() - t)
+    del src, dst
+    return nbytes / statistics.median(times[1:]) / 1e9
+
+
 def bench_swap(engine: LLMEngine, num_tokens: int, variant: str = "dma") -> dict:
     """Swap-in bandwidth, and how much of it hides behind a forward of the same step."""
     from pensieve.kernels import block_copy
@@ -294,12 +312,14 @@ def main() -> int:
             r = bench_prefill(engine, 4096 if per_seq == 4096 else 8192, per_seq, num_params, cfg)
             rows.append({**base, **r})
             print(rows[-1], flush=True)
-        for b in map(int, args.decode_batches.split(",")):
+        for b in map(int, filter(None, args.decode_batches.split(","))):  # "" skips decode
             rows.append({**base, **bench_decode(engine, b, args.decode_ctx, weight_bytes, kv_per_token, cfg)})
             print(rows[-1], flush=True)
+        ceiling = pinned_h2d_ceiling() if args.swap_variants else 0.0
         for n in (1024, 4096):
-            for variant in args.swap_variants.split(","):
-                rows.append({**base, **bench_swap(engine, n, variant)})
+            for variant in filter(None, args.swap_variants.split(",")):
+                r = bench_swap(engine, n, variant)
+                rows.append({**base, **r, "host_ceiling_gbps": ceiling, "frac_host_ceiling": r["gbps"] / ceiling})
                 print(rows[-1], flush=True)
         if args.hf:
             g = torch.Generator().manual_seed(0)
@@ -335,7 +355,9 @@ def main() -> int:
                 res += f"; forward graph alone {r['graph_ms']:.2f} ms = {r['graph_x_weight_floor']:.2f}x"
         elif r["kind"] == "swap":
             shape = f"{r['tokens']} tok, {r['gb']:.2f} GB, {r['variant']}"
-            res = (f"{r['gbps']:.1f} GB/s = {r['frac_pcie']:.0%} of 54; hidden {r['hidden_share']:.0%} (fwd {r['forward_ms']:.1f}, "
+            res = (f"{r['gbps']:.1f} GB/s = {r['frac_pcie']:.0%} of 54"
+                   + (f" ({r['frac_host_ceiling']:.0%} of this host's {r['host_ceiling_gbps']:.1f})" if "host_ceiling_gbps" in r else "")
+                   + f"; hidden {r['hidden_share']:.0%} (fwd {r['forward_ms']:.1f}, "
                    f"pipe {r['pipelined_ms']:.1f}, serial {r['serial_ms']:.1f} ms); trace: {r['trace_overlap_share']:.0%} of copy time "
                    f"beside compute, host {r['trace_host_memcpy_ms']:.2f} ms in {r['trace_host_memcpy_calls']:.0f} cudaMemcpyAsync per step")
             r = {**r, "ms": r["copy_ms"]}

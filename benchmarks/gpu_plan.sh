@@ -28,6 +28,7 @@ SCALED="--think-time 6 --output-mean 41 --input-mean 37.77 --duration 45 --time-
 GQA="--checkpoint-dir /tmp/gqa --model-shape llama-2-13b-gqa10 $SCALED --gpu-kv-gb 8 --cpu-kv-gb 48"
 OPT="--checkpoint-dir /tmp/opt --model-shape opt-13b $SCALED --gpu-kv-gb ${OPT_GPU_KV_GB:-16} --cpu-kv-gb 64 --stop-above 0.15"
 N=${1:-0}
+pack() { tar czf "$OUT/runs-$N.tgz" -C "$RUNS" . ; }
 async_check() {  # async scheduling on CUDA: its tests, then the decode steps with it off and on (A/B)
   PENSIEVE_TEST_DEVICE=cuda timeout 110 python3 -m pytest -q -p no:cacheprovider tests/engine/test_async_scheduling.py \
     tests/engine/test_conversation_cache.py 2>&1 | tail -6 | tee "$OUT/gpu_tests_async.txt"
@@ -89,6 +90,13 @@ case "$N" in
   14) # Llama-2-13B-GQA10 at one commit: tiered where stop 10 left it (26 conv/s), stateless where it crosses the bounds
       timeout 230 $MT $GQA --systems tiered --rates 26 --out "$RUNS/gqa10-tiered"
       timeout 290 $MT $GQA --systems stateless --rates 18,22 --out "$RUNS/gqa10-stateless" ;;
+  15) # swap-ins against this host's own pinned-copy ceiling (hosts differ: 96% vs 65% of 54 GB/s in stop 11's
+      # calls 2 and 5), then gpu beside case 14 (GQA at 22 conv/s) and OPT-13B stateless at 22 beside case 12 (run
+      # with OPT_GPU_KV_GB=40); packed after each step, so a step cut off by the call's limit loses only itself
+      timeout 170 python3 benchmarks/engine_bench.py --models llama-3.1-8b --skip-prefill --decode-batches "" \
+        --swap-variants dma --keep-ckpt --out "$RUNS/engine-swap"; pack
+      timeout 190 $MT $GQA --systems gpu --rates 22 --out "$RUNS/gqa10-gpu"; pack
+      timeout 220 $MT $OPT --systems stateless --rates 22 --out "$RUNS/opt-13b-stateless-22" ;;
   6)  # the engine in its own process vs on a thread of the benchmark's process, same workload and rate
       timeout 260 $MT $GQA --systems tiered --rates 22 --out "$RUNS/gqa10-tiered-thread"
       timeout 290 $MT $GQA --systems tiered --rates 22 --engine-process --out "$RUNS/gqa10-tiered-process" ;;

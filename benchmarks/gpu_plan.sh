@@ -97,6 +97,11 @@ case "$N" in
         --swap-variants dma --keep-ckpt --out "$RUNS/engine-swap"; pack
       timeout 190 $MT $GQA --systems gpu --rates 22 --out "$RUNS/gqa10-gpu"; pack
       timeout 220 $MT $OPT --systems stateless --rates 22 --out "$RUNS/opt-13b-stateless-22" ;;
+  16) # swap-in overlap with paired rounds timed by CUDA events, at 1k / 2k / 4k tokens (case 15 read 36% hidden at 1k
+      # where calls 2 and 5 read 80% and 89%), then tiered at 30 conv/s beside case 14, to find where it crosses the bounds
+      timeout 200 python3 benchmarks/engine_bench.py --models llama-3.1-8b --skip-prefill --decode-batches "" \
+        --swap-variants dma --keep-ckpt --out "$RUNS/engine-swap"; pack
+      timeout 220 $MT $GQA --systems tiered --rates 30 --out "$RUNS/gqa10-tiered-30" ;;
   6)  # the engine in its own process vs on a thread of the benchmark's process, same workload and rate
       timeout 260 $MT $GQA --systems tiered --rates 22 --out "$RUNS/gqa10-tiered-thread"
       timeout 290 $MT $GQA --systems tiered --rates 22 --engine-process --out "$RUNS/gqa10-tiered-process" ;;

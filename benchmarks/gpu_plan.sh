@@ -102,6 +102,10 @@ case "$N" in
       timeout 200 python3 benchmarks/engine_bench.py --models llama-3.1-8b --skip-prefill --decode-batches "" \
         --swap-variants dma --keep-ckpt --out "$RUNS/engine-swap"; pack
       timeout 220 $MT $GQA --systems tiered --rates 30 --out "$RUNS/gqa10-tiered-30" ;;
+  17) # swap-ins once more: copy bandwidth as the median of 20 copies, overlap from 150 paired rounds at 1k/2k tokens
+      # with a bootstrap interval (case 16's 30 rounds left 1k at 0-99% between single rounds)
+      timeout 300 python3 benchmarks/engine_bench.py --models llama-3.1-8b --skip-prefill --decode-batches "" \
+        --swap-variants dma --keep-ckpt --out "$RUNS/engine-swap" ;;
   6)  # the engine in its own process vs on a thread of the benchmark's process, same workload and rate
       timeout 260 $MT $GQA --systems tiered --rates 22 --out "$RUNS/gqa10-tiered-thread"
       timeout 290 $MT $GQA --systems tiered --rates 22 --engine-process --out "$RUNS/gqa10-tiered-process" ;;

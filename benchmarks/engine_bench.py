@@ -235,17 +235,8 @@ def bench_swap(engine: LLMEngine, num_tokens: int, variant: str = "dma") -> dict
         for kind in times:
             times[kind].append(step(kind))
     fwd_s, pipe_s, serial_s = (float(np.median(times[k])) for k in ("forward", "pipelined", "serial"))
-    exposed = np.array(times["pipelined"]) - np.array(times["forward"])      # copy time not hidden, per round
-    q25, q50, q75 = (float(x) for x in np.percentile(exposed, [25, 50, 75]))
     runner.transfer.pipelined = True
-
-    def share(exposed_s: float) -> float:
-        return max(0.0, min(1.0, 1.0 - exposed_s / copy_s))
-
-    hidden, hidden_lo, hidden_hi = share(q50), share(q75), share(q25)
-    # 95% interval of the median's hidden share, by bootstrap over the rounds
-    resampled = np.median(np.random.default_rng(0).choice(exposed, (2000, rounds)), axis=1)
-    ci = (share(float(np.percentile(resampled, 97.5))), share(float(np.percentile(resampled, 2.5))))
+    hidden = profiling.hidden_share(times["forward"], times["pipelined"], copy_s)
     # The same pipelined steps under torch.profiler: did the copies run beside the forward's kernels
     # on the GPU, and did the host block inside cudaMemcpyAsync (a copy from unpinned memory would)?
     with torch.profiler.profile(activities=profiling.activities(True)) as prof:
@@ -260,8 +251,9 @@ def bench_swap(engine: LLMEngine, num_tokens: int, variant: str = "dma") -> dict
     return dict(kind="swap", variant=variant, tokens=num_tokens, blocks=n_blocks, gb=bytes_moved / 1e9, copy_ms=copy_s * 1e3,
                 gbps=bytes_moved / copy_s / 1e9, frac_pcie=bytes_moved / copy_s / 1e9 / PCIE_GBPS,
                 gbps_best=bytes_moved / min(copies) / 1e9, gbps_worst=bytes_moved / max(copies) / 1e9,
-                forward_ms=fwd_s * 1e3, pipelined_ms=pipe_s * 1e3, serial_ms=serial_s * 1e3, hidden_share=hidden,
-                hidden_share_iqr=(hidden_lo, hidden_hi), hidden_share_ci95=ci, rounds=rounds,
+                forward_ms=fwd_s * 1e3, pipelined_ms=pipe_s * 1e3, serial_ms=serial_s * 1e3, hidden_share=hidden["share"],
+                hidden_share_iqr=(hidden["iqr_low"], hidden["iqr_high"]),
+                hidden_share_ci95=(hidden["ci95_low"], hidden["ci95_high"]), rounds=rounds,
                 trace_overlap_share=trace["share"], trace_copies=trace["copies"],
                 trace_host_memcpy_ms=trace["host_memcpy_us"] / 3e3, trace_host_memcpy_calls=trace["host_memcpy_calls"] / 3)
 

@@ -87,6 +87,30 @@ def copy_overlap(copies: list[tuple[float, float]], compute: list[tuple[float, f
     return {"copy_time": copy_time, "overlapped": both, "share": both / copy_time if copy_time else 0.0}
 
 
+def hidden_share(forward_s: list[float], pipelined_s: list[float], copy_s: float,
+                 resamples: int = 2000, seed: int = 0) -> dict[str, float]:
+    """The share of a copy's time hidden behind compute, from paired rounds: round i timed a forward
+    alone (forward_s[i]) and the same forward with the copy pipelined into it (pipelined_s[i]), back
+    to back. What a round's pipelined step lost is the copy time not hidden; the share is one minus
+    its median over the copy's own time, clamped to [0, 1]. Also the share at the exposure's
+    quartiles (how single rounds scatter) and a bootstrap 95% interval of the median (how well the
+    rounds pin it down: a forward drifts by about as much as a short copy takes)."""
+    import numpy as np
+
+    exposed = np.asarray(pipelined_s, dtype=float) - np.asarray(forward_s, dtype=float)
+    if exposed.size == 0 or copy_s <= 0:
+        raise ValueError("need paired rounds and a positive copy time")
+
+    def share(x: float) -> float:
+        return max(0.0, min(1.0, 1.0 - float(x) / copy_s))
+
+    q25, q50, q75 = np.percentile(exposed, [25, 50, 75])
+    medians = np.median(np.random.default_rng(seed).choice(exposed, (resamples, exposed.size)), axis=1)
+    lo, hi = np.percentile(medians, [97.5, 2.5])  # more exposure, less hidden
+    return {"share": share(q50), "iqr_low": share(q75), "iqr_high": share(q25),
+            "ci95_low": share(lo), "ci95_high": share(hi)}
+
+
 def trace_copy_overlap(prof: torch.profiler.profile, copy_kernel: str = "_copy_blocks_kernel") -> dict[str, float]:
     """copy_overlap over a profiled window's GPU activity: memcpys and the block-copy kernel are copies,
     every other kernel is compute. Also the host's time inside cudaMemcpyAsync (a copy that blocks the

@@ -65,6 +65,27 @@ def test_copy_overlap_from_intervals():
     assert copy_overlap([(0, 4)], [(4, 8)])["overlapped"] == 0   # touching is not overlapping
 
 
+def test_hidden_share_from_paired_rounds():
+    """Exposure = pipelined - forward per round; share = 1 - median exposure / copy time, clamped;
+    quartiles and a bootstrap interval of the median around it."""
+    import pytest
+
+    from pensieve.engine.profiling import hidden_share
+
+    forward = [50.0, 52.0, 51.0, 53.0, 50.5]                 # drifting forward times (ms)
+    exposed = [0.5, 1.0, 0.0, 2.0, 0.5]                      # the pipelined step's extra time per round
+    got = hidden_share(forward, [f + e for f, e in zip(forward, exposed)], copy_s=4.0)
+    assert abs(got["share"] - (1 - 0.5 / 4.0)) < 1e-12      # median exposure 0.5 of a 4.0 copy
+    assert abs(got["iqr_low"] - (1 - 1.0 / 4.0)) < 1e-12 and abs(got["iqr_high"] - (1 - 0.5 / 4.0)) < 1e-12
+    assert got["ci95_low"] <= got["share"] <= got["ci95_high"]
+    assert got["ci95_low"] >= 1 - 2.0 / 4.0                 # a median of resamples never passes the worst round
+    # a pipelined step faster than the forward hides everything; one slower than forward + copy hides nothing
+    assert hidden_share([10.0], [9.0], 2.0)["share"] == 1.0
+    assert hidden_share([10.0], [13.0], 2.0)["share"] == 0.0
+    with pytest.raises(ValueError):
+        hidden_share([], [], 1.0)
+
+
 def test_trace_copy_overlap_reads_a_profile():
     """On the CPU a profile holds no GPU activity: zero copies, and the fields are all there."""
     import torch

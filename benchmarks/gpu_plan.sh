@@ -15,10 +15,9 @@
 # 125 s per point. A point's workload follows its rate (`point_seed`; before stop 9's last commits it
 # followed the rate's position in --rates), so sweeps split across calls merge point by point.
 # Stop 10: an 8B checkpoint builds in ~42 s; a machine goes back after 30 minutes held, so about three
-# full calls share one (and its /tmp). Stop 11 ran 10, 11, 3 (tiered) and 12 with OPT_GPU_KV_GB=40.
-# Owed next, in order: 13 (the final code's CUDA tests and decode steps), 14 (GQA tiered and stateless at
-# one commit), 8 (tiered with and without async scheduling), 4 (ablations after the ahead-of-time
-# swap-out change), 1, 2, 6.
+# full calls share one (and its /tmp). Stop 11 ran 10-17 (3 and 12 with OPT_GPU_KV_GB=40), each on a fresh machine.
+# Owed next, in order: 18 with OPT_GPU_KV_GB=40 (copy engines for deferred swap-ins, A/B), 8 (tiered
+# with and without async scheduling), 4 (ablations after the ahead-of-time swap-out change), 2, 6.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 OUT=${OUT:-benchmarks/results}
@@ -106,6 +105,9 @@ case "$N" in
       # with a bootstrap interval (case 16's 30 rounds left 1k at 0-99% between single rounds)
       timeout 300 python3 benchmarks/engine_bench.py --models llama-3.1-8b --skip-prefill --decode-batches "" \
         --swap-variants dma --keep-ckpt --out "$RUNS/engine-swap" ;;
+  18) # copy engines for deferred swap-ins (CacheConfig.swap_dma_deferred) against the copy kernel, on OPT-13B's 13 MB
+      # blocks where stop 11 saw the steps carrying deferred swap-ins at 33-61 ms (run with OPT_GPU_KV_GB=40)
+      timeout 400 $MT $OPT --systems tiered,tiered-dmadefer --rates 16 --out "$RUNS/opt-13b-dmadefer" ;;
   6)  # the engine in its own process vs on a thread of the benchmark's process, same workload and rate
       timeout 260 $MT $GQA --systems tiered --rates 22 --out "$RUNS/gqa10-tiered-thread"
       timeout 290 $MT $GQA --systems tiered --rates 22 --engine-process --out "$RUNS/gqa10-tiered-process" ;;

@@ -23,9 +23,11 @@ from typing import Any
 from pensieve.bench.records import TurnRequest, TurnResult
 
 ENGINE_MODES = ("tiered", "gpu", "stateless")
-# Ablation suffixes: `tiered-lru`, `tiered-noaot`, `tiered-nopipe`, combinable (`tiered-lru-noaot`).
+# Ablation suffixes: `tiered-lru`, `tiered-noaot`, `tiered-nopipe`, combinable (`tiered-lru-noaot`);
+# `-dmadefer` sends deferred swap-ins through the copy engines (an A/B of the transfer path).
 _SUFFIXES = {"lru": ("eviction_policy", "lru"), "retention": ("eviction_policy", "retention"),
-             "noaot": ("ahead_of_time_swap_out", False), "nopipe": ("pipelined_swap_in", False)}
+             "noaot": ("ahead_of_time_swap_out", False), "nopipe": ("pipelined_swap_in", False),
+             "dmadefer": ("swap_dma_deferred", True)}
 _ENGINE_SUFFIXES = {"sync": ("async_scheduling", False)}   # EngineConfig fields
 
 
@@ -39,7 +41,7 @@ class SystemSpec:
 
 
 def parse_system(name: str) -> SystemSpec:
-    """`tiered`, `gpu`, `stateless` (+ `-lru`, `-noaot`, `-nopipe`, `-sync` suffixes), `transformers`, `http`."""
+    """`tiered`, `gpu`, `stateless` (+ `-lru`, `-noaot`, `-nopipe`, `-dmadefer`, `-sync` suffixes), `transformers`, `http`."""
     name = name.strip()
     if name == "transformers" or name == "http" or name.startswith("http:"):
         return SystemSpec(name=name, kind="transformers" if name == "transformers" else "http")

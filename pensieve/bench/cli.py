@@ -40,7 +40,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `pensieve bench` (and of benchmarks/multiturn.py)."""
     g = parser.add_argument_group("systems")
     g.add_argument("--systems", default="tiered,gpu,stateless",
-                   help="comma list: tiered, gpu, stateless (suffixes -lru, -noaot, -nopipe make ablation "
+                   help="comma list: tiered, gpu, stateless (suffixes -lru, -noaot, -nopipe, -sync, -dmadefer make ablation "
                         "variants, e.g. tiered-lru), transformers (HF continuous batching), http (--url)")
     g.add_argument("--model", default=None, help="checkpoint directory (default: the demo model)")
     g.add_argument("--tokenizer", default=None, help="tokenizer directory for http runs (default: the model's)")

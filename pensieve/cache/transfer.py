@@ -44,16 +44,18 @@ class _Copy:
     per run of consecutive blocks and layer) when a forward waits on it layer by layer and the
     pairs form few runs, since DMA takes no SMs from that forward; else by the gather kernel, one
     launch per layer, or one launch for every layer when nothing waits on single layers.
-    layerwise=False (deferred swap-ins, eviction copies, swap-outs) keeps the one-launch kernel:
+    dma=False (deferred swap-ins, eviction copies, swap-outs) keeps the one-launch kernel:
     DMA would cost the host runs x layers calls (hundreds) in the step, and serving is host-bound
     (H100, stop 10: with DMA for every copy, tiered without async scheduling at 26 conv/s read
-    0.040 s/token against stop 9's 0.029 with the kernel; another call, the suspect not isolated)."""
+    0.040 s/token against stop 9's 0.029 with the kernel; another call, the suspect not isolated).
+    `swap_dma_deferred` sends deferred swap-ins to the copy engines too, for that A/B on OPT-13B's
+    13 MB blocks (stop 11: steps carrying them averaged 33-61 ms against 15 ms graphed decode steps)."""
 
     def __init__(self, transfer: "KVTransfer", pairs: list[tuple[int, int]], src: torch.Tensor,
-                 dst: torch.Tensor, layerwise: bool = True) -> None:
+                 dst: torch.Tensor, dma: bool = True) -> None:
         self.src, self.dst = src, dst
         self.runs = block_runs(pairs)
-        self.use_dma = layerwise and len(self.runs) <= transfer.dma_max_runs
+        self.use_dma = dma and len(self.runs) <= transfer.dma_max_runs
         if not self.use_dma:
             self.s_ids = transfer._ids([p[0] for p in pairs])
             self.d_ids = transfer._ids([p[1] for p in pairs])
@@ -80,12 +82,13 @@ class _Copy:
 
 class KVTransfer:
     def __init__(self, gpu_tier: torch.Tensor, cpu_tier: torch.Tensor, pipelined: bool = True,
-                 dma_max_runs: int = 0, lookahead_layers: int = 2) -> None:
+                 dma_max_runs: int = 0, lookahead_layers: int = 2, dma_deferred: bool = False) -> None:
         self.gpu = gpu_tier       # [L, NB, 2, bs, Hkv, D] on the device
         self.cpu = cpu_tier       # [L, NC, 2, bs, Hkv, D] pinned host memory
         self.num_layers = gpu_tier.shape[0]
         self.pipelined = pipelined
         self.dma_max_runs = dma_max_runs
+        self.dma_deferred = dma_deferred  # deferred swap-ins by copy engines too (an A/B; default: the kernel)
         # Swap-ins are issued this many layers ahead of the layer the forward is launching, so the
         # host's issue work overlaps the GPU's forward instead of preceding it.
         self.lookahead = max(1, lookahead_layers)
@@ -128,16 +131,16 @@ class KVTransfer:
             self.out_stream.wait_stream(compute)
         with torch.cuda.stream(self.stream):
             if plan.evict_out:
-                _Copy(self, plan.evict_out, self.gpu, self.cpu, layerwise=False).all_layers()
+                _Copy(self, plan.evict_out, self.gpu, self.cpu, dma=False).all_layers()
                 evicted = torch.cuda.Event()
                 evicted.record(self.stream)
                 compute.wait_event(evicted)
-            out = _Copy(self, plan.swap_out, self.gpu, self.cpu, layerwise=False) if plan.swap_out else None
+            out = _Copy(self, plan.swap_out, self.gpu, self.cpu, dma=False) if plan.swap_out else None
             if not plan.swap_in:
                 if out is not None:
                     self._issue_swap_out(out)
                 return None
-            copy_in = _Copy(self, plan.swap_in, self.cpu, self.gpu, layerwise=used_now)
+            copy_in = self._swap_in_copy(plan.swap_in, used_now)
         if not used_now:  # issued whole by issue_rest(), once this step's forward is launched
             self._deferred_in, self._deferred_out = copy_in, out
             return None
@@ -148,6 +151,11 @@ class KVTransfer:
             compute.wait_event(self._events[-1])
             return None
         return self._wait_for_layer  # layer 0's wait issues the first copies, after the step's uploads
+
+    def _swap_in_copy(self, pairs: list[tuple[int, int]], used_now: bool) -> _Copy:
+        """A swap-in that a forward waits on layer by layer may take the copy engines; a deferred one
+        only with dma_deferred."""
+        return _Copy(self, pairs, self.cpu, self.gpu, dma=used_now or self.dma_deferred)
 
     def _issue_through(self, layer: int) -> None:
         """Issue the swap-in up to `layer`; after its last layer, the deferred swap-out."""

@@ -62,7 +62,7 @@ class ModelRunner:
         self.cpu_tier = allocate_tier(kv_spec, self.num_cpu_blocks, self.block_size, dtype,
                                       torch.device("cpu"), pin=self.on_cuda)
         self.transfer = KVTransfer(self.gpu_tier, self.cpu_tier, config.cache.pipelined_swap_in,
-                                   config.cache.swap_dma_max_runs)
+                                   config.cache.swap_dma_max_runs, dma_deferred=config.cache.swap_dma_deferred)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.force_token_rows = False  # tests: take the one-token-rows layout without graphs
         self.last_path = "idle"        # how the last finished step ran: graph | rows | eager | swapin | idle

@@ -151,6 +151,8 @@ def test_parse_system_variants():
     budget = {"num_gpu_blocks": 64, "num_cpu_blocks": 32}
     assert engine_config(s, args, "m", budget).async_scheduling is False          # the suffix wins
     assert engine_config(parse_system("tiered"), args, "m", budget).async_scheduling is True
+    dma = engine_config(parse_system("tiered-dmadefer"), args, "m", budget)
+    assert dma.cache.swap_dma_deferred is True and engine_config(s, args, "m", budget).cache.swap_dma_deferred is False
     assert parse_system("transformers").kind == "transformers"
     assert parse_system("http").kind == "http"
     with pytest.raises(ValueError):

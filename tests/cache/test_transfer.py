@@ -31,3 +31,24 @@ def test_transfers_move_exact_blocks_by_runs_and_by_gather():
         t.settle(ran_forward=True)
         assert torch.equal(gpu, want_gpu) and torch.equal(cpu, want_cpu)
         assert t.completed_swap_outs() == 1
+
+
+def test_deferred_swap_ins_take_the_copy_engines_only_when_asked():
+    """A swap-in a forward waits on layer by layer may use the copy engines (few runs); a deferred one
+    takes the one-launch kernel unless dma_deferred (the A/B of CacheConfig.swap_dma_deferred)."""
+    gpu, cpu = _tiers()
+    few_runs = [(0, 5), (1, 6), (2, 7)]                       # one run
+    many_runs = [(0, 5), (2, 1), (4, 9)]                      # three runs
+    plain = KVTransfer(gpu, cpu, dma_max_runs=2)
+    assert plain._swap_in_copy(few_runs, used_now=True).use_dma
+    assert not plain._swap_in_copy(few_runs, used_now=False).use_dma
+    assert not plain._swap_in_copy(many_runs, used_now=True).use_dma   # over dma_max_runs: the kernel
+    deferred = KVTransfer(gpu, cpu, dma_max_runs=2, dma_deferred=True)
+    assert deferred._swap_in_copy(few_runs, used_now=False).use_dma
+    assert not deferred._swap_in_copy(many_runs, used_now=False).use_dma
+    # either way the blocks arrive: the CPU path runs the same copy synchronously
+    want = gpu.clone()
+    for c, g in few_runs:
+        want[:, g] = cpu[:, c]
+    deferred._swap_in_copy(few_runs, used_now=False).all_layers()
+    assert torch.equal(gpu, want)

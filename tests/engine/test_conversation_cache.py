@@ -74,6 +74,8 @@ def stateless_results(checkpoint):
     ("tiered", 32, 128, "swaps", {"ahead_of_time_swap_out": False}),
     # every swap-in read in the step that issues it (layer-wise waits), none deferred to the next step
     ("tiered", 32, 128, "swaps", {"defer_swap_in": False}),
+    # deferred swap-ins by the copy engines instead of the copy kernel (on CUDA; the CPU copies alike)
+    ("tiered", 32, 128, "swaps", {"swap_dma_deferred": True}),
     # decode steps launched before the previous step's tokens are read (on by default with CUDA)
     ("tiered", 32, 16, "all", {"async_scheduling": True}),
     ("gpu", 32, 0, "drops", {"async_scheduling": True}),

@@ -49,7 +49,8 @@ class _Copy:
     (H100, stop 10: with DMA for every copy, tiered without async scheduling at 26 conv/s read
     0.040 s/token against stop 9's 0.029 with the kernel; another call, the suspect not isolated).
     `swap_dma_deferred` sends deferred swap-ins to the copy engines too, for that A/B on OPT-13B's
-    13 MB blocks (stop 11: steps carrying them averaged 33-61 ms against 15 ms graphed decode steps)."""
+    13 MB blocks (stop 11: the steps carrying them, which also admit the returning turns, averaged
+    33-61 ms against 15 ms for graphed decode steps)."""
 
     def __init__(self, transfer: "KVTransfer", pairs: list[tuple[int, int]], src: torch.Tensor,
                  dst: torch.Tensor, dma: bool = True) -> None:

@@ -7,6 +7,7 @@ Sections (each runs on its own; a failure is recorded and the rest go on):
   correctness  every kernel vs the PyTorch reference on GPU-sized bf16 inputs (incl. >2^31-element pools)
   prefill      paged attention over shuffled blocks vs SDPA(is_causal=True) on contiguous KV
   decode       B x context, bytes of KV read per second as a share of 3.0 TB/s (KV rotated past L2)
+  prefill_levers q scaled before the KV loop / warp-specialized loop, each against SDPA (not in the default list)
   decode_sweep split counts against the default at batch 1 and 8 (not in the default list)
   copy         host<->device block copies (one gather kernel over pinned memory) vs a per-block loop
 """
@@ -283,6 +284,37 @@ class Bench:
             del cache, q, qs, ks, vs
             torch.cuda.empty_cache()
 
+    def prefill_levers(self) -> None:
+        """The default prefill config with each lever on (q scaled once before the KV loop; Triton's
+        automatic warp specialization of the unmasked loop), against SDPA and the default's output."""
+        import torch.nn.functional as F
+
+        from pensieve.kernels.attention import choose_config
+
+        shape = LLAMA3_8B
+        scale = 1.0 / math.sqrt(shape.head_dim)
+        group = shape.num_heads // shape.num_kv_heads
+        for batch, length in [(1, 4096), (4, 2048), (2, 8192)]:
+            meta, cache, q, qs, ks, vs = self.prefill_case(batch, length, shape)
+            sdpa = bench_ms(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale))
+            base = choose_config(batch, length, length, shape.num_kv_heads, group, shape.head_dim, False, True)
+            ref = paged_attention_triton(q, cache, meta, scale, base)
+            flops = 4 * batch * (length * (length + 1) / 2) * shape.num_heads * shape.head_dim
+            for prescale, ws in ((False, False), (True, False), (False, True), (True, True)):
+                cfg = dataclasses.replace(base, prescale_q=prescale, warp_specialize=ws)
+                try:
+                    out = paged_attention_triton(q, cache, meta, scale, cfg)
+                    ms = bench_ms(lambda: paged_attention_triton(q, cache, meta, scale, cfg))
+                except Exception as exc:  # a lever this Triton cannot compile: record and go on
+                    self.add("prefill_levers", f"{batch}x{length}", prescale_q=prescale, warp_specialize=ws,
+                             error=repr(exc)[:160])
+                    continue
+                self.add("prefill_levers", f"{batch}x{length}", prescale_q=prescale, warp_specialize=ws,
+                         ours_ms=ms, sdpa_ms=sdpa, ratio=ms / sdpa, tflops=flops / ms / 1e9,
+                         rel_err_vs_default=rel_err(out, ref))
+            del cache, q, qs, ks, vs
+            torch.cuda.empty_cache()
+
     # ---------------------------------------------------------------- decode
     def decode_case(self, batch: int, ctx: int, shape: Shape):
         """`batch` decode tokens over `ctx` cached tokens each, in several copies on disjoint blocks
@@ -386,7 +418,8 @@ class Bench:
     # ---------------------------------------------------------------- report
     def markdown(self) -> str:
         lines = [f"# Kernel bench on {self.device_name}", ""]
-        for section in ("correctness", "prefill", "prefill_sweep", "decode", "decode_sweep", "copy", "error"):
+        for section in ("correctness", "prefill", "prefill_sweep", "prefill_levers", "decode", "decode_sweep", "copy",
+                        "error"):
             rows = [r for r in self.rows if r["section"] == section]
             if not rows:
                 continue

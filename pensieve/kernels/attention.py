@@ -51,7 +51,7 @@ def _attend_tile(
     stride_cb, stride_ckv, stride_cs, stride_ch,
     offs_d, offs_n,
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    MASKED: tl.constexpr, PRECISION: tl.constexpr, K_ND: tl.constexpr,
+    MASKED: tl.constexpr, PRECISION: tl.constexpr, K_ND: tl.constexpr, SCALE_QK: tl.constexpr,
 ):
     kv_pos = tile * BLOCK_N + offs_n                                   # [N] int
     if MASKED:
@@ -86,7 +86,9 @@ def _attend_tile(
         d_ok = offs_d < HEAD_DIM
         k = tl.load(base[None, :] + offs_d[:, None], mask=kv_ok[None, :] & d_ok[:, None], other=0.0)
         v = tl.load(base[:, None] + stride_ckv + offs_d[None, :], mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
-    qk = tl.dot(q, k.to(q.dtype), input_precision=PRECISION) * qk_scale    # [M, N] fp32, log2 domain
+    qk = tl.dot(q, k.to(q.dtype), input_precision=PRECISION)              # [M, N] fp32
+    if SCALE_QK:  # else q was scaled once before the loop
+        qk = qk * qk_scale                                                  # log2 domain
     if MASKED:
         ok = (kv_pos[None, :] <= q_pos[:, None]) & kv_ok[None, :]
         qk = tl.where(ok, qk, float("-inf"))
@@ -117,6 +119,7 @@ def _paged_attention_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     NUM_SPLITS: tl.constexpr, DECODE: tl.constexpr, PRECISION: tl.constexpr, K_ND: tl.constexpr,
+    PRESCALE_Q: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     if DECODE:
         pid = tl.program_id(0)
@@ -151,6 +154,8 @@ def _paged_attention_kernel(
     else:
         qo_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
     q_tile = tl.load(q + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :], mask=qo_mask, other=0.0)
+    if PRESCALE_Q:  # one multiply per query element instead of one per score (a prefill lever, off by default)
+        q_tile = q_tile.to(tl.float32) * qk_scale
     q_tile = q_tile.to(kv_cache.dtype.element_ty)
     q_pos = tl.load(positions + tok, mask=row_ok, other=0)
 
@@ -169,16 +174,23 @@ def _paged_attention_kernel(
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for tile in range(t_lo, t_full):
-        acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q_tile, q_pos, qk_scale, kv_cache, bt_row, tile, kv_end, kvh,
-            stride_cb, stride_ckv, stride_cs, stride_ch, offs_d, offs_n,
-            BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, False, PRECISION, K_ND)
+    if WARP_SPECIALIZE:  # Triton's automatic warp specialization of the unmasked loop (a prefill lever, off)
+        for tile in tl.range(t_lo, t_full, warp_specialize=True):
+            acc, m_i, l_i = _attend_tile(
+                acc, m_i, l_i, q_tile, q_pos, qk_scale, kv_cache, bt_row, tile, kv_end, kvh,
+                stride_cb, stride_ckv, stride_cs, stride_ch, offs_d, offs_n,
+                BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, False, PRECISION, K_ND, not PRESCALE_Q)
+    else:
+        for tile in range(t_lo, t_full):
+            acc, m_i, l_i = _attend_tile(
+                acc, m_i, l_i, q_tile, q_pos, qk_scale, kv_cache, bt_row, tile, kv_end, kvh,
+                stride_cb, stride_ckv, stride_cs, stride_ch, offs_d, offs_n,
+                BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, False, PRECISION, K_ND, not PRESCALE_Q)
     for tile in range(t_full, t_hi):
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q_tile, q_pos, qk_scale, kv_cache, bt_row, tile, kv_end, kvh,
             stride_cb, stride_ckv, stride_cs, stride_ch, offs_d, offs_n,
-            BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, True, PRECISION, K_ND)
+            BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, True, PRECISION, K_ND, not PRESCALE_Q)
 
     if NUM_SPLITS == 1:
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -224,6 +236,10 @@ class LaunchConfig:
     num_warps: int
     num_stages: int
     k_nd: bool = False    # load K as [N, D] rows and transpose in registers (else gather it as [D, N])
+    # Prefill levers not yet measured (kernel_bench prefill_levers sweeps them): scale q once before the
+    # KV loop instead of every score; Triton's automatic warp specialization of the unmasked loop.
+    prescale_q: bool = False
+    warp_specialize: bool = False
 
 
 @functools.lru_cache(maxsize=8)
@@ -331,6 +347,7 @@ def paged_attention_triton(
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=config.block_q, BLOCK_M=config.block_m,
         BLOCK_N=config.block_n, BLOCK_SIZE=block_size, HEAD_DIM=head_dim, D_PAD=d_pad,
         NUM_SPLITS=splits, DECODE=decode, PRECISION=precision, K_ND=config.k_nd,
+        PRESCALE_Q=config.prescale_q, WARP_SPECIALIZE=config.warp_specialize,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if splits > 1:

@@ -71,6 +71,18 @@ def test_multi_tile_queries_and_groups(k_nd: bool) -> None:
     _check(out, q, cache, meta, 0.2, torch.float32)
 
 
+@pytest.mark.parametrize("prescale_q,warp_specialize", [(True, False), (False, True), (True, True)])
+def test_prefill_levers_keep_answers(prescale_q: bool, warp_specialize: bool) -> None:
+    """The prefill levers kernel_bench sweeps (q scaled before the loop, a warp-specialized unmasked
+    loop) compute the same attention as the reference on the mixed batch."""
+    meta = make_batch(MIXED, BLOCK_SIZE, NUM_BLOCKS)
+    cache = random_cache(NUM_BLOCKS, BLOCK_SIZE, 2, 32, torch.float16)
+    q = random_q(meta.positions.shape[0], 8, 32, torch.float16)
+    config = LaunchConfig(block_m=32, block_q=8, block_n=16, num_splits=1, num_warps=4, num_stages=1,
+                          prescale_q=prescale_q, warp_specialize=warp_specialize)
+    _check(triton_attention(q, cache, meta, 0.2, config=config), q, cache, meta, 0.2, torch.float16)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_decode_split_kv(dtype: torch.dtype) -> None:
     seqs = [(70, [69]), (1, [0]), (33, [32]), (17, [16])]

@@ -15,7 +15,8 @@
 # 125 s per point. A point's workload follows its rate (`point_seed`; before stop 9's last commits it
 # followed the rate's position in --rates), so sweeps split across calls merge point by point.
 # Stop 10: an 8B checkpoint builds in ~42 s; a machine goes back after 30 minutes held, so about three
-# full calls share one (and its /tmp). Stop 11 ran 10-17 (3 and 12 with OPT_GPU_KV_GB=40), each on a fresh machine.
+# full calls share one (and its /tmp). Stop 11 ran 3 and 12-17 (3 and 12 with OPT_GPU_KV_GB=40), each on a fresh
+# machine; its first two calls (the same-launch split merge, since reverted) are in kernels/stop11/command.txt.
 # Owed next, in order: 19 (prefill levers, issue 2), 18 with OPT_GPU_KV_GB=40 (copy engines for deferred
 # swap-ins, A/B), 8 (tiered with and without async scheduling), 4 (ablations after the ahead-of-time
 # swap-out change), 2, 6.
@@ -65,18 +66,6 @@ case "$N" in
   9)  # stop 10's last call: async scheduling's CUDA tests and decode A/B, then serving with and without it at 26
       async_check
       timeout 300 $MT $GQA --systems tiered,tiered-sync --rates 26 --out "$RUNS/gqa10-async-r26" ;;
-  10) # stop 11's first call: the decode kernel's in-kernel split merge (CUDA kernel tests, a sweep of split
-      # counts / tiles / stages, decode and prefill timed with KV rotated past L2), then async_check, whose
-      # engine_bench also times swap-ins of 1k and 4k tokens with interleaved medians (issue 3's open number)
-      PENSIEVE_TEST_DEVICE=cuda timeout 80 python3 -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tail -4 \
-        | tee "$OUT/gpu_tests_kernels.txt"
-      timeout 200 python3 benchmarks/kernel_bench.py --quick --sections decode,prefill,decode_sweep --out "$RUNS/kernels"
-      async_check ;;
-  11) # stop 11's second call (call 1's engine_bench crashed before measuring):
-      # the in-kernel split merge A/B per split count, then decode steps (async off/on) and swap-ins of 1k/4k tokens
-      timeout 150 python3 benchmarks/kernel_bench.py --sections decode_sweep --out "$RUNS/kernels-merge-ab"
-      timeout 170 python3 benchmarks/engine_bench.py --models llama-3.1-8b --skip-prefill --decode-batches 1,8,32 \
-        --swap-variants dma --keep-ckpt --out "$RUNS/engine-async" ;;
   12) # OPT-13B's baselines in one call: gpu at two rates, stateless at one (stop 11: OPT_GPU_KV_GB=40, beside
       # `OPT_GPU_KV_GB=40 SYSTEM=tiered RATES=16,22,28 bash benchmarks/gpu_plan.sh 3`)
       timeout 330 $MT $OPT --systems gpu --rates 16,22 --out "$RUNS/opt-13b-gpu"

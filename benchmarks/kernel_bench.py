@@ -23,13 +23,13 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pensieve.kernels.attention import paged_attention_triton  # noqa: E402
+from pensieve.kernels.attention import LaunchConfig, paged_attention_triton  # noqa: E402
 from pensieve.kernels.block_copy import copy_blocks_triton  # noqa: E402
 from pensieve.kernels.reference import (  # noqa: E402
     copy_blocks_reference,
@@ -247,12 +247,10 @@ class Bench:
             del cache, q, qs, ks, vs
             torch.cuda.empty_cache()
 
-    def prefill_sweep(self) -> None:
-        """Launch configurations of the prefill path, each timed against SDPA on the same shapes
-        and checked against the default configuration's output."""
-        import dataclasses
-        import itertools
-
+    def prefill_configs(self, section: str, shapes: list[tuple[int, int]],
+                        variants: Callable[[LaunchConfig], Iterable[tuple[dict[str, Any], LaunchConfig]]]) -> None:
+        """Each (label fields, launch config) that `variants(default config)` yields, timed on each shape
+        against SDPA and checked against the default configuration's output."""
         import torch.nn.functional as F
 
         from pensieve.kernels.attention import choose_config
@@ -260,60 +258,46 @@ class Bench:
         shape = LLAMA3_8B
         scale = 1.0 / math.sqrt(shape.head_dim)
         group = shape.num_heads // shape.num_kv_heads
-        for batch, length in [(1, 4096), (4, 2048)]:
+        for batch, length in shapes:
             meta, cache, q, qs, ks, vs = self.prefill_case(batch, length, shape)
             sdpa = bench_ms(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale))
             base = choose_config(batch, length, length, shape.num_kv_heads, group, shape.head_dim, False, True)
             ref = paged_attention_triton(q, cache, meta, scale, base)
             flops = 4 * batch * (length * (length + 1) / 2) * shape.num_heads * shape.head_dim
-            for block_m, block_n, warps, stages, k_nd in itertools.product(
-                    (64, 128), (64, 128), (4, 8), (2, 3), (False, True)):
-                if block_m == 64 and warps == 8:
-                    continue
-                cfg = dataclasses.replace(base, block_m=block_m, block_q=block_m // 4, block_n=block_n,
-                                          num_warps=warps, num_stages=stages, k_nd=k_nd)
+            for fields, cfg in variants(base):
                 try:
                     out = paged_attention_triton(q, cache, meta, scale, cfg)
                     ms = bench_ms(lambda: paged_attention_triton(q, cache, meta, scale, cfg))
-                except Exception as exc:  # out of shared memory, say: record and go on
-                    self.add("prefill_sweep", f"{batch}x{length}", config=str(cfg), error=repr(exc)[:120])
+                except Exception as exc:  # out of shared memory, or a lever this Triton lacks: record, go on
+                    self.add(section, f"{batch}x{length}", **fields, error=repr(exc)[:160])
                     continue
-                self.add("prefill_sweep", f"{batch}x{length}", block_m=block_m, block_n=block_n, warps=warps,
-                         stages=stages, k_nd=k_nd, ours_ms=ms, sdpa_ms=sdpa, ratio=ms / sdpa,
+                self.add(section, f"{batch}x{length}", **fields, ours_ms=ms, sdpa_ms=sdpa, ratio=ms / sdpa,
                          tflops=flops / ms / 1e9, rel_err_vs_default=rel_err(out, ref))
             del cache, q, qs, ks, vs
             torch.cuda.empty_cache()
 
-    def prefill_levers(self) -> None:
-        """The default prefill config with each lever on (q scaled once before the KV loop; Triton's
-        automatic warp specialization of the unmasked loop), against SDPA and the default's output."""
-        import torch.nn.functional as F
-
-        from pensieve.kernels.attention import choose_config
-
-        shape = LLAMA3_8B
-        scale = 1.0 / math.sqrt(shape.head_dim)
-        group = shape.num_heads // shape.num_kv_heads
-        for batch, length in [(1, 4096), (4, 2048), (2, 8192)]:
-            meta, cache, q, qs, ks, vs = self.prefill_case(batch, length, shape)
-            sdpa = bench_ms(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale))
-            base = choose_config(batch, length, length, shape.num_kv_heads, group, shape.head_dim, False, True)
-            ref = paged_attention_triton(q, cache, meta, scale, base)
-            flops = 4 * batch * (length * (length + 1) / 2) * shape.num_heads * shape.head_dim
-            for prescale, ws in ((False, False), (True, False), (False, True), (True, True)):
-                cfg = dataclasses.replace(base, prescale_q=prescale, warp_specialize=ws)
-                try:
-                    out = paged_attention_triton(q, cache, meta, scale, cfg)
-                    ms = bench_ms(lambda: paged_attention_triton(q, cache, meta, scale, cfg))
-                except Exception as exc:  # a lever this Triton cannot compile: record and go on
-                    self.add("prefill_levers", f"{batch}x{length}", prescale_q=prescale, warp_specialize=ws,
-                             error=repr(exc)[:160])
+    def prefill_sweep(self) -> None:
+        """Launch configurations of the prefill path (tiles, warps, stages, how K is loaded)."""
+        def variants(base: LaunchConfig):
+            for block_m, block_n, warps, stages, k_nd in itertools.product(
+                    (64, 128), (64, 128), (4, 8), (2, 3), (False, True)):
+                if block_m == 64 and warps == 8:
                     continue
-                self.add("prefill_levers", f"{batch}x{length}", prescale_q=prescale, warp_specialize=ws,
-                         ours_ms=ms, sdpa_ms=sdpa, ratio=ms / sdpa, tflops=flops / ms / 1e9,
-                         rel_err_vs_default=rel_err(out, ref))
-            del cache, q, qs, ks, vs
-            torch.cuda.empty_cache()
+                yield (dict(block_m=block_m, block_n=block_n, warps=warps, stages=stages, k_nd=k_nd),
+                       dataclasses.replace(base, block_m=block_m, block_q=block_m // 4, block_n=block_n,
+                                           num_warps=warps, num_stages=stages, k_nd=k_nd))
+
+        self.prefill_configs("prefill_sweep", [(1, 4096), (4, 2048)], variants)
+
+    def prefill_levers(self) -> None:
+        """The default prefill config with each lever on: q scaled once before the KV loop, Triton's
+        automatic warp specialization of the unmasked loop."""
+        def variants(base: LaunchConfig):
+            for prescale, ws in ((False, False), (True, False), (False, True), (True, True)):
+                yield (dict(prescale_q=prescale, warp_specialize=ws),
+                       dataclasses.replace(base, prescale_q=prescale, warp_specialize=ws))
+
+        self.prefill_configs("prefill_levers", [(1, 4096), (4, 2048), (2, 8192)], variants)
 
     # ---------------------------------------------------------------- decode
     def decode_case(self, batch: int, ctx: int, shape: Shape):

@@ -35,8 +35,8 @@ class CacheConfig:
                                            # behind this step and compute it next step (keeps CUDA graphs)
     # Swap-ins that a forward waits on layer by layer go through the copy engines (one memcpy per
     # run of consecutive blocks and layer) when they are at most this many runs, else the gather
-    # kernel; deferred swap-ins, eviction copies and swap-outs always take the one-launch kernel
-    # (cache/transfer.py says why). H100, Llama-3.1-8B, stop 10, 4k tokens: DMA issued whole at the
+    # kernel; deferred swap-ins (unless swap_dma_deferred), eviction copies and swap-outs take the
+    # one-launch kernel (cache/transfer.py says why). H100, Llama-3.1-8B, stop 10, 4k tokens: DMA issued whole at the
     # first layer wait moved 87-92% of PCIe and hid 79-100% of it; the kernel 81% and 82%
     # (docs/BENCHMARKS.md). 0: always the kernel.
     swap_dma_max_runs: int = 8

@@ -174,18 +174,12 @@ def _paged_attention_kernel(
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if WARP_SPECIALIZE:  # Triton's automatic warp specialization of the unmasked loop (a prefill lever, off)
-        for tile in tl.range(t_lo, t_full, warp_specialize=True):
-            acc, m_i, l_i = _attend_tile(
-                acc, m_i, l_i, q_tile, q_pos, qk_scale, kv_cache, bt_row, tile, kv_end, kvh,
-                stride_cb, stride_ckv, stride_cs, stride_ch, offs_d, offs_n,
-                BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, False, PRECISION, K_ND, not PRESCALE_Q)
-    else:
-        for tile in range(t_lo, t_full):
-            acc, m_i, l_i = _attend_tile(
-                acc, m_i, l_i, q_tile, q_pos, qk_scale, kv_cache, bt_row, tile, kv_end, kvh,
-                stride_cb, stride_ckv, stride_cs, stride_ch, offs_d, offs_n,
-                BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, False, PRECISION, K_ND, not PRESCALE_Q)
+    # warp_specialize: Triton's automatic warp specialization of the unmasked loop (a prefill lever, off)
+    for tile in tl.range(t_lo, t_full, warp_specialize=WARP_SPECIALIZE):
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q_tile, q_pos, qk_scale, kv_cache, bt_row, tile, kv_end, kvh,
+            stride_cb, stride_ckv, stride_cs, stride_ch, offs_d, offs_n,
+            BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, False, PRECISION, K_ND, not PRESCALE_Q)
     for tile in range(t_full, t_hi):
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q_tile, q_pos, qk_scale, kv_cache, bt_row, tile, kv_end, kvh,

@@ -17,7 +17,7 @@
 # Stop 10: an 8B checkpoint builds in ~42 s; a machine goes back after 30 minutes held, so about three
 # full calls share one (and its /tmp). Stop 11 ran 3 and 12-17 (3 and 12 with OPT_GPU_KV_GB=40), each on a fresh
 # machine; its first two calls (the same-launch split merge, since reverted) are in kernels/stop11/command.txt.
-# Owed next, in order: 19 (prefill levers, issue 2), 18 with OPT_GPU_KV_GB=40 (copy engines for deferred
+# Owed next, in order: 20 (prefill from the layer's K/V, issue 2), 18 with OPT_GPU_KV_GB=40 (copy engines for deferred
 # swap-ins, A/B), 8 (tiered with and without async scheduling), 4 (ablations after the ahead-of-time
 # swap-out change), 2, 6.
 set -uo pipefail
@@ -98,11 +98,17 @@ case "$N" in
   18) # copy engines for deferred swap-ins (CacheConfig.swap_dma_deferred) against the copy kernel, on OPT-13B's 13 MB
       # blocks where stop 11 saw the steps carrying deferred swap-ins at 33-61 ms (run with OPT_GPU_KV_GB=40)
       timeout 400 $MT $OPT --systems tiered,tiered-dmadefer --rates 16 --out "$RUNS/opt-13b-dmadefer" ;;
-  19) # issue 2's prefill levers (q scaled before the loop, Triton's warp specialization), each against SDPA; then
-      # the CUDA kernel tests (the lever variants included)
-      timeout 200 python3 benchmarks/kernel_bench.py --sections prefill,prefill_levers --out "$RUNS/kernels-levers"
-      PENSIEVE_TEST_DEVICE=cuda timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tail -4 \
-        | tee "$OUT/gpu_tests_kernels.txt" ;;
+  19) # (stop 12, done) issue 2's prefill levers: q scaled before the loop was 3% slower, warp specialization no
+      # change on the gathered loads; the lever code is gone (kernels/stop12/levers.md)
+      echo "case 19 ran in stop 12; its levers were removed" ;;
+  20) # issue 2, prefill: the CUDA kernel tests (new-token K/V read from the layer's tensors, plain loads and TMA),
+      # then the engine's prefill against SDPA, SDPA's backends, the sweep of new-K/V sources x tiles, the decode
+      # kernel after the softmax rewrite, and the plain-read floor of the decode shapes
+      PENSIEVE_TEST_DEVICE=cuda timeout 120 python3 -m pytest -q -p no:cacheprovider tests/kernels 2>&1 \
+        | tee "$OUT/gpu_tests_kernels.txt" | tail -8
+      timeout 90 python3 benchmarks/kernel_bench.py --sections prefill,sdpa_backends --out "$RUNS/kernels-prefill"; pack
+      timeout 250 python3 benchmarks/kernel_bench.py --sections prefill_sweep --out "$RUNS/kernels-sweep"; pack
+      timeout 80 python3 benchmarks/kernel_bench.py --quick --sections decode,read_floor --out "$RUNS/kernels-decode" ;;
   6)  # the engine in its own process vs on a thread of the benchmark's process, same workload and rate
       timeout 260 $MT $GQA --systems tiered --rates 22 --out "$RUNS/gqa10-tiered-thread"
       timeout 290 $MT $GQA --systems tiered --rates 22 --engine-process --out "$RUNS/gqa10-tiered-process" ;;

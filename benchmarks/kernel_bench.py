@@ -7,7 +7,9 @@ Sections (each runs on its own; a failure is recorded and the rest go on):
   correctness  every kernel vs the PyTorch reference on GPU-sized bf16 inputs (incl. >2^31-element pools)
   prefill      paged attention over shuffled blocks vs SDPA(is_causal=True) on contiguous KV
   decode       B x context, bytes of KV read per second as a share of 3.0 TB/s (KV rotated past L2)
-  prefill_levers q scaled before the KV loop / warp-specialized loop, each against SDPA (not in the default list)
+  prefill_sweep new K/V source x tiles x warps x stages (not in the default list)
+  sdpa_backends SDPA on 1 x 4096 under each backend (not in the default list)
+  read_floor   the fastest plain read of the decode shapes' KV bytes, same timing (not in the default list)
   decode_sweep split counts against the default at batch 1 and 8 (not in the default list)
   copy         host<->device block copies (one gather kernel over pinned memory) vs a per-block loop
 """
@@ -26,6 +28,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
+import triton
+import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -52,6 +56,17 @@ class Shape:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+
+
+@triton.jit
+def _read_kernel(x, partial, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    """A plain streaming read for read_floor: each program sums ITERS x BLOCK elements."""
+    start = tl.program_id(0).to(tl.int64) * BLOCK * ITERS
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in tl.static_range(ITERS):
+        offs = start + i * BLOCK + tl.arange(0, BLOCK)
+        acc += tl.load(x + offs, mask=offs < n, other=0.0).to(tl.float32)
+    tl.store(partial + tl.program_id(0), tl.sum(acc, 0))
 
 
 LLAMA3_8B = Shape("llama3-8b", 32, 8, 128)
@@ -207,25 +222,41 @@ class Bench:
         self.add("correctness", "copy_blocks_d2h_pageable", shape=shape.name, ok=torch.equal(pageable, expected))
 
     # ---------------------------------------------------------------- prefill
-    def prefill_case(self, batch: int, length: int, shape: Shape):
-        """`batch` causal prefills of `length` tokens over shuffled pages, and SDPA's inputs: the same
+    def prefill_case(self, batch: int, length: int, shape: Shape, ctx: int = 0):
+        """`batch` causal prefills of `length` new tokens over `ctx` cached ones each, all KV in
+        shuffled pages; q, k, v as the model passes them (strided views of one projection, k and v
+        holding the values the store wrote to the cache); and SDPA's inputs for ctx == 0: the same
         values as contiguous [B, H, T, D] with the GQA heads expanded outside any timing."""
-        seqs = [(length, list(range(length)))] * batch
-        num_blocks = batch * length // BLOCK_SIZE + 64
+        seqs = [(ctx + length, list(range(ctx, ctx + length)))] * batch
+        num_blocks = batch * (ctx + length) // BLOCK_SIZE + 64
         meta = build_meta(seqs, num_blocks, self.device, self.gen)
         cache = self.cache(num_blocks, shape)
-        q = torch.randn((batch * length, shape.num_heads, shape.head_dim), dtype=DTYPE, device=self.device)
-        group = shape.num_heads // shape.num_kv_heads
-        qs = q.view(batch, length, shape.num_heads, shape.head_dim).transpose(1, 2).contiguous()
-        kv = cache[meta.block_tables.long()]                 # [B, nb, 2, bs, Hkv, D]
+        hq, hkv, d = shape.num_heads, shape.num_kv_heads, shape.head_dim
+        qkv = torch.randn((batch * length, hq + 2 * hkv, d), dtype=DTYPE, device=self.device)
+        q, k, v = qkv.split([hq, hkv, hkv], dim=1)
+        slots = meta.slot_mapping
+        k.copy_(cache[slots // BLOCK_SIZE, 0, slots % BLOCK_SIZE])
+        v.copy_(cache[slots // BLOCK_SIZE, 1, slots % BLOCK_SIZE])
+        sdpa_inputs = None
+        if ctx == 0:
+            group = hq // hkv
+            kv = cache[meta.block_tables.long()]                 # [B, nb, 2, bs, Hkv, D]
 
-        def dense(i: int) -> torch.Tensor:
-            x = kv[:, :, i].reshape(batch, -1, shape.num_kv_heads, shape.head_dim)[:, :length]
-            return x.repeat_interleave(group, dim=2).transpose(1, 2).contiguous()
+            def dense(i: int) -> torch.Tensor:
+                x = kv[:, :, i].reshape(batch, -1, hkv, d)[:, :length]
+                return x.repeat_interleave(group, dim=2).transpose(1, 2).contiguous()
 
-        return meta, cache, q, qs, dense(0), dense(1)
+            qs = q.reshape(batch, length, hq, d).transpose(1, 2).contiguous()
+            sdpa_inputs = (qs, dense(0), dense(1))
+        return meta, cache, q, k, v, sdpa_inputs
+
+    @staticmethod
+    def prefill_flops(batch: int, length: int, ctx: int, shape: Shape) -> float:
+        return 4 * batch * (length * ctx + length * (length + 1) / 2) * shape.num_heads * shape.head_dim
 
     def prefill(self) -> None:
+        """The engine's prefill (new K/V passed, as every layer does) against SDPA, and the same
+        kernel with every position gathered from the cache (how a recompute batch runs)."""
         import torch.nn.functional as F
 
         shape = LLAMA3_8B
@@ -234,23 +265,48 @@ class Bench:
         if self.quick:
             configs = [(1, 4096), (4, 2048)]
         for batch, length in configs:
-            meta, cache, q, qs, ks, vs = self.prefill_case(batch, length, shape)
+            meta, cache, q, k, v, (qs, ks, vs) = self.prefill_case(batch, length, shape)
             T = batch * length
-            ours = bench_ms(lambda: paged_attention_triton(q, cache, meta, scale))
+            ours = bench_ms(lambda: paged_attention_triton(q, cache, meta, scale, k=k, v=v))
+            gathered = bench_ms(lambda: paged_attention_triton(q, cache, meta, scale))
             sdpa = bench_ms(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale))
-            flops = 4 * batch * (length * (length + 1) / 2) * shape.num_heads * shape.head_dim
-            out = paged_attention_triton(q, cache, meta, scale)
+            flops = self.prefill_flops(batch, length, 0, shape)
+            out = paged_attention_triton(q, cache, meta, scale, k=k, v=v)
             ref = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale).transpose(1, 2).reshape_as(out)
             self.add("prefill", f"{batch}x{length}", shape=shape.name, tokens=T, ours_ms=ours, sdpa_ms=sdpa,
                      ratio=ours / sdpa, ours_tflops=flops / ours / 1e9, sdpa_tflops=flops / sdpa / 1e9,
-                     rel_err_vs_sdpa=rel_err(out, ref))
-            del cache, q, qs, ks, vs
+                     gathered_ms=gathered, gathered_ratio=gathered / sdpa, rel_err_vs_sdpa=rel_err(out, ref))
+            del cache, q, k, v, qs, ks, vs
             torch.cuda.empty_cache()
 
-    def prefill_configs(self, section: str, shapes: list[tuple[int, int]],
+    def sdpa_backends(self) -> None:
+        """SDPA's time on 1 x 4096 under each backend it has here: which one the default picks."""
+        import torch.nn.functional as F
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        shape = LLAMA3_8B
+        scale = 1.0 / math.sqrt(shape.head_dim)
+        _, cache, _, _, _, (qs, ks, vs) = self.prefill_case(1, 4096, shape)
+        flops = self.prefill_flops(1, 4096, 0, shape)
+        for name in ("default", "CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"):
+            call = lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)  # noqa: E731
+            try:
+                if name == "default":
+                    ms = bench_ms(call)
+                else:
+                    with sdpa_kernel(getattr(SDPBackend, name)):
+                        ms = bench_ms(call)
+            except Exception as exc:  # a backend this build lacks: record, go on
+                self.add("sdpa_backends", name, error=repr(exc)[:160])
+                continue
+            self.add("sdpa_backends", name, ms=ms, tflops=flops / ms / 1e9)
+        del cache
+
+    def prefill_configs(self, section: str, shapes: list[tuple[int, int, int]],
                         variants: Callable[[LaunchConfig], Iterable[tuple[dict[str, Any], LaunchConfig]]]) -> None:
-        """Each (label fields, launch config) that `variants(default config)` yields, timed on each shape
-        against SDPA and checked against the default configuration's output."""
+        """Each (label fields, launch config) that `variants(default config)` yields, timed on each
+        (batch, new tokens, cached tokens) shape, against SDPA where there is no context, and checked
+        against the default configuration's output."""
         import torch.nn.functional as F
 
         from pensieve.kernels.attention import choose_config
@@ -258,46 +314,45 @@ class Bench:
         shape = LLAMA3_8B
         scale = 1.0 / math.sqrt(shape.head_dim)
         group = shape.num_heads // shape.num_kv_heads
-        for batch, length in shapes:
-            meta, cache, q, qs, ks, vs = self.prefill_case(batch, length, shape)
-            sdpa = bench_ms(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale))
-            base = choose_config(batch, length, length, shape.num_kv_heads, group, shape.head_dim, False, True)
-            ref = paged_attention_triton(q, cache, meta, scale, base)
-            flops = 4 * batch * (length * (length + 1) / 2) * shape.num_heads * shape.head_dim
+        for batch, length, ctx in shapes:
+            meta, cache, q, k, v, sdpa_inputs = self.prefill_case(batch, length, shape, ctx)
+            sdpa = None
+            if sdpa_inputs is not None:
+                qs, ks, vs = sdpa_inputs
+                sdpa = bench_ms(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale))
+            base = choose_config(batch, length, ctx + length, shape.num_kv_heads, group, shape.head_dim, False, True)
+            ref = paged_attention_triton(q, cache, meta, scale, base, k, v)
+            flops = self.prefill_flops(batch, length, ctx, shape)
+            name = f"{batch}x{length}" + (f"+ctx{ctx}" if ctx else "")
             for fields, cfg in variants(base):
                 try:
-                    out = paged_attention_triton(q, cache, meta, scale, cfg)
-                    ms = bench_ms(lambda: paged_attention_triton(q, cache, meta, scale, cfg))
+                    out = paged_attention_triton(q, cache, meta, scale, cfg, k, v)
+                    ms = bench_ms(lambda: paged_attention_triton(q, cache, meta, scale, cfg, k, v))
                 except Exception as exc:  # out of shared memory, or a lever this Triton lacks: record, go on
-                    self.add(section, f"{batch}x{length}", **fields, error=repr(exc)[:160])
+                    self.add(section, name, **fields, error=repr(exc)[:160])
                     continue
-                self.add(section, f"{batch}x{length}", **fields, ours_ms=ms, sdpa_ms=sdpa, ratio=ms / sdpa,
-                         tflops=flops / ms / 1e9, rel_err_vs_default=rel_err(out, ref))
-            del cache, q, qs, ks, vs
+                self.add(section, name, **fields, default=cfg == base, ours_ms=ms, sdpa_ms=sdpa,
+                         ratio=ms / sdpa if sdpa else None, tflops=flops / ms / 1e9,
+                         rel_err_vs_default=rel_err(out, ref))
+            del cache, q, k, v, sdpa_inputs
             torch.cuda.empty_cache()
 
     def prefill_sweep(self) -> None:
-        """Launch configurations of the prefill path (tiles, warps, stages, how K is loaded)."""
+        """Launch configurations of the prefill path: where new K/V come from (the layer's tensors by
+        plain loads or TMA, or gathered from the cache), tiles, warps, stages; warp specialization
+        on the default tiles."""
         def variants(base: LaunchConfig):
-            for block_m, block_n, warps, stages, k_nd in itertools.product(
-                    (64, 128), (64, 128), (4, 8), (2, 3), (False, True)):
-                if block_m == 64 and warps == 8:
-                    continue
-                yield (dict(block_m=block_m, block_n=block_n, warps=warps, stages=stages, k_nd=k_nd),
-                       dataclasses.replace(base, block_m=block_m, block_q=block_m // 4, block_n=block_n,
-                                           num_warps=warps, num_stages=stages, k_nd=k_nd))
+            for new_kv in ("tensor", "tma", "cache"):
+                for block_m, block_n, warps, stages in itertools.product((64, 128), (64, 128), (4, 8), (2, 3, 4)):
+                    if block_m == 64 and warps == 8:
+                        continue
+                    yield (dict(new_kv=new_kv, block_m=block_m, block_n=block_n, warps=warps, stages=stages),
+                           dataclasses.replace(base, new_kv=new_kv, block_m=block_m, block_q=block_m // 4,
+                                               block_n=block_n, num_warps=warps, num_stages=stages))
+                yield (dict(new_kv=new_kv, warp_specialize=True),
+                       dataclasses.replace(base, new_kv=new_kv, warp_specialize=True))
 
-        self.prefill_configs("prefill_sweep", [(1, 4096), (4, 2048)], variants)
-
-    def prefill_levers(self) -> None:
-        """The default prefill config with each lever on: q scaled once before the KV loop, Triton's
-        automatic warp specialization of the unmasked loop."""
-        def variants(base: LaunchConfig):
-            for prescale, ws in ((False, False), (True, False), (False, True), (True, True)):
-                yield (dict(prescale_q=prescale, warp_specialize=ws),
-                       dataclasses.replace(base, prescale_q=prescale, warp_specialize=ws))
-
-        self.prefill_configs("prefill_levers", [(1, 4096), (4, 2048), (2, 8192)], variants)
+        self.prefill_configs("prefill_sweep", [(1, 4096, 0), (4, 2048, 0), (4, 1024, 0), (1, 2048, 2048)], variants)
 
     # ---------------------------------------------------------------- decode
     def decode_case(self, batch: int, ctx: int, shape: Shape):
@@ -342,6 +397,41 @@ class Bench:
                      ms_same_kv=ms_l2, gb_per_s=kv_bytes / ms / 1e6, hbm_fraction=kv_bytes / (ms * 1e-3) / HBM_BYTES_PER_S,
                      hbm_fraction_maxlen32k=kv_bytes / (ms_graph * 1e-3) / HBM_BYTES_PER_S)
             del cache
+            torch.cuda.empty_cache()
+
+    def read_floor(self) -> None:
+        """What any kernel pays to read the decode shapes' KV bytes from HBM once: a plain streaming
+        read (each program sums its slice; the best of several grid shapes) and torch.sum, timed
+        like decode (CUDA graph, copies rotated past L2). The decode kernel's fraction of 3.0 TB/s
+        at batch 1 x 4k is bounded by this, not by 3.0 TB/s."""
+        import triton
+
+        shape = LLAMA3_8B
+        per_token = 2 * shape.num_kv_heads * shape.head_dim * DTYPE.itemsize
+        for batch, ctx in [(1, 4096), (1, 16384), (1, 32768), (8, 4096)]:
+            nbytes = batch * ctx * per_token
+            n = nbytes // DTYPE.itemsize
+            copies = max(1, min(16, -(-L2_DEFEAT_BYTES // nbytes)))
+            bufs = [torch.randn(n, dtype=DTYPE, device=self.device) for _ in range(copies)]
+            best = None
+            for block, iters, warps in itertools.product((2048, 8192), (1, 4, 16), (4, 8)):
+                grid = triton.cdiv(n, block * iters)
+                partial = torch.empty(grid, dtype=torch.float32, device=self.device)
+                turn = itertools.count()
+
+                def read() -> None:
+                    _read_kernel[(grid,)](bufs[next(turn) % copies], partial, n, BLOCK=block, ITERS=iters,
+                                          num_warps=warps)
+
+                ms = bench_graph_ms(read)
+                self.add("read_floor", f"B{batch}_ctx{ctx}", how="triton", block=block, iters=iters, warps=warps,
+                         programs=grid, ms=ms, hbm_fraction=nbytes / (ms * 1e-3) / HBM_BYTES_PER_S)
+                best = ms if best is None else min(best, ms)
+            turn = itertools.count()
+            ms = bench_graph_ms(lambda: bufs[next(turn) % copies].sum(dtype=torch.float32))
+            self.add("read_floor", f"B{batch}_ctx{ctx}", how="torch.sum", ms=ms,
+                     hbm_fraction=nbytes / (ms * 1e-3) / HBM_BYTES_PER_S, best_triton_ms=best)
+            del bufs
             torch.cuda.empty_cache()
 
     def decode_sweep(self) -> None:
@@ -402,8 +492,8 @@ class Bench:
     # ---------------------------------------------------------------- report
     def markdown(self) -> str:
         lines = [f"# Kernel bench on {self.device_name}", ""]
-        for section in ("correctness", "prefill", "prefill_sweep", "prefill_levers", "decode", "decode_sweep", "copy",
-                        "error"):
+        for section in ("correctness", "prefill", "sdpa_backends", "prefill_sweep", "decode", "read_floor",
+                        "decode_sweep", "copy", "error"):
             rows = [r for r in self.rows if r["section"] == section]
             if not rows:
                 continue

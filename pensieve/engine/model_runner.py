@@ -172,9 +172,10 @@ class ModelRunner:
         positions = np.arange(start, end)
         return self._metadata(positions=positions, qsl=np.array([0, end - start]), seq_lens=np.array([end]),
                               tables=[list(range(-(-end // self.block_size)))], slots=positions.copy(),
-                              max_q=end - start, decode_only=False)
+                              max_q=end - start, decode_only=False, suffix=True)
 
-    def _metadata(self, positions, qsl, seq_lens, tables, slots, max_q, decode_only, wait=None) -> AttentionMetadata:
+    def _metadata(self, positions, qsl, seq_lens, tables, slots, max_q, decode_only, wait=None,
+                  suffix=False) -> AttentionMetadata:
         width = max(len(t) for t in tables)
         table = np.zeros((len(tables), width), np.int32)
         for i, t in enumerate(tables):
@@ -188,7 +189,7 @@ class ModelRunner:
             seq_lens=put(seq_lens, torch.int32), block_tables=put(table, torch.int32),
             slot_mapping=put(slots, torch.int64), block_size=self.block_size,
             max_query_len=int(max_q), max_seq_len=int(seq_lens.max()), decode_only=decode_only,
-            wait_for_layer=wait)
+            new_tokens_are_suffix=suffix, wait_for_layer=wait)
 
     def _prepare(self, plan: StepPlan, wait, as_rows: bool,
                  with_ids: bool = True) -> tuple[torch.Tensor | None, AttentionMetadata, torch.Tensor]:
@@ -219,8 +220,10 @@ class ModelRunner:
             if chunk.sample:
                 logits_rows.append(len(pos) - 1)
         max_q = max(b - a for a, b in zip(qsl, qsl[1:]))
+        # one range per chunk ending at its seq_len: each sequence's new tokens are its suffix
+        suffix = not as_rows and all(len(chunk.ranges) == 1 for chunk in plan.chunks)
         meta = self._metadata(np.array(pos), np.array(qsl), np.array(seq_lens), tables, np.array(slots),
-                              max_q, decode_only=max_q == 1, wait=wait)
+                              max_q, decode_only=max_q == 1, wait=wait, suffix=suffix)
         input_ids = self._upload(torch.tensor(ids, dtype=torch.int64)) if with_ids else None
         # uploaded before the forward: a blocking copy after it would stall the host until the forward ends
         rows = self._upload(torch.tensor(logits_rows, dtype=torch.int64))

@@ -6,9 +6,10 @@ reference elsewhere (set PENSIEVE_ATTENTION_BACKEND=triton to run the Triton
 kernels on the CPU under TRITON_INTERPRET=1, as the tests do).
 
 Contract (see pensieve.model.metadata.AttentionMetadata for the batch layout):
-  paged_attention(q [T, Hq, D], kv_cache [NB, 2, bs, Hkv, D], meta, scale) -> [T, Hq, D]
+  paged_attention(q [T, Hq, D], kv_cache [NB, 2, bs, Hkv, D], meta, scale, k=None, v=None) -> [T, Hq, D]
       query t of sequence b at position p attends to KV positions j <= p, j < seq_lens[b],
-      read through block_tables[b]; GQA when Hq is a multiple of Hkv.
+      read through block_tables[b]; GQA when Hq is a multiple of Hkv. k, v [T, Hkv, D]: the new
+      tokens' K/V, equal to what store_kv just wrote; the kernel may read them there instead.
   store_kv(k [T, Hkv, D], v [T, Hkv, D], kv_cache, slot_mapping [T]) -> None
       kv_cache[slot // bs, 0, slot % bs] = k; ... [.., 1, ..] = v; slots < 0 are skipped.
   copy_blocks(src [NBs, ...], dst [NBd, ...], src_ids [N], dst_ids [N]) -> None
@@ -41,11 +42,12 @@ def use_fused_kernels(t: torch.Tensor) -> bool:
 # so importing them here would freeze it before a test or the runner sets TRITON_INTERPRET.
 
 
-def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                    k: torch.Tensor | None = None, v: torch.Tensor | None = None) -> torch.Tensor:
     if _use_triton(q):
         from pensieve.kernels.attention import paged_attention_triton
 
-        return paged_attention_triton(q, kv_cache, meta, scale)
+        return paged_attention_triton(q, kv_cache, meta, scale, k=k, v=v)
     return paged_attention_reference(q, kv_cache, meta, scale)
 
 

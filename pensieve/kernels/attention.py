@@ -45,14 +45,40 @@ def _find_seq(query_start_loc, num_seqs, pid, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
+def _online_softmax(
+    acc, m_i, l_i, q, k, v, visible, qk_scale,
+    MASKED: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One KV tile of flash attention: k [D, N], v [N, D]; visible [M, N] is read only when MASKED."""
+    qk = tl.dot(q, k.to(q.dtype), input_precision=PRECISION)              # [M, N] fp32
+    if MASKED:
+        qk = tl.where(visible, qk, float("-inf"))
+    # Scores go to the log2 domain inside exp2's argument: qk * scale - max is one FMA per score
+    # (a separate multiply first costs a pass over the tile; so did scaling q before the loop,
+    # 3% slower on the H100 in stop 12, and it rounds q * scale to 16 bits).
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    if MASKED:
+        # A row with nothing visible yet keeps max=-inf; subtract 0 instead to avoid inf-inf=nan.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_safe = m_new  # an unmasked tile gives every row finite scores
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(qk * qk_scale - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc * alpha[:, None], input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _attend_tile(
     acc, m_i, l_i, q, q_pos, qk_scale,
     kv_cache, bt_row, tile, kv_end, kvh,
     stride_cb, stride_ckv, stride_cs, stride_ch,
     offs_d, offs_n,
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    MASKED: tl.constexpr, PRECISION: tl.constexpr, K_ND: tl.constexpr, SCALE_QK: tl.constexpr,
+    MASKED: tl.constexpr, PRECISION: tl.constexpr, K_ND: tl.constexpr,
 ):
+    """A tile of KV positions read from the paged cache through the block table."""
     kv_pos = tile * BLOCK_N + offs_n                                   # [N] int
     if MASKED:
         kv_ok = kv_pos < kv_end
@@ -86,23 +112,41 @@ def _attend_tile(
         d_ok = offs_d < HEAD_DIM
         k = tl.load(base[None, :] + offs_d[:, None], mask=kv_ok[None, :] & d_ok[:, None], other=0.0)
         v = tl.load(base[:, None] + stride_ckv + offs_d[None, :], mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
-    qk = tl.dot(q, k.to(q.dtype), input_precision=PRECISION)              # [M, N] fp32
-    if SCALE_QK:  # else q was scaled once before the loop
-        qk = qk * qk_scale                                                  # log2 domain
-    if MASKED:
-        ok = (kv_pos[None, :] <= q_pos[:, None]) & kv_ok[None, :]
-        qk = tl.where(ok, qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    if MASKED:
-        # A row with nothing visible yet keeps max=-inf; subtract 0 instead to avoid inf-inf=nan.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    visible = (kv_pos[None, :] <= q_pos[:, None]) & kv_ok[None, :]
+    return _online_softmax(acc, m_i, l_i, q, k, v, visible, qk_scale, MASKED, PRECISION)
+
+
+@triton.jit
+def _attend_new_tile(
+    acc, m_i, l_i, q, tok, qk_scale,
+    k_new, v_new, row0, q_end, kvh,
+    stride_knt, stride_knh, stride_vnt, stride_vnh,
+    offs_d, offs_n,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    MASKED: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
+):
+    """A tile of the step's own new tokens, read from the contiguous K/V the layer just projected
+    (rows row0 .. row0 + N of the batch): no block table, and with TMA one bulk copy per tile.
+    Causal by row, which equals causal by position when a sequence's new tokens are its suffix."""
+    rows = row0 + offs_n                                               # [N] rows of the batch
+    if TMA:  # host-built tensor descriptors over [T, Hkv * D]; rows past T arrive as zeros
+        col = kvh.to(tl.int32) * HEAD_DIM
+        k = tl.trans(k_new.load([row0, col]))
+        v = v_new.load([row0, col])
     else:
-        m_safe = m_new  # an unmasked tile gives every row finite scores
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(qk - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
-    return acc, m_new, l_i
+        rows64 = rows.to(tl.int64)
+        k_ptr = k_new + rows64[:, None] * stride_knt + kvh * stride_knh + offs_d[None, :]
+        v_ptr = v_new + rows64[:, None] * stride_vnt + kvh * stride_vnh + offs_d[None, :]
+        if MASKED or D_PAD != HEAD_DIM:
+            mask = (rows < q_end)[:, None] & (offs_d < HEAD_DIM)[None, :]
+            k = tl.trans(tl.load(k_ptr, mask=mask, other=0.0))
+            v = tl.load(v_ptr, mask=mask, other=0.0)
+        else:
+            k = tl.trans(tl.load(k_ptr))
+            v = tl.load(v_ptr)
+    # Rows of the next sequence (or past T) come after every query row of this one: hidden too.
+    visible = rows[None, :] <= tok[:, None]
+    return _online_softmax(acc, m_i, l_i, q, k, v, visible, qk_scale, MASKED, PRECISION)
 
 
 # Triton compiles a variant per "== 1 / divisible by 16" class of every int argument: the batch's
@@ -112,14 +156,16 @@ def _attend_tile(
 def _paged_attention_kernel(
     out, q, kv_cache, block_tables, positions, query_start_loc, seq_lens,
     part_acc, part_ml,                      # split-KV partials (unused when NUM_SPLITS == 1)
+    k_new, v_new,                           # the step's new K/V: tensors or TMA descriptors (NEW_KV > 0)
     qk_scale, num_seqs,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_ckv, stride_cs, stride_ch,
-    stride_bt,
+    stride_bt, stride_knt, stride_knh, stride_vnt, stride_vnh,
+    NEW_KV: tl.constexpr,                   # where new tokens' K/V come from: 0 cache, 1 tensors, 2 TMA
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     NUM_SPLITS: tl.constexpr, DECODE: tl.constexpr, PRECISION: tl.constexpr, K_ND: tl.constexpr,
-    PRESCALE_Q: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):
     if DECODE:
         pid = tl.program_id(0)
@@ -154,37 +200,66 @@ def _paged_attention_kernel(
     else:
         qo_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
     q_tile = tl.load(q + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :], mask=qo_mask, other=0.0)
-    if PRESCALE_Q:  # one multiply per query element instead of one per score (a prefill lever, off by default)
-        q_tile = q_tile.to(tl.float32) * qk_scale
     q_tile = q_tile.to(kv_cache.dtype.element_ty)
     q_pos = tl.load(positions + tok, mask=row_ok, other=0)
 
     seq_len = tl.load(seq_lens + seq)
-    # Positions increase within a sequence: the tile's first/last tokens bound its visible KV.
-    last_tok = tl.minimum(q_lo + BLOCK_Q, q_end) - 1
-    kv_end = tl.minimum(tl.load(positions + last_tok) + 1, seq_len)      # KV loop bound of this tile
-    kv_full = tl.minimum(tl.load(positions + q_lo) + 1, seq_len)         # below it, no row needs a mask
-    num_tiles = tl.cdiv(kv_end, BLOCK_N)
-    tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
-    t_lo = split * tiles_per_split
-    t_hi = tl.minimum(t_lo + tiles_per_split, num_tiles)
-    t_full = tl.maximum(tl.minimum(kv_full // BLOCK_N, t_hi), t_lo)
-
     bt_row = block_tables + seq.to(tl.int64) * stride_bt
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    # warp_specialize: Triton's automatic warp specialization of the unmasked loop (a prefill lever, off)
-    for tile in tl.range(t_lo, t_full, warp_specialize=WARP_SPECIALIZE):
-        acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q_tile, q_pos, qk_scale, kv_cache, bt_row, tile, kv_end, kvh,
-            stride_cb, stride_ckv, stride_cs, stride_ch, offs_d, offs_n,
-            BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, False, PRECISION, K_ND, not PRESCALE_Q)
-    for tile in range(t_full, t_hi):
-        acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q_tile, q_pos, qk_scale, kv_cache, bt_row, tile, kv_end, kvh,
-            stride_cb, stride_ckv, stride_cs, stride_ch, offs_d, offs_n,
-            BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, True, PRECISION, K_ND, not PRESCALE_Q)
+    if NEW_KV == 0:
+        # Every KV position from the cache, masked by position (any batch, decode included).
+        # Positions increase within a sequence: the tile's first/last tokens bound its visible KV.
+        last_tok = tl.minimum(q_lo + BLOCK_Q, q_end) - 1
+        kv_end = tl.minimum(tl.load(positions + last_tok) + 1, seq_len)      # KV loop bound of this tile
+        kv_full = tl.minimum(tl.load(positions + q_lo) + 1, seq_len)         # below it, no row needs a mask
+        num_tiles = tl.cdiv(kv_end, BLOCK_N)
+        tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+        t_lo = split * tiles_per_split
+        t_hi = tl.minimum(t_lo + tiles_per_split, num_tiles)
+        t_full = tl.maximum(tl.minimum(kv_full // BLOCK_N, t_hi), t_lo)
+        # warp_specialize: Triton's automatic warp specialization of the unmasked loop (a prefill lever, off)
+        for tile in tl.range(t_lo, t_full, warp_specialize=WARP_SPECIALIZE):
+            acc, m_i, l_i = _attend_tile(
+                acc, m_i, l_i, q_tile, q_pos, qk_scale, kv_cache, bt_row, tile, kv_end, kvh,
+                stride_cb, stride_ckv, stride_cs, stride_ch, offs_d, offs_n,
+                BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, False, PRECISION, K_ND)
+        for tile in range(t_full, t_hi):
+            acc, m_i, l_i = _attend_tile(
+                acc, m_i, l_i, q_tile, q_pos, qk_scale, kv_cache, bt_row, tile, kv_end, kvh,
+                stride_cb, stride_ckv, stride_cs, stride_ch, offs_d, offs_n,
+                BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, True, PRECISION, K_ND)
+    else:
+        # Every sequence's new tokens are its last q_len positions (the host checked): the cached
+        # context [0, ctx_len) is visible to every row, and the new tokens are causal among
+        # themselves, read from the layer's own K/V rather than gathered back out of the cache.
+        ctx_len = seq_len - (q_end - seq_first)
+        ctx_full = ctx_len // BLOCK_N
+        for tile in tl.range(0, ctx_full, warp_specialize=WARP_SPECIALIZE):
+            acc, m_i, l_i = _attend_tile(
+                acc, m_i, l_i, q_tile, q_pos, qk_scale, kv_cache, bt_row, tile, ctx_len, kvh,
+                stride_cb, stride_ckv, stride_cs, stride_ch, offs_d, offs_n,
+                BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, False, PRECISION, K_ND)
+        for tile in range(ctx_full, tl.cdiv(ctx_len, BLOCK_N)):
+            acc, m_i, l_i = _attend_tile(
+                acc, m_i, l_i, q_tile, q_pos, qk_scale, kv_cache, bt_row, tile, ctx_len, kvh,
+                stride_cb, stride_ckv, stride_cs, stride_ch, offs_d, offs_n,
+                BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, True, PRECISION, K_ND)
+        # New-token tiles start at the sequence's first row; those ending at or before the
+        # program's first query row need no mask.
+        new_full = (q_lo - seq_first + 1) // BLOCK_N
+        new_tiles = tl.cdiv(tl.minimum(q_lo + BLOCK_Q, q_end) - seq_first, BLOCK_N)
+        for j in tl.range(0, new_full, warp_specialize=WARP_SPECIALIZE):
+            acc, m_i, l_i = _attend_new_tile(
+                acc, m_i, l_i, q_tile, tok, qk_scale, k_new, v_new, seq_first + j * BLOCK_N, q_end, kvh,
+                stride_knt, stride_knh, stride_vnt, stride_vnh, offs_d, offs_n,
+                HEAD_DIM, D_PAD, False, PRECISION, NEW_KV == 2)
+        for j in range(new_full, new_tiles):
+            acc, m_i, l_i = _attend_new_tile(
+                acc, m_i, l_i, q_tile, tok, qk_scale, k_new, v_new, seq_first + j * BLOCK_N, q_end, kvh,
+                stride_knt, stride_knh, stride_vnt, stride_vnh, offs_d, offs_n,
+                HEAD_DIM, D_PAD, True, PRECISION, NEW_KV == 2)
 
     if NUM_SPLITS == 1:
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -230,10 +305,13 @@ class LaunchConfig:
     num_warps: int
     num_stages: int
     k_nd: bool = False    # load K as [N, D] rows and transpose in registers (else gather it as [D, N])
-    # Prefill levers not yet measured (kernel_bench prefill_levers sweeps them): scale q once before the
-    # KV loop instead of every score; Triton's automatic warp specialization of the unmasked loop.
-    prescale_q: bool = False
+    # Triton's automatic warp specialization of the unmasked loops: no gain on the gathered path
+    # (stop 12, H100), and it fails the CUDA tests at small tiles; kept to time it on the TMA path.
     warp_specialize: bool = False
+    # Where a prefill reads its new tokens' K/V when the caller passes them and every sequence's new
+    # tokens are its suffix: "tensor" (plain loads of the layer's K/V), "tma" (bulk tensor copies,
+    # head_dim a power of two), or "cache" (gathered back through the block table like the context).
+    new_kv: str = "tensor"
 
 
 @functools.lru_cache(maxsize=8)
@@ -294,12 +372,17 @@ def _fit(config: LaunchConfig, on_gpu: bool, elem_bytes: int) -> LaunchConfig:
     return config
 
 
+_NEW_KV_SOURCE = {"cache": 0, "tensor": 1, "tma": 2}
+
+
 def paged_attention_triton(
     q: torch.Tensor,             # [T, Hq, D]
     kv_cache: torch.Tensor,      # [NB, 2, bs, Hkv, D]
     meta: AttentionMetadata,
     scale: float,
     config: LaunchConfig | None = None,
+    k: torch.Tensor | None = None,   # [T, Hkv, D]: the new tokens' K/V, already stored in the cache
+    v: torch.Tensor | None = None,
 ) -> torch.Tensor:               # [T, Hq, D]
     T, num_heads, head_dim = q.shape
     _, two, block_size, num_kv_heads, kv_dim = kv_cache.shape
@@ -329,19 +412,32 @@ def paged_attention_triton(
         part_ml = torch.empty((T, num_heads, splits, 2), dtype=torch.float32, device=q.device)
     else:
         part_acc = part_ml = out  # never touched
+    new_kv = 0
+    k_new, v_new, k_strides, v_strides = q, q, (0, 0), (0, 0)   # unread unless NEW_KV > 0
+    if (k is not None and v is not None and not decode and meta.new_tokens_are_suffix
+            and k.dtype == v.dtype == kv_cache.dtype):
+        new_kv = _NEW_KV_SOURCE[config.new_kv]
+        k_strides, v_strides = (k.stride(0), k.stride(1)), (v.stride(0), v.stride(1))
+        k_new, v_new = k, v
+        if new_kv == 2:
+            descs = _tma_descriptors(k, v, config.block_n)
+            if descs is None:
+                new_kv = 1
+            else:
+                k_new, v_new = descs
     # fp32 runs are for testing: keep them exact (the GPU would default to tf32).
     precision = "ieee" if kv_cache.dtype == torch.float32 else "tf32"
     _paged_attention_kernel[grid](
         out, q, kv_cache, meta.block_tables, meta.positions, meta.query_start_loc, meta.seq_lens,
-        part_acc, part_ml,
+        part_acc, part_ml, k_new, v_new,
         scale * _LOG2E, num_seqs,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
-        meta.block_tables.stride(0),
-        GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=config.block_q, BLOCK_M=config.block_m,
+        meta.block_tables.stride(0), *k_strides, *v_strides,
+        NEW_KV=new_kv, GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=config.block_q, BLOCK_M=config.block_m,
         BLOCK_N=config.block_n, BLOCK_SIZE=block_size, HEAD_DIM=head_dim, D_PAD=d_pad,
         NUM_SPLITS=splits, DECODE=decode, PRECISION=precision, K_ND=config.k_nd,
-        PRESCALE_Q=config.prescale_q, WARP_SPECIALIZE=config.warp_specialize,
+        WARP_SPECIALIZE=config.warp_specialize,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if splits > 1:
@@ -351,6 +447,21 @@ def paged_attention_triton(
             num_warps=4 if d_pad >= 128 else 1,
         )
     return out
+
+
+def _tma_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int):
+    """Descriptors over k and v viewed as [T, Hkv * D] (rows are tokens, a head's D columns one
+    box), or None where TMA's rules do not hold (power-of-two D, 16-byte aligned base and rows)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    T, num_kv_heads, head_dim = k.shape
+    descs = []
+    for x in (k, v):
+        if (head_dim & (head_dim - 1) or x.stride(1) != head_dim or x.stride(2) != 1
+                or (x.stride(0) * x.element_size()) % 16 or x.data_ptr() % 16):
+            return None
+        descs.append(TensorDescriptor(x, [T, num_kv_heads * head_dim], [x.stride(0), 1], [block_n, head_dim]))
+    return descs
 
 
 def warm_up_attention(kv_cache: torch.Tensor, num_heads: int, dtype: torch.dtype) -> int:
@@ -381,9 +492,12 @@ def warm_up_attention(kv_cache: torch.Tensor, num_heads: int, dtype: torch.dtype
             if q_len * group_pad > 128 and q_len > 2:
                 break
             meta = _tiny_meta(num_seqs, q_len, block_size, device)
-            q = torch.randn(num_seqs * q_len, num_heads, head_dim, dtype=dtype, device=device)
-            paged_attention_triton(q, kv_cache, meta, 1.0)
-            launches += 1
+            # q, k, v as views of one projection, as the model passes them (same strides)
+            qkv = torch.randn(num_seqs * q_len, num_heads + 2 * num_kv_heads, head_dim, dtype=dtype, device=device)
+            q, k, v = qkv.split([num_heads, num_kv_heads, num_kv_heads], dim=1)
+            paged_attention_triton(q, kv_cache, meta, 1.0)                # new K/V from the cache (recompute)
+            paged_attention_triton(q, kv_cache, meta, 1.0, k=k, v=v)      # new K/V from the layer's own
+            launches += 2
     torch.cuda.synchronize(device)
     return launches
 
@@ -397,4 +511,5 @@ def _tiny_meta(num_seqs: int, q_len: int, block_size: int, device: torch.device)
         seq_lens=torch.full((num_seqs,), q_len, dtype=torch.int32, device=device),
         block_tables=torch.zeros(num_seqs, triton.cdiv(q_len, block_size), dtype=torch.int32, device=device),
         slot_mapping=torch.full((num_seqs * q_len,), -1, dtype=torch.int64, device=device),
-        block_size=block_size, max_query_len=q_len, max_seq_len=q_len, decode_only=q_len == 1)
+        block_size=block_size, max_query_len=q_len, max_seq_len=q_len, decode_only=q_len == 1,
+        new_tokens_are_suffix=True)

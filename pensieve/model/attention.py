@@ -32,5 +32,5 @@ class PagedAttention(nn.Module):
         store_kv(k, v, kv_cache, meta.slot_mapping)
         if meta.wait_for_layer is not None:
             meta.wait_for_layer(self.layer_idx)
-        out = paged_attention(q, kv_cache, meta, self.scale)
+        out = paged_attention(q, kv_cache, meta, self.scale, k, v)
         return out.view(T, self.num_heads * self.head_dim)

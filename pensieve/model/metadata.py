@@ -29,6 +29,9 @@ class AttentionMetadata:
     max_query_len: int
     max_seq_len: int
     decode_only: bool                # every sequence has exactly one new token (query_start_loc = 0, 1, 2, ...)
+    # Every sequence's new tokens are its last positions, seq_len - q_len .. seq_len - 1 (no recomputed
+    # prefix split from a new turn): attention may then read them from the layer's own K/V.
+    new_tokens_are_suffix: bool = False
     # Called before layer l reads the cache: waits (on the device, via an event)
     # until layer l's swapped-in blocks have arrived. None when nothing is swapped in.
     wait_for_layer: Callable[[int], None] | None = None

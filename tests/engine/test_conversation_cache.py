@@ -290,3 +290,27 @@ def test_explicit_conversation_id_appends_the_new_turn(checkpoint):
         engine.add_request("t3", [3], params, conversation_id="chat", append_to_conversation=True)
     run_all(engine)
     engine.check_integrity()
+
+
+def test_suffix_flag_marks_exactly_the_batches_whose_new_tokens_end_each_sequence(checkpoint):
+    """The runner tells attention when every sequence's new tokens are its last positions (then the
+    kernel may read their K/V from the layer's tensors). A recomputed prefix sent with a new turn,
+    a cached middle between them, must clear it."""
+    engine = make_engine(checkpoint, "tiered", num_gpu_blocks=32, num_cpu_blocks=16, swap_out_watermark=0.5)
+    flags = []
+    real = engine.runner._prepare
+
+    def spy(plan, wait, as_rows, **kw):
+        out = real(plan, wait, as_rows, **kw)
+        meta = out[1]
+        pos, qsl, lens = meta.positions.tolist(), meta.query_start_loc.tolist(), meta.seq_lens.tolist()
+        suffix = all(pos[a:b] == list(range(n - (b - a), n)) for a, b, n in zip(qsl, qsl[1:], lens))
+        flags.append((meta.new_tokens_are_suffix, suffix, as_rows))
+        return out
+
+    engine.runner._prepare = spy
+    converse(engine)
+    for flag, suffix, as_rows in flags:
+        assert flag == (suffix and not as_rows)
+    assert any(not suffix for _, suffix, _ in flags)  # the run did recompute a prefix apart from a new turn
+    assert any(flag for flag, _, _ in flags)

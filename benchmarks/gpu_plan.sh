@@ -109,6 +109,12 @@ case "$N" in
       timeout 90 python3 benchmarks/kernel_bench.py --sections prefill,sdpa_backends --out "$RUNS/kernels-prefill"; pack
       timeout 250 python3 benchmarks/kernel_bench.py --sections prefill_sweep --out "$RUNS/kernels-sweep"; pack
       timeout 80 python3 benchmarks/kernel_bench.py --quick --sections decode,read_floor --out "$RUNS/kernels-decode" ;;
+  21) # issue 2, decode at batch 1: each launch configuration from a CUDA graph with the attention and merge kernels
+      # timed apart (profiler), Nsight Compute's stall reasons for the default decode and prefill launches; then the
+      # model's prefill and decode steps with prefill reading new K/V from the layer's tensors (engine path)
+      timeout 300 python3 benchmarks/attention_probe.py --out "$RUNS/attention-probe"; pack
+      timeout 200 python3 benchmarks/engine_bench.py --models llama-3.1-8b --decode-batches 1,8 --swap-variants "" \
+        --out "$RUNS/engine" ;;
   6)  # the engine in its own process vs on a thread of the benchmark's process, same workload and rate
       timeout 260 $MT $GQA --systems tiered --rates 22 --out "$RUNS/gqa10-tiered-thread"
       timeout 290 $MT $GQA --systems tiered --rates 22 --engine-process --out "$RUNS/gqa10-tiered-process" ;;

@@ -115,6 +115,13 @@ case "$N" in
       timeout 300 python3 benchmarks/attention_probe.py --out "$RUNS/attention-probe"; pack
       timeout 200 python3 benchmarks/engine_bench.py --models llama-3.1-8b --decode-batches 1,8 --swap-variants "" \
         --out "$RUNS/engine" ;;
+  22) # issue 2's last kernel lever (register caps for two prefill programs per SM), then the CUDA tests of the final
+      # code: kernels, models, sampler, async scheduling, the conversation cache (the engine reads new K/V from the
+      # layer's tensors in every prefill now)
+      timeout 120 python3 benchmarks/kernel_bench.py --sections prefill_regs --out "$RUNS/kernels-regs"; pack
+      PENSIEVE_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q -p no:cacheprovider tests/kernels tests/model/test_models_gpu.py \
+        tests/engine/test_sampler.py tests/engine/test_async_scheduling.py tests/engine/test_conversation_cache.py \
+        2>&1 | tee "$OUT/gpu_tests.txt" | tail -8 ;;
   6)  # the engine in its own process vs on a thread of the benchmark's process, same workload and rate
       timeout 260 $MT $GQA --systems tiered --rates 22 --out "$RUNS/gqa10-tiered-thread"
       timeout 290 $MT $GQA --systems tiered --rates 22 --engine-process --out "$RUNS/gqa10-tiered-process" ;;

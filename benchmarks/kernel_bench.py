@@ -8,6 +8,7 @@ Sections (each runs on its own; a failure is recorded and the rest go on):
   prefill      paged attention over shuffled blocks vs SDPA(is_causal=True) on contiguous KV
   decode       B x context, bytes of KV read per second as a share of 3.0 TB/s (KV rotated past L2)
   prefill_sweep new K/V source x tiles x warps x stages (not in the default list)
+  prefill_regs tiles for two programs per SM, with register caps (not in the default list)
   sdpa_backends SDPA on 1 x 4096 under each backend (not in the default list)
   read_floor   the fastest plain read of the decode shapes' KV bytes, same timing (not in the default list)
   decode_sweep split counts against the default at batch 1 and 8 (not in the default list)
@@ -354,6 +355,22 @@ class Bench:
 
         self.prefill_configs("prefill_sweep", [(1, 4096, 0), (4, 2048, 0), (4, 1024, 0), (1, 2048, 2048)], variants)
 
+    def prefill_regs(self) -> None:
+        """Tiles small enough for two programs per SM (the default's 128 x 128 takes 255 registers and
+        165 KB of shared memory: one 8-warp program per SM, stop 12's Nsight Compute), with and
+        without a register cap, against the default."""
+        def variants(base: LaunchConfig):
+            yield dict(block_m=base.block_m, block_n=base.block_n, warps=base.num_warps, stages=base.num_stages), base
+            for block_m, block_n, warps, stages, cap in [
+                    (128, 64, 8, 2, None), (128, 64, 8, 2, 128), (128, 64, 8, 2, 168),
+                    (64, 64, 4, 2, None), (64, 64, 4, 2, 128), (64, 64, 4, 2, 168),
+                    (64, 128, 4, 2, None), (64, 128, 4, 2, 168), (128, 128, 8, 2, 128)]:
+                yield (dict(block_m=block_m, block_n=block_n, warps=warps, stages=stages, maxnreg=cap),
+                       dataclasses.replace(base, block_m=block_m, block_q=block_m // 4, block_n=block_n,
+                                           num_warps=warps, num_stages=stages, maxnreg=cap))
+
+        self.prefill_configs("prefill_regs", [(1, 4096, 0), (4, 2048, 0), (4, 1024, 0), (1, 2048, 2048)], variants)
+
     # ---------------------------------------------------------------- decode
     def decode_case(self, batch: int, ctx: int, shape: Shape):
         """`batch` decode tokens over `ctx` cached tokens each, in several copies on disjoint blocks
@@ -492,7 +509,7 @@ class Bench:
     # ---------------------------------------------------------------- report
     def markdown(self) -> str:
         lines = [f"# Kernel bench on {self.device_name}", ""]
-        for section in ("correctness", "prefill", "sdpa_backends", "prefill_sweep", "decode", "read_floor",
+        for section in ("correctness", "prefill", "sdpa_backends", "prefill_sweep", "prefill_regs", "decode", "read_floor",
                         "decode_sweep", "copy", "error"):
             rows = [r for r in self.rows if r["section"] == section]
             if not rows:

@@ -312,6 +312,9 @@ class LaunchConfig:
     # tokens are its suffix: "tensor" (plain loads of the layer's K/V), "tma" (bulk tensor copies,
     # head_dim a power of two), or "cache" (gathered back through the block table like the context).
     new_kv: str = "tensor"
+    # A register cap per thread (ptx .maxnreg), so that two prefill programs share an SM and one's
+    # softmax overlaps the other's matrix products; None leaves the compiler's choice (255 at 128 x 128).
+    maxnreg: int | None = None
 
 
 @functools.lru_cache(maxsize=8)
@@ -439,6 +442,7 @@ def paged_attention_triton(
         NUM_SPLITS=splits, DECODE=decode, PRECISION=precision, K_ND=config.k_nd,
         WARP_SPECIALIZE=config.warp_specialize,
         num_warps=config.num_warps, num_stages=config.num_stages,
+        **({"maxnreg": config.maxnreg} if config.maxnreg and on_gpu else {}),
     )
     if splits > 1:
         _merge_splits_kernel[(T, num_heads)](

@@ -83,6 +83,16 @@ def test_warp_specialize_keeps_answers() -> None:
     _check(triton_attention(q, cache, meta, 0.2, config=config), q, cache, meta, 0.2, torch.float16)
 
 
+def test_register_cap_keeps_answers() -> None:
+    """A register cap (the prefill lever for two programs per SM) changes no answer; on a GPU the cap
+    is compiled in, and a tight one spills rather than miscomputes."""
+    meta = make_batch(MIXED, BLOCK_SIZE, NUM_BLOCKS)
+    cache = random_cache(NUM_BLOCKS, BLOCK_SIZE, 2, 32, torch.float16)
+    q = random_q(meta.positions.shape[0], 8, 32, torch.float16)
+    config = LaunchConfig(block_m=32, block_q=8, block_n=16, num_splits=1, num_warps=4, num_stages=1, maxnreg=64)
+    _check(triton_attention(q, cache, meta, 0.2, config=config), q, cache, meta, 0.2, torch.float16)
+
+
 # Every sequence's new tokens are its suffix (no recomputed prefix apart from a new turn).
 SUFFIX = [
     (40, [39]),                                   # decode

@@ -17,7 +17,7 @@
 # Stop 10: an 8B checkpoint builds in ~42 s; a machine goes back after 30 minutes held, so about three
 # full calls share one (and its /tmp). Stop 11 ran 3 and 12-17 (3 and 12 with OPT_GPU_KV_GB=40), each on a fresh
 # machine; its first two calls (the same-launch split merge, since reverted) are in kernels/stop11/command.txt.
-# Owed next, in order: 20 (prefill from the layer's K/V, issue 2), 18 with OPT_GPU_KV_GB=40 (copy engines for deferred
+# Stop 12 ran 19-23 (issue 2's kernels). Owed next, in order: 18 with OPT_GPU_KV_GB=40 (copy engines for deferred
 # swap-ins, A/B), 8 (tiered with and without async scheduling), 4 (ablations after the ahead-of-time
 # swap-out change), 2, 6.
 set -uo pipefail
@@ -119,6 +119,14 @@ case "$N" in
       # code: kernels, models, sampler, async scheduling, the conversation cache (the engine reads new K/V from the
       # layer's tensors in every prefill now)
       timeout 120 python3 benchmarks/kernel_bench.py --sections prefill_regs --out "$RUNS/kernels-regs"; pack
+      PENSIEVE_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q -p no:cacheprovider tests/kernels tests/model/test_models_gpu.py \
+        tests/engine/test_sampler.py tests/engine/test_async_scheduling.py tests/engine/test_conversation_cache.py \
+        2>&1 | tee "$OUT/gpu_tests.txt" | tail -8 ;;
+  23) # issue 2's final prefill default (128 x 64 tiles capped at 128 registers: two programs per SM): the engine's
+      # prefill kernel against SDPA, the model's prefill and decode steps, then the CUDA tests of the final code
+      timeout 60 python3 benchmarks/kernel_bench.py --sections prefill --out "$RUNS/kernels-prefill"; pack
+      timeout 150 python3 benchmarks/engine_bench.py --models llama-3.1-8b --decode-batches 1,8 --swap-variants "" \
+        --out "$RUNS/engine"; pack
       PENSIEVE_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q -p no:cacheprovider tests/kernels tests/model/test_models_gpu.py \
         tests/engine/test_sampler.py tests/engine/test_async_scheduling.py tests/engine/test_conversation_cache.py \
         2>&1 | tee "$OUT/gpu_tests.txt" | tail -8 ;;

@@ -329,10 +329,12 @@ def choose_config(
     """Tile sizes from host ints only (so a decode launch is graph-capturable). elem_bytes: 4 for
     float32 (tests), whose KV tiles are twice as large: at most 64 positions and 2 stages on a GPU.
 
-    GPU (H100): prefill tiles of 128 rows x 128 KV positions, 8 warps, 3 stages, K loaded as rows
-    (64 x 32 for head_dim > 128, to fit shared memory); the prefill sweep on an H100 (Llama-3-8B
-    heads, 1 x 4096 and 4 x 2048 tokens, 48 configs) put this one first in both, at 344 and 292
-    TFLOP/s (2 stages, K gathered as [D, N]: 322 and 279); decode tiles of >= 16 rows (every tl.dot side >= 16) x 64 positions, split
+    GPU (H100): prefill tiles of 128 rows x 64 KV positions, 8 warps, 2 stages, K loaded as rows,
+    capped at 128 registers per thread so that two programs share an SM (64 x 32 for head_dim > 128,
+    to fit shared memory). Uncapped 128 x 128 tiles take 255 registers and 165 KB: one program per
+    SM, tensor pipe 38% busy (Nsight Compute, stop 12). The cap made 4 x 1024 and 4 x 2048 tokens
+    17% and 14% faster and 1 x 4096 2% slower (Llama-3-8B heads, H100, `kernels/stop12/`).
+    Decode tiles of >= 16 rows (every tl.dot side >= 16) x 64 positions, split
     over KV until about two programs per SM are busy, but not below 256 positions per split.
     CPU interpreter: its cost grows with the tile count, so fewer, bigger tiles.
     """
@@ -357,10 +359,11 @@ def choose_config(
         big = 128 if d_pad <= 128 else 64
         rows = max(16, triton.next_power_of_2(max(1, max_query_len)) * group_pad)
         block_m = max(group_pad, min(big, rows), 16)
+        if block_m >= 128 and d_pad <= 128:
+            return _fit(LaunchConfig(block_m, block_m // group_pad, 64, 1, 8, 2, k_nd=True, maxnreg=128),
+                        on_gpu, elem_bytes)
         block_n = 128 if d_pad <= 128 else 32
-        num_warps = 8 if block_m >= 128 else 4
-        num_stages = 3 if block_m >= 128 and d_pad <= 128 else 2
-        k_nd = block_m >= 128 and d_pad <= 128
+        num_warps, num_stages, k_nd = 4, 2, False
     else:
         rows = max(16, triton.next_power_of_2(max(1, max_query_len)) * group_pad)
         block_m = max(group_pad, min(64, rows), 16)

@@ -98,8 +98,8 @@ case "$N" in
   18) # copy engines for deferred swap-ins (CacheConfig.swap_dma_deferred) against the copy kernel, on OPT-13B's 13 MB
       # blocks where stop 11 saw the steps carrying deferred swap-ins at 33-61 ms (run with OPT_GPU_KV_GB=40)
       timeout 400 $MT $OPT --systems tiered,tiered-dmadefer --rates 16 --out "$RUNS/opt-13b-dmadefer" ;;
-  19) # (stop 12, done) issue 2's prefill levers: q scaled before the loop was 3% slower, warp specialization no
-      # change on the gathered loads; the lever code is gone (kernels/stop12/levers.md)
+  19) # (stop 12, done) issue 2's prefill levers: q scaled before the loop was 3% slower (its code is gone), warp
+      # specialization no change (kept as an off lever; kernels/stop12/levers.md)
       echo "case 19 ran in stop 12; its levers were removed" ;;
   20) # issue 2, prefill: the CUDA kernel tests (new-token K/V read from the layer's tensors, plain loads and TMA),
       # then the engine's prefill against SDPA, SDPA's backends, the sweep of new-K/V sources x tiles, the decode

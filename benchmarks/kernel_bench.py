@@ -5,7 +5,7 @@
 Writes kernel_bench.json (one row per measurement, each with the device name) and kernel_bench.md.
 Sections (each runs on its own; a failure is recorded and the rest go on):
   correctness  every kernel vs the PyTorch reference on GPU-sized bf16 inputs (incl. >2^31-element pools)
-  prefill      paged attention over shuffled blocks vs SDPA(is_causal=True) on contiguous KV
+  prefill      the engine's prefill (new K/V from the layer's tensors) and all-gathered, vs SDPA(is_causal=True)
   decode       B x context, bytes of KV read per second as a share of 3.0 TB/s (KV rotated past L2)
   prefill_sweep new K/V source x tiles x warps x stages (not in the default list)
   prefill_regs tiles for two programs per SM, with register caps (not in the default list)

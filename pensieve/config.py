@@ -40,7 +40,7 @@ class CacheConfig:
     # first layer wait moved 87-92% of PCIe and hid 79-100% of it; the kernel 81% and 82%
     # (docs/BENCHMARKS.md). 0: always the kernel.
     swap_dma_max_runs: int = 8
-    swap_dma_deferred: bool = False        # deferred swap-ins by copy engines too (not yet measured; bench -dmadefer)
+    swap_dma_deferred: bool = False        # deferred swap-ins by copy engines too (no gain on OPT-13B, stop 12; bench -dmadefer)
     ahead_of_time_swap_out: bool = True
     conversation_ttl: float | None = None  # seconds an idle named conversation is kept
     persist_path: str | None = None        # load the cache from here at start, save it here at shutdown

@@ -100,7 +100,8 @@ case "$N" in
   19) # (stop 12, done) issue 2's prefill levers: q scaled before the loop was 3% slower (its code is gone), warp
       # specialization no change (kept as an off lever; kernels/stop12/levers.md)
       echo "case 19 ran in stop 12; its levers were removed" ;;
-  20) # issue 2, prefill: the CUDA kernel tests (new-token K/V read from the layer's tensors, plain loads and TMA),
+  20) # issue 2, prefill: the CUDA kernel tests (new-token K/V read from the layer's tensors, plain loads and TMA;
+      # the TMA variant and warp specialization were removed after it, so its sweep now covers tiles alone),
       # then the engine's prefill against SDPA, SDPA's backends, the sweep of new-K/V sources x tiles, the decode
       # kernel after the softmax rewrite, and the plain-read floor of the decode shapes
       PENSIEVE_TEST_DEVICE=cuda timeout 120 python3 -m pytest -q -p no:cacheprovider tests/kernels 2>&1 \

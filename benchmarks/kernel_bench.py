@@ -7,7 +7,7 @@ Sections (each runs on its own; a failure is recorded and the rest go on):
   correctness  every kernel vs the PyTorch reference on GPU-sized bf16 inputs (incl. >2^31-element pools)
   prefill      the engine's prefill (new K/V from the layer's tensors) and all-gathered, vs SDPA(is_causal=True)
   decode       B x context, bytes of KV read per second as a share of 3.0 TB/s (KV rotated past L2)
-  prefill_sweep new K/V source x tiles x warps x stages (not in the default list)
+  prefill_sweep tiles x warps x stages (not in the default list)
   prefill_regs tiles for two programs per SM, with register caps (not in the default list)
   sdpa_backends SDPA on 1 x 4096 under each backend (not in the default list)
   read_floor   the fastest plain read of the decode shapes' KV bytes, same timing (not in the default list)
@@ -339,19 +339,16 @@ class Bench:
             torch.cuda.empty_cache()
 
     def prefill_sweep(self) -> None:
-        """Launch configurations of the prefill path: where new K/V come from (the layer's tensors by
-        plain loads or TMA, or gathered from the cache), tiles, warps, stages; warp specialization
-        on the default tiles."""
+        """Launch configurations of the prefill path: tiles, warps, stages. (Stop 12 also swept where
+        new K/V come from, the layer's tensors by plain loads or TMA, or the cache, and Triton's warp
+        specialization: no difference; `kernels/stop12/prefill_sweep.md`.)"""
         def variants(base: LaunchConfig):
-            for new_kv in ("tensor", "tma", "cache"):
-                for block_m, block_n, warps, stages in itertools.product((64, 128), (64, 128), (4, 8), (2, 3, 4)):
-                    if block_m == 64 and warps == 8:
-                        continue
-                    yield (dict(new_kv=new_kv, block_m=block_m, block_n=block_n, warps=warps, stages=stages),
-                           dataclasses.replace(base, new_kv=new_kv, block_m=block_m, block_q=block_m // 4,
-                                               block_n=block_n, num_warps=warps, num_stages=stages))
-                yield (dict(new_kv=new_kv, warp_specialize=True),
-                       dataclasses.replace(base, new_kv=new_kv, warp_specialize=True))
+            for block_m, block_n, warps, stages in itertools.product((64, 128), (64, 128), (4, 8), (2, 3, 4)):
+                if block_m == 64 and warps == 8:
+                    continue
+                yield (dict(block_m=block_m, block_n=block_n, warps=warps, stages=stages),
+                       dataclasses.replace(base, block_m=block_m, block_q=block_m // 4, block_n=block_n,
+                                           num_warps=warps, num_stages=stages, maxnreg=None))
 
         self.prefill_configs("prefill_sweep", [(1, 4096, 0), (4, 2048, 0), (4, 1024, 0), (1, 2048, 2048)], variants)
 

@@ -14,8 +14,8 @@ Layout of the work (DESIGN.md §2/§7):
 The mask follows per-token positions (kv_pos <= q_pos, kv_pos < seq_len), never batch order, so
 non-contiguous new tokens (recomputed prefix + new turn) are handled like any other batch. When every
 sequence's new tokens are its suffix (the common prefill), their K/V are read from the layer's own
-tensors and only the cached context goes through the block table (NEW_KV; the source made no
-difference to speed on the H100, stop 12, but it spares the gather).
+tensors and only the cached context goes through the block table (NEW_KV; no faster on the H100
+than the gather, stop 12, but it spares it).
 Nothing here reads a device tensor on the host, so decode launches can be captured in CUDA graphs.
 """
 from __future__ import annotations
@@ -126,27 +126,22 @@ def _attend_new_tile(
     stride_knt, stride_knh, stride_vnt, stride_vnh,
     offs_d, offs_n,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    MASKED: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
+    MASKED: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """A tile of the step's own new tokens, read from the contiguous K/V the layer just projected
-    (rows row0 .. row0 + N of the batch): no block table, and with TMA one bulk copy per tile.
-    Causal by row, which equals causal by position when a sequence's new tokens are its suffix."""
+    (rows row0 .. row0 + N of the batch): no block table. Causal by row, which equals causal by
+    position when a sequence's new tokens are its suffix."""
     rows = row0 + offs_n                                               # [N] rows of the batch
-    if TMA:  # host-built tensor descriptors over [T, Hkv * D]; rows past T arrive as zeros
-        col = kvh.to(tl.int32) * HEAD_DIM
-        k = tl.trans(k_new.load([row0, col]))
-        v = v_new.load([row0, col])
+    rows64 = rows.to(tl.int64)
+    k_ptr = k_new + rows64[:, None] * stride_knt + kvh * stride_knh + offs_d[None, :]
+    v_ptr = v_new + rows64[:, None] * stride_vnt + kvh * stride_vnh + offs_d[None, :]
+    if MASKED or D_PAD != HEAD_DIM:
+        mask = (rows < q_end)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        k = tl.trans(tl.load(k_ptr, mask=mask, other=0.0))
+        v = tl.load(v_ptr, mask=mask, other=0.0)
     else:
-        rows64 = rows.to(tl.int64)
-        k_ptr = k_new + rows64[:, None] * stride_knt + kvh * stride_knh + offs_d[None, :]
-        v_ptr = v_new + rows64[:, None] * stride_vnt + kvh * stride_vnh + offs_d[None, :]
-        if MASKED or D_PAD != HEAD_DIM:
-            mask = (rows < q_end)[:, None] & (offs_d < HEAD_DIM)[None, :]
-            k = tl.trans(tl.load(k_ptr, mask=mask, other=0.0))
-            v = tl.load(v_ptr, mask=mask, other=0.0)
-        else:
-            k = tl.trans(tl.load(k_ptr))
-            v = tl.load(v_ptr)
+        k = tl.trans(tl.load(k_ptr))
+        v = tl.load(v_ptr)
     # Rows of the next sequence (or past T) come after every query row of this one: hidden too.
     visible = rows[None, :] <= tok[:, None]
     return _online_softmax(acc, m_i, l_i, q, k, v, visible, qk_scale, MASKED, PRECISION)
@@ -159,16 +154,15 @@ def _attend_new_tile(
 def _paged_attention_kernel(
     out, q, kv_cache, block_tables, positions, query_start_loc, seq_lens,
     part_acc, part_ml,                      # split-KV partials (unused when NUM_SPLITS == 1)
-    k_new, v_new,                           # the step's new K/V: tensors or TMA descriptors (NEW_KV > 0)
+    k_new, v_new,                           # the step's new K/V [T, Hkv, D] (read when NEW_KV)
     qk_scale, num_seqs,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_ckv, stride_cs, stride_ch,
     stride_bt, stride_knt, stride_knh, stride_vnt, stride_vnh,
-    NEW_KV: tl.constexpr,                   # where new tokens' K/V come from: 0 cache, 1 tensors, 2 TMA
+    NEW_KV: tl.constexpr,                   # new tokens' K/V from k_new / v_new instead of the cache
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     NUM_SPLITS: tl.constexpr, DECODE: tl.constexpr, PRECISION: tl.constexpr, K_ND: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr,
 ):
     if DECODE:
         pid = tl.program_id(0)
@@ -211,58 +205,48 @@ def _paged_attention_kernel(
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if NEW_KV == 0:
+    if NEW_KV:
+        # Every sequence's new tokens are its last q_len positions (the host checked): the cached
+        # context [0, ctx_len) is visible to every row, and the new tokens, causal among themselves,
+        # are read from the layer's own K/V below rather than gathered back out of the cache.
+        kv_end = seq_len - (q_end - seq_first)
+        kv_full = kv_end
+    else:
         # Every KV position from the cache, masked by position (any batch, decode included).
         # Positions increase within a sequence: the tile's first/last tokens bound its visible KV.
         last_tok = tl.minimum(q_lo + BLOCK_Q, q_end) - 1
         kv_end = tl.minimum(tl.load(positions + last_tok) + 1, seq_len)      # KV loop bound of this tile
         kv_full = tl.minimum(tl.load(positions + q_lo) + 1, seq_len)         # below it, no row needs a mask
-        num_tiles = tl.cdiv(kv_end, BLOCK_N)
-        tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
-        t_lo = split * tiles_per_split
-        t_hi = tl.minimum(t_lo + tiles_per_split, num_tiles)
-        t_full = tl.maximum(tl.minimum(kv_full // BLOCK_N, t_hi), t_lo)
-        # warp_specialize: Triton's automatic warp specialization of the unmasked loop (a prefill lever, off)
-        for tile in tl.range(t_lo, t_full, warp_specialize=WARP_SPECIALIZE):
-            acc, m_i, l_i = _attend_tile(
-                acc, m_i, l_i, q_tile, q_pos, qk_scale, kv_cache, bt_row, tile, kv_end, kvh,
-                stride_cb, stride_ckv, stride_cs, stride_ch, offs_d, offs_n,
-                BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, False, PRECISION, K_ND)
-        for tile in range(t_full, t_hi):
-            acc, m_i, l_i = _attend_tile(
-                acc, m_i, l_i, q_tile, q_pos, qk_scale, kv_cache, bt_row, tile, kv_end, kvh,
-                stride_cb, stride_ckv, stride_cs, stride_ch, offs_d, offs_n,
-                BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, True, PRECISION, K_ND)
-    else:
-        # Every sequence's new tokens are its last q_len positions (the host checked): the cached
-        # context [0, ctx_len) is visible to every row, and the new tokens are causal among
-        # themselves, read from the layer's own K/V rather than gathered back out of the cache.
-        ctx_len = seq_len - (q_end - seq_first)
-        ctx_full = ctx_len // BLOCK_N
-        for tile in tl.range(0, ctx_full, warp_specialize=WARP_SPECIALIZE):
-            acc, m_i, l_i = _attend_tile(
-                acc, m_i, l_i, q_tile, q_pos, qk_scale, kv_cache, bt_row, tile, ctx_len, kvh,
-                stride_cb, stride_ckv, stride_cs, stride_ch, offs_d, offs_n,
-                BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, False, PRECISION, K_ND)
-        for tile in range(ctx_full, tl.cdiv(ctx_len, BLOCK_N)):
-            acc, m_i, l_i = _attend_tile(
-                acc, m_i, l_i, q_tile, q_pos, qk_scale, kv_cache, bt_row, tile, ctx_len, kvh,
-                stride_cb, stride_ckv, stride_cs, stride_ch, offs_d, offs_n,
-                BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, True, PRECISION, K_ND)
+    num_tiles = tl.cdiv(kv_end, BLOCK_N)
+    tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+    t_lo = split * tiles_per_split
+    t_hi = tl.minimum(t_lo + tiles_per_split, num_tiles)
+    t_full = tl.maximum(tl.minimum(kv_full // BLOCK_N, t_hi), t_lo)
+    for tile in range(t_lo, t_full):
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q_tile, q_pos, qk_scale, kv_cache, bt_row, tile, kv_end, kvh,
+            stride_cb, stride_ckv, stride_cs, stride_ch, offs_d, offs_n,
+            BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, False, PRECISION, K_ND)
+    for tile in range(t_full, t_hi):
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q_tile, q_pos, qk_scale, kv_cache, bt_row, tile, kv_end, kvh,
+            stride_cb, stride_ckv, stride_cs, stride_ch, offs_d, offs_n,
+            BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, True, PRECISION, K_ND)
+    if NEW_KV:
         # New-token tiles start at the sequence's first row; those ending at or before the
         # program's first query row need no mask.
         new_full = (q_lo - seq_first + 1) // BLOCK_N
         new_tiles = tl.cdiv(tl.minimum(q_lo + BLOCK_Q, q_end) - seq_first, BLOCK_N)
-        for j in tl.range(0, new_full, warp_specialize=WARP_SPECIALIZE):
+        for j in range(0, new_full):
             acc, m_i, l_i = _attend_new_tile(
                 acc, m_i, l_i, q_tile, tok, qk_scale, k_new, v_new, seq_first + j * BLOCK_N, q_end, kvh,
                 stride_knt, stride_knh, stride_vnt, stride_vnh, offs_d, offs_n,
-                HEAD_DIM, D_PAD, False, PRECISION, NEW_KV == 2)
+                HEAD_DIM, D_PAD, False, PRECISION)
         for j in range(new_full, new_tiles):
             acc, m_i, l_i = _attend_new_tile(
                 acc, m_i, l_i, q_tile, tok, qk_scale, k_new, v_new, seq_first + j * BLOCK_N, q_end, kvh,
                 stride_knt, stride_knh, stride_vnt, stride_vnh, offs_d, offs_n,
-                HEAD_DIM, D_PAD, True, PRECISION, NEW_KV == 2)
+                HEAD_DIM, D_PAD, True, PRECISION)
 
     if NUM_SPLITS == 1:
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -308,13 +292,6 @@ class LaunchConfig:
     num_warps: int
     num_stages: int
     k_nd: bool = False    # load K as [N, D] rows and transpose in registers (else gather it as [D, N])
-    # Triton's automatic warp specialization of the unmasked loops: no gain on the gathered path
-    # (stop 12, H100), and it fails the CUDA tests at small tiles; kept to time it on the TMA path.
-    warp_specialize: bool = False
-    # Where a prefill reads its new tokens' K/V when the caller passes them and every sequence's new
-    # tokens are its suffix: "tensor" (plain loads of the layer's K/V), "tma" (bulk tensor copies,
-    # head_dim a power of two), or "cache" (gathered back through the block table like the context).
-    new_kv: str = "tensor"
     # A register cap per thread (ptx .maxnreg), so that two prefill programs share an SM and one's
     # softmax overlaps the other's matrix products; None leaves the compiler's choice (255 at 128 x 128).
     maxnreg: int | None = None
@@ -381,9 +358,6 @@ def _fit(config: LaunchConfig, on_gpu: bool, elem_bytes: int) -> LaunchConfig:
     return config
 
 
-_NEW_KV_SOURCE = {"cache": 0, "tensor": 1, "tma": 2}
-
-
 def paged_attention_triton(
     q: torch.Tensor,             # [T, Hq, D]
     kv_cache: torch.Tensor,      # [NB, 2, bs, Hkv, D]
@@ -421,19 +395,13 @@ def paged_attention_triton(
         part_ml = torch.empty((T, num_heads, splits, 2), dtype=torch.float32, device=q.device)
     else:
         part_acc = part_ml = out  # never touched
-    new_kv = 0
-    k_new, v_new, k_strides, v_strides = q, q, (0, 0), (0, 0)   # unread unless NEW_KV > 0
-    if (k is not None and v is not None and not decode and meta.new_tokens_are_suffix
-            and k.dtype == v.dtype == kv_cache.dtype):
-        new_kv = _NEW_KV_SOURCE[config.new_kv]
-        k_strides, v_strides = (k.stride(0), k.stride(1)), (v.stride(0), v.stride(1))
-        k_new, v_new = k, v
-        if new_kv == 2:
-            descs = _tma_descriptors(k, v, config.block_n)
-            if descs is None:
-                new_kv = 1
-            else:
-                k_new, v_new = descs
+    # New tokens' K/V from the layer's tensors: the same values the store wrote, read without the
+    # block table. (Measured no faster than the gather on the H100, stop 12, nor were TMA loads.)
+    new_kv = (k is not None and v is not None and not decode and meta.new_tokens_are_suffix
+              and k.dtype == v.dtype == kv_cache.dtype)
+    k_new, v_new = (k, v) if new_kv else (q, q)   # unread unless NEW_KV
+    k_strides = (k.stride(0), k.stride(1)) if new_kv else (0, 0)
+    v_strides = (v.stride(0), v.stride(1)) if new_kv else (0, 0)
     # fp32 runs are for testing: keep them exact (the GPU would default to tf32).
     precision = "ieee" if kv_cache.dtype == torch.float32 else "tf32"
     _paged_attention_kernel[grid](
@@ -446,7 +414,6 @@ def paged_attention_triton(
         NEW_KV=new_kv, GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=config.block_q, BLOCK_M=config.block_m,
         BLOCK_N=config.block_n, BLOCK_SIZE=block_size, HEAD_DIM=head_dim, D_PAD=d_pad,
         NUM_SPLITS=splits, DECODE=decode, PRECISION=precision, K_ND=config.k_nd,
-        WARP_SPECIALIZE=config.warp_specialize,
         num_warps=config.num_warps, num_stages=config.num_stages,
         **({"maxnreg": config.maxnreg} if config.maxnreg and on_gpu else {}),
     )
@@ -457,21 +424,6 @@ def paged_attention_triton(
             num_warps=4 if d_pad >= 128 else 1,
         )
     return out
-
-
-def _tma_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int):
-    """Descriptors over k and v viewed as [T, Hkv * D] (rows are tokens, a head's D columns one
-    box), or None where TMA's rules do not hold (power-of-two D, 16-byte aligned base and rows)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    T, num_kv_heads, head_dim = k.shape
-    descs = []
-    for x in (k, v):
-        if (head_dim & (head_dim - 1) or x.stride(1) != head_dim or x.stride(2) != 1
-                or (x.stride(0) * x.element_size()) % 16 or x.data_ptr() % 16):
-            return None
-        descs.append(TensorDescriptor(x, [T, num_kv_heads * head_dim], [x.stride(0), 1], [block_n, head_dim]))
-    return descs
 
 
 def warm_up_attention(kv_cache: torch.Tensor, num_heads: int, dtype: torch.dtype) -> int:

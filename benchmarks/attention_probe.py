@@ -58,9 +58,10 @@ def decode_configs(bench: Bench, rows: list[dict]) -> None:
         metas, cache, q, kv_bytes = bench.decode_case(batch, ctx, SHAPE)
         base = choose_config(batch, 1, ctx, SHAPE.num_kv_heads, GROUP, SHAPE.head_dim, True, True)
         ref = paged_attention_triton(q, cache, metas[0], SCALE, dataclasses.replace(base, num_splits=1))
-        for splits, k_nd, block_n, stages in itertools.product((8, 16, 32, 64), (False, True), (32, 64), (2, 3)):
-            cfg = dataclasses.replace(base, num_splits=splits, k_nd=k_nd, block_n=block_n, num_stages=stages)
-            row = dict(name=f"B{batch}_ctx{ctx}", default=cfg == base, splits=splits, k_nd=k_nd, block_n=block_n,
+        # (stop 12's first probe also swept K loaded as rows: no difference)
+        for splits, warps, block_n, stages in itertools.product((16, 32, 64), (2, 4, 8), (32, 64, 128), (2, 3)):
+            cfg = dataclasses.replace(base, num_splits=splits, num_warps=warps, block_n=block_n, num_stages=stages)
+            row = dict(name=f"B{batch}_ctx{ctx}", default=cfg == base, splits=splits, warps=warps, block_n=block_n,
                        stages=stages)
             try:
                 out = paged_attention_triton(q, cache, metas[0], SCALE, cfg)
@@ -127,7 +128,7 @@ def main() -> None:
         decode_configs(Bench(torch.device("cuda"), quick=True), rows)
     finally:
         (args.out / "decode_probe.json").write_text(json.dumps(rows, indent=1))
-        keys = ["name", "default", "splits", "k_nd", "block_n", "stages", "graph_us", "hbm_fraction",
+        keys = ["name", "default", "splits", "warps", "block_n", "stages", "graph_us", "hbm_fraction",
                 "paged_attention_kernel_us", "merge_splits_kernel_us", "rel_err_vs_unsplit", "error"]
         lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
         for r in rows:

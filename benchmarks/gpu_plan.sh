@@ -130,6 +130,9 @@ case "$N" in
       PENSIEVE_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q -p no:cacheprovider tests/kernels tests/model/test_models_gpu.py \
         tests/engine/test_sampler.py tests/engine/test_async_scheduling.py tests/engine/test_conversation_cache.py \
         2>&1 | tee "$OUT/gpu_tests.txt" | tail -8 ;;
+  24) # issue 2, decode at batch 1: warps per program x splits x KV tiles x stages (the first probe, case 21, found
+      # one warp per scheduler at the default's 4 warps), attention and merge kernels timed apart
+      timeout 400 python3 benchmarks/attention_probe.py --skip-ncu --out "$RUNS/attention-probe-warps" ;;
   6)  # the engine in its own process vs on a thread of the benchmark's process, same workload and rate
       timeout 260 $MT $GQA --systems tiered --rates 22 --out "$RUNS/gqa10-tiered-thread"
       timeout 290 $MT $GQA --systems tiered --rates 22 --engine-process --out "$RUNS/gqa10-tiered-process" ;;

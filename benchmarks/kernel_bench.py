@@ -9,9 +9,10 @@ Sections (each runs on its own; a failure is recorded and the rest go on):
   decode       B x context, bytes of KV read per second as a share of 3.0 TB/s (KV rotated past L2)
   prefill_sweep tiles x warps x stages (not in the default list)
   prefill_regs tiles for two programs per SM, with register caps (not in the default list)
+  prefill_pipe the hand-pipelined Q K^T loop against the default (not in the default list)
   sdpa_backends SDPA on 1 x 4096 under each backend (not in the default list)
   read_floor   the fastest plain read of the decode shapes' KV bytes, same timing (not in the default list)
-  decode_sweep split counts against the default at batch 1 and 8 (not in the default list)
+  decode_sweep splits x KV tiles x stages for small batches, graphs replayed round-robin (not in the default list)
   copy         host<->device block copies (one gather kernel over pinned memory) vs a per-block loop
 """
 from __future__ import annotations
@@ -86,6 +87,32 @@ def bench_graph_ms(fn: Callable[[], Any]) -> float:
     import triton.testing
 
     return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))
+
+
+def graph_round_robin_us(fns: dict[Any, Callable[[], Any]], calls: int, rounds: int = 15) -> dict[Any, float]:
+    """Microseconds per call of each fn: every fn captured `calls` times in its own CUDA graph, the
+    graphs replayed in turn for `rounds` rounds, the median round per fn."""
+    graphs = {}
+    stream = torch.cuda.Stream()
+    for key, fn in fns.items():
+        with torch.cuda.stream(stream):
+            fn()                                   # compile and warm outside the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream):
+                for _ in range(calls):
+                    fn()
+        graphs[key] = graph
+    torch.cuda.synchronize()
+    samples: dict[Any, list[float]] = {key: [] for key in graphs}
+    for _ in range(rounds):
+        for key, graph in graphs.items():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            samples[key].append(start.elapsed_time(end) * 1e3 / calls)
+    return {key: sorted(v)[len(v) // 2] for key, v in samples.items()}
 
 
 def build_meta(
@@ -368,6 +395,26 @@ class Bench:
 
         self.prefill_configs("prefill_regs", [(1, 4096, 0), (4, 2048, 0), (4, 1024, 0), (1, 2048, 2048)], variants)
 
+    def prefill_pipe(self) -> None:
+        """The hand-pipelined loop (the next tile's Q K^T issued before this tile's softmax) against
+        the default, over tiles, stages and register caps; a context shape runs the cached-context loop."""
+        def variants(base: LaunchConfig):
+            yield dict(block_m=base.block_m, block_n=base.block_n, warps=base.num_warps, stages=base.num_stages,
+                       maxnreg=base.maxnreg, pipe=False), base
+            for block_m, block_n, warps, stages, cap in [
+                    (128, 64, 8, 2, 128), (128, 64, 8, 3, 128), (128, 64, 8, 2, 168), (128, 64, 8, 2, None),
+                    (128, 128, 8, 2, None), (128, 128, 8, 3, None), (64, 64, 4, 2, None), (64, 64, 4, 3, 168)]:
+                yield (dict(block_m=block_m, block_n=block_n, warps=warps, stages=stages, maxnreg=cap, pipe=True),
+                       dataclasses.replace(base, block_m=block_m, block_q=block_m // 4, block_n=block_n,
+                                           num_warps=warps, num_stages=stages, maxnreg=cap, k_nd=True,
+                                           pipeline_qk=True))
+            yield (dict(block_m=128, block_n=128, warps=8, stages=3, maxnreg=None, pipe=False),
+                   dataclasses.replace(base, block_m=128, block_q=32, block_n=128, num_warps=8, num_stages=3,
+                                       maxnreg=None))
+
+        self.prefill_configs("prefill_pipe", [(1, 4096, 0), (4, 1024, 0), (4, 2048, 0), (2, 8192, 0),
+                                              (1, 2048, 2048)], variants)
+
     # ---------------------------------------------------------------- decode
     def decode_case(self, batch: int, ctx: int, shape: Shape):
         """`batch` decode tokens over `ctx` cached tokens each, in several copies on disjoint blocks
@@ -449,29 +496,47 @@ class Bench:
             torch.cuda.empty_cache()
 
     def decode_sweep(self) -> None:
-        """Split counts of the decode path on the shapes short of roofline, against the default.
-        (Stop 11 also swept KV tiles and pipeline depths, and merging the splits in the same launch:
-        nothing beat the default by more than the noise; `kernels/stop11/`.)"""
+        """Split counts x KV tiles x pipeline depths of the decode path, for batches of few programs
+        (batch x KV heads below the SM count) and a few more, against the default. Every
+        configuration is captured in its own CUDA graph (calls rotated over copies of the KV past L2),
+        and the graphs are replayed round-robin, so clock or host drift lands on every configuration
+        alike; the median round is reported. (Stop 12's probe timed each configuration in its own
+        do_bench_cudagraph and saw neighbours differ 2x while their kernel times agreed.)"""
         from pensieve.kernels.attention import choose_config
 
         shape = LLAMA3_8B
         scale = 1.0 / math.sqrt(shape.head_dim)
         group = shape.num_heads // shape.num_kv_heads
-        for batch, ctx in [(1, 4096), (1, 16384), (8, 4096), (1, 32768)]:
+        grid = [(1, 4096), (1, 16384), (1, 32768), (2, 4096), (2, 16384), (4, 4096), (4, 16384), (8, 4096),
+                (16, 4096), (32, 4096)]
+        if self.quick:
+            grid = [(1, 4096), (1, 16384)]
+        for batch, ctx in grid:
             metas, cache, q, kv_bytes = self.decode_case(batch, ctx, shape)
             base = choose_config(batch, 1, ctx, shape.num_kv_heads, group, shape.head_dim, True, True)
+            graph = choose_config(batch, 1, 32768, shape.num_kv_heads, group, shape.head_dim, True, True)
             ref = paged_attention_triton(q, cache, metas[0], scale, dataclasses.replace(base, num_splits=1))
-            for splits in sorted({base.num_splits, 8, 16, 32, 64}):
-                cfg = dataclasses.replace(base, num_splits=splits)
-                try:
-                    out = paged_attention_triton(q, cache, metas[0], scale, cfg)
-                    ms = bench_graph_ms(self.rotating(metas, lambda m: paged_attention_triton(q, cache, m, scale, cfg)))
-                except Exception as exc:  # record and go on
-                    self.add("decode_sweep", f"B{batch}_ctx{ctx}", splits=splits, error=repr(exc)[:120])
-                    continue
-                self.add("decode_sweep", f"B{batch}_ctx{ctx}", default=cfg == base, splits=splits,
-                         block_n=cfg.block_n, stages=cfg.num_stages, ms=ms,
-                         hbm_fraction=kv_bytes / (ms * 1e-3) / HBM_BYTES_PER_S, rel_err_vs_unsplit=rel_err(out, ref))
+            configs = {}
+            for splits, block_n, stages in itertools.product((4, 8, 16, 32, 64, 128), (32, 64, 128), (2, 3)):
+                if ctx // splits < block_n:
+                    continue  # splits with no tile of their own
+                configs[(splits, block_n, stages)] = dataclasses.replace(
+                    base, num_splits=splits, block_n=block_n, num_stages=stages)
+            for cfg in (base, graph):
+                configs.setdefault((cfg.num_splits, cfg.block_n, cfg.num_stages), cfg)
+            errors = {}
+            for key, cfg in configs.items():
+                out = paged_attention_triton(q, cache, metas[0], scale, cfg)
+                errors[key] = rel_err(out, ref)
+            times = graph_round_robin_us(
+                {key: self.rotating(metas, lambda m, cfg=cfg: paged_attention_triton(q, cache, m, scale, cfg))
+                 for key, cfg in configs.items()}, calls=2 * len(metas))
+            for (splits, block_n, stages), us in sorted(times.items(), key=lambda kv: kv[1]):
+                cfg = configs[(splits, block_n, stages)]
+                self.add("decode_sweep", f"B{batch}_ctx{ctx}", default=cfg == base, graph_default=cfg == graph,
+                         splits=splits, block_n=block_n, stages=stages, us=us,
+                         hbm_fraction=kv_bytes / (us * 1e-6) / HBM_BYTES_PER_S,
+                         rel_err_vs_unsplit=errors[(splits, block_n, stages)])
             del cache
             torch.cuda.empty_cache()
 
@@ -506,7 +571,8 @@ class Bench:
     # ---------------------------------------------------------------- report
     def markdown(self) -> str:
         lines = [f"# Kernel bench on {self.device_name}", ""]
-        for section in ("correctness", "prefill", "sdpa_backends", "prefill_sweep", "prefill_regs", "decode", "read_floor",
+        for section in ("correctness", "prefill", "sdpa_backends", "prefill_sweep", "prefill_regs", "prefill_pipe",
+                        "decode", "read_floor",
                         "decode_sweep", "copy", "error"):
             rows = [r for r in self.rows if r["section"] == section]
             if not rows:

@@ -48,12 +48,12 @@ def _find_seq(query_start_loc, num_seqs, pid, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
-def _online_softmax(
-    acc, m_i, l_i, q, k, v, visible, qk_scale,
+def _softmax_pv(
+    acc, m_i, l_i, qk, v, visible, qk_scale,
     MASKED: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One KV tile of flash attention: k [D, N], v [N, D]; visible [M, N] is read only when MASKED."""
-    qk = tl.dot(q, k.to(q.dtype), input_precision=PRECISION)              # [M, N] fp32
+    """Fold one KV tile's scores qk [M, N] (fp32) and values v [N, D] into the running softmax;
+    visible [M, N] is read only when MASKED."""
     if MASKED:
         qk = tl.where(visible, qk, float("-inf"))
     # Scores go to the log2 domain inside exp2's argument: qk * scale - max is one FMA per score
@@ -68,8 +68,37 @@ def _online_softmax(
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(qk * qk_scale - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc * alpha[:, None], input_precision=PRECISION)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
     return acc, m_new, l_i
+
+
+@triton.jit
+def _online_softmax(
+    acc, m_i, l_i, q, k, v, visible, qk_scale,
+    MASKED: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One KV tile of flash attention: k [D, N], v [N, D]; visible [M, N] is read only when MASKED."""
+    qk = tl.dot(q, k.to(q.dtype), input_precision=PRECISION)              # [M, N] fp32
+    return _softmax_pv(acc, m_i, l_i, qk, v.to(q.dtype), visible, qk_scale, MASKED, PRECISION)
+
+
+@triton.jit
+def _ctx_rows(
+    kv_cache, bt_row, tile, kv_end, kvh, stride_cb, stride_cs, stride_ch, offs_n,
+    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr,
+):
+    """Pointers to the K vectors of a tile of KV positions in the paged cache (V is stride_ckv on),
+    the positions, and which of them are in range."""
+    kv_pos = tile * BLOCK_N + offs_n                                   # [N] int
+    if MASKED:
+        kv_ok = kv_pos < kv_end
+        blk = tl.load(bt_row + kv_pos // BLOCK_SIZE, mask=kv_ok, other=0).to(tl.int64)
+    else:
+        kv_ok = offs_n < BLOCK_N                                         # all true: the tile is in range
+        blk = tl.load(bt_row + kv_pos // BLOCK_SIZE).to(tl.int64)
+    # int64 offsets: block ids times the block stride overflow 32 bits on large pools.
+    rows = kv_cache + blk * stride_cb + (kv_pos % BLOCK_SIZE).to(tl.int64) * stride_cs + kvh * stride_ch
+    return rows, kv_pos, kv_ok
 
 
 @triton.jit
@@ -82,15 +111,8 @@ def _attend_tile(
     MASKED: tl.constexpr, PRECISION: tl.constexpr, K_ND: tl.constexpr,
 ):
     """A tile of KV positions read from the paged cache through the block table."""
-    kv_pos = tile * BLOCK_N + offs_n                                   # [N] int
-    if MASKED:
-        kv_ok = kv_pos < kv_end
-        blk = tl.load(bt_row + kv_pos // BLOCK_SIZE, mask=kv_ok, other=0).to(tl.int64)
-    else:
-        kv_ok = offs_n < BLOCK_N                                         # all true: the tile is in range
-        blk = tl.load(bt_row + kv_pos // BLOCK_SIZE).to(tl.int64)
-    # int64 offsets: block ids times the block stride overflow 32 bits on large pools.
-    base = kv_cache + blk * stride_cb + (kv_pos % BLOCK_SIZE).to(tl.int64) * stride_cs + kvh * stride_ch
+    base, kv_pos, kv_ok = _ctx_rows(kv_cache, bt_row, tile, kv_end, kvh, stride_cb, stride_cs, stride_ch, offs_n,
+                                    BLOCK_N, BLOCK_SIZE, MASKED)
     if K_ND:  # K loaded as [N, D] rows (each a contiguous head vector) and transposed for the dot
         if D_PAD == HEAD_DIM:
             k_mask = kv_ok[:, None]
@@ -147,6 +169,57 @@ def _attend_new_tile(
     return _online_softmax(acc, m_i, l_i, q, k, v, visible, qk_scale, MASKED, PRECISION)
 
 
+@triton.jit
+def _ctx_tiles_pipelined(
+    acc, m_i, l_i, q, qk_scale, kv_cache, bt_row, t_lo, t_hi, kvh,
+    stride_cb, stride_ckv, stride_cs, stride_ch, offs_d, offs_n,
+    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Unmasked cached-context tiles [t_lo, t_hi), software-pipelined by hand: the scores of tile
+    j + 1 are issued before the softmax of tile j, so the tensor cores can run Q K^T while the
+    softmax of the previous tile runs (FA3's intra-warpgroup overlap). K rows, head_dim unpadded."""
+    if t_hi > t_lo:
+        rows, _, _ = _ctx_rows(kv_cache, bt_row, t_lo, 0, kvh, stride_cb, stride_cs, stride_ch, offs_n,
+                               BLOCK_N, BLOCK_SIZE, False)
+        qk = tl.dot(q, tl.trans(tl.load(rows[:, None] + offs_d[None, :])), input_precision=PRECISION)
+        for tile in range(t_lo + 1, t_hi):
+            nxt, _, _ = _ctx_rows(kv_cache, bt_row, tile, 0, kvh, stride_cb, stride_cs, stride_ch, offs_n,
+                                  BLOCK_N, BLOCK_SIZE, False)
+            qk_next = tl.dot(q, tl.trans(tl.load(nxt[:, None] + offs_d[None, :])), input_precision=PRECISION)
+            v = tl.load(rows[:, None] + stride_ckv + offs_d[None, :])
+            acc, m_i, l_i = _softmax_pv(acc, m_i, l_i, qk, v, qk, qk_scale, False, PRECISION)
+            qk = qk_next
+            rows = nxt
+        v = tl.load(rows[:, None] + stride_ckv + offs_d[None, :])
+        acc, m_i, l_i = _softmax_pv(acc, m_i, l_i, qk, v, qk, qk_scale, False, PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _new_tiles_pipelined(
+    acc, m_i, l_i, q, qk_scale, k_new, v_new, row_lo, num_tiles, kvh,
+    stride_knt, stride_knh, stride_vnt, stride_vnh, offs_d, offs_n,
+    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Unmasked tiles of the step's own new K/V (rows row_lo + j * BLOCK_N, j < num_tiles), pipelined
+    like _ctx_tiles_pipelined."""
+    if num_tiles > 0:
+        rows = (row_lo + offs_n).to(tl.int64)
+        qk = tl.dot(q, tl.trans(tl.load(k_new + rows[:, None] * stride_knt + kvh * stride_knh + offs_d[None, :])),
+                    input_precision=PRECISION)
+        for j in range(1, num_tiles):
+            nxt = (row_lo + j * BLOCK_N + offs_n).to(tl.int64)
+            qk_next = tl.dot(q, tl.trans(tl.load(k_new + nxt[:, None] * stride_knt + kvh * stride_knh + offs_d[None, :])),
+                             input_precision=PRECISION)
+            v = tl.load(v_new + rows[:, None] * stride_vnt + kvh * stride_vnh + offs_d[None, :])
+            acc, m_i, l_i = _softmax_pv(acc, m_i, l_i, qk, v, qk, qk_scale, False, PRECISION)
+            qk = qk_next
+            rows = nxt
+        v = tl.load(v_new + rows[:, None] * stride_vnt + kvh * stride_vnh + offs_d[None, :])
+        acc, m_i, l_i = _softmax_pv(acc, m_i, l_i, qk, v, qk, qk_scale, False, PRECISION)
+    return acc, m_i, l_i
+
+
 # Triton compiles a variant per "== 1 / divisible by 16" class of every int argument: the batch's
 # sequence count and block-table width change every step, so they must not pick variants (a
 # compile mid-serving stalls every request for about a second).
@@ -163,6 +236,7 @@ def _paged_attention_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     NUM_SPLITS: tl.constexpr, DECODE: tl.constexpr, PRECISION: tl.constexpr, K_ND: tl.constexpr,
+    PIPE_QK: tl.constexpr,                  # unmasked tiles through the hand-pipelined loops
 ):
     if DECODE:
         pid = tl.program_id(0)
@@ -222,11 +296,16 @@ def _paged_attention_kernel(
     t_lo = split * tiles_per_split
     t_hi = tl.minimum(t_lo + tiles_per_split, num_tiles)
     t_full = tl.maximum(tl.minimum(kv_full // BLOCK_N, t_hi), t_lo)
-    for tile in range(t_lo, t_full):
-        acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q_tile, q_pos, qk_scale, kv_cache, bt_row, tile, kv_end, kvh,
-            stride_cb, stride_ckv, stride_cs, stride_ch, offs_d, offs_n,
-            BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, False, PRECISION, K_ND)
+    if PIPE_QK:
+        acc, m_i, l_i = _ctx_tiles_pipelined(
+            acc, m_i, l_i, q_tile, qk_scale, kv_cache, bt_row, t_lo, t_full, kvh,
+            stride_cb, stride_ckv, stride_cs, stride_ch, offs_d, offs_n, BLOCK_N, BLOCK_SIZE, PRECISION)
+    else:
+        for tile in range(t_lo, t_full):
+            acc, m_i, l_i = _attend_tile(
+                acc, m_i, l_i, q_tile, q_pos, qk_scale, kv_cache, bt_row, tile, kv_end, kvh,
+                stride_cb, stride_ckv, stride_cs, stride_ch, offs_d, offs_n,
+                BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, False, PRECISION, K_ND)
     for tile in range(t_full, t_hi):
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q_tile, q_pos, qk_scale, kv_cache, bt_row, tile, kv_end, kvh,
@@ -237,11 +316,16 @@ def _paged_attention_kernel(
         # program's first query row need no mask.
         new_full = (q_lo - seq_first + 1) // BLOCK_N
         new_tiles = tl.cdiv(tl.minimum(q_lo + BLOCK_Q, q_end) - seq_first, BLOCK_N)
-        for j in range(0, new_full):
-            acc, m_i, l_i = _attend_new_tile(
-                acc, m_i, l_i, q_tile, tok, qk_scale, k_new, v_new, seq_first + j * BLOCK_N, q_end, kvh,
-                stride_knt, stride_knh, stride_vnt, stride_vnh, offs_d, offs_n,
-                HEAD_DIM, D_PAD, False, PRECISION)
+        if PIPE_QK:
+            acc, m_i, l_i = _new_tiles_pipelined(
+                acc, m_i, l_i, q_tile, qk_scale, k_new, v_new, seq_first, new_full, kvh,
+                stride_knt, stride_knh, stride_vnt, stride_vnh, offs_d, offs_n, BLOCK_N, PRECISION)
+        else:
+            for j in range(0, new_full):
+                acc, m_i, l_i = _attend_new_tile(
+                    acc, m_i, l_i, q_tile, tok, qk_scale, k_new, v_new, seq_first + j * BLOCK_N, q_end, kvh,
+                    stride_knt, stride_knh, stride_vnt, stride_vnh, offs_d, offs_n,
+                    HEAD_DIM, D_PAD, False, PRECISION)
         for j in range(new_full, new_tiles):
             acc, m_i, l_i = _attend_new_tile(
                 acc, m_i, l_i, q_tile, tok, qk_scale, k_new, v_new, seq_first + j * BLOCK_N, q_end, kvh,
@@ -295,6 +379,9 @@ class LaunchConfig:
     # A register cap per thread (ptx .maxnreg), so that two prefill programs share an SM and one's
     # softmax overlaps the other's matrix products; None leaves the compiler's choice (255 at 128 x 128).
     maxnreg: int | None = None
+    # Unmasked tiles with the next tile's Q K^T issued before this tile's softmax (prefill; needs
+    # k_nd and an unpadded head_dim, else ignored).
+    pipeline_qk: bool = False
 
 
 @functools.lru_cache(maxsize=8)
@@ -414,6 +501,7 @@ def paged_attention_triton(
         NEW_KV=new_kv, GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=config.block_q, BLOCK_M=config.block_m,
         BLOCK_N=config.block_n, BLOCK_SIZE=block_size, HEAD_DIM=head_dim, D_PAD=d_pad,
         NUM_SPLITS=splits, DECODE=decode, PRECISION=precision, K_ND=config.k_nd,
+        PIPE_QK=config.pipeline_qk and config.k_nd and d_pad == head_dim and not decode,
         num_warps=config.num_warps, num_stages=config.num_stages,
         **({"maxnreg": config.maxnreg} if config.maxnreg and on_gpu else {}),
     )

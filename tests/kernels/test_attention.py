@@ -59,14 +59,15 @@ def test_mixed_ragged_batch(num_heads: int, num_kv_heads: int, head_dim: int, dt
     _check(triton_attention(q, cache, meta, scale), q, cache, meta, scale, dtype)
 
 
-@pytest.mark.parametrize("k_nd", [False, True])
-def test_multi_tile_queries_and_groups(k_nd: bool) -> None:
+@pytest.mark.parametrize("k_nd,pipeline_qk", [(False, False), (True, False), (True, True)])
+def test_multi_tile_queries_and_groups(k_nd: bool, pipeline_qk: bool) -> None:
     """Small query tiles: one sequence spans several programs (exercises the tile -> sequence search);
-    both ways of loading K."""
+    both ways of loading K, and the hand-pipelined loop over unmasked tiles."""
     meta = make_batch(MIXED, BLOCK_SIZE, NUM_BLOCKS)
     cache = random_cache(NUM_BLOCKS, BLOCK_SIZE, 2, 32, torch.float32)
     q = random_q(meta.positions.shape[0], 4, 32, torch.float32)
-    config = LaunchConfig(block_m=16, block_q=8, block_n=16, num_splits=1, num_warps=4, num_stages=1, k_nd=k_nd)
+    config = LaunchConfig(block_m=16, block_q=8, block_n=16, num_splits=1, num_warps=4, num_stages=1, k_nd=k_nd,
+                          pipeline_qk=pipeline_qk)
     out = triton_attention(q, cache, meta, 0.2, config=config)
     _check(out, q, cache, meta, 0.2, torch.float32)
 
@@ -104,9 +105,11 @@ def _new_kv_from_cache(cache: torch.Tensor, meta, head_dim: int, pad_to: int = 0
     return wide[:, pad_to:pad_to + hkv], wide[:, pad_to + hkv:]
 
 
-@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,dtype",
-                         [(8, 2, 32, torch.float16), (4, 4, 32, torch.float32), (4, 2, 40, torch.float32)])
-def test_new_kv_from_layer_tensors(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,dtype,pipeline_qk",
+                         [(8, 2, 32, torch.float16, False), (4, 4, 32, torch.float32, False),
+                          (4, 2, 40, torch.float32, False), (8, 2, 32, torch.float16, True)])
+def test_new_kv_from_layer_tensors(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                                   pipeline_qk: bool) -> None:
     """With the layer's own K/V passed and every new run a suffix, the kernel reads the new tokens'
     K/V from them and gives the reference's answer; query tiles smaller than a sequence put the
     causal diagonal mid-tile and start programs mid-sequence."""
@@ -117,7 +120,7 @@ def test_new_kv_from_layer_tensors(num_heads: int, num_kv_heads: int, head_dim: 
     k, v = _new_kv_from_cache(cache, meta, head_dim, pad_to=num_heads)
     block_m = max(16, 8 * (num_heads // num_kv_heads))  # every tl.dot side >= 16 on a GPU
     config = LaunchConfig(block_m=block_m, block_q=block_m * num_kv_heads // num_heads, block_n=16, num_splits=1,
-                          num_warps=4, num_stages=1)
+                          num_warps=4, num_stages=1, k_nd=pipeline_qk, pipeline_qk=pipeline_qk)
     out = run_kernel(paged_attention_triton, q, cache, meta, 0.2, config, k, v)
     _check(out, q, cache, meta, 0.2, dtype)
     # the tensors are what the kernel read (the cache holds the true values), and without them it

@@ -133,12 +133,20 @@ case "$N" in
   24) # issue 2, decode at batch 1: warps per program x splits x KV tiles x stages (the first probe, case 21, found
       # one warp per scheduler at the default's 4 warps), attention and merge kernels timed apart
       timeout 400 python3 benchmarks/attention_probe.py --skip-ncu --out "$RUNS/attention-probe-warps" ;;
-  25) # stop 13, issue 2: the CUDA tests of the attention kernel (the hand-pipelined Q K^T loop), that loop against
-      # the prefill default, then decode's splits x KV tiles x stages for small batches (graphs round-robin)
+  25) # (stop 13, done at df1e751) the CUDA tests of the attention kernel, the hand-pipelined Q K^T loop against the
+      # prefill default (slower everywhere; removed), then decode's splits x KV tiles x stages for small batches
       PENSIEVE_TEST_DEVICE=cuda timeout 100 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_attention.py 2>&1 \
         | tee "$OUT/gpu_tests_kernels.txt" | tail -4
       timeout 210 python3 benchmarks/kernel_bench.py --sections prefill_pipe --out "$RUNS/kernels-pipe"; pack
       timeout 250 python3 benchmarks/kernel_bench.py --sections decode_sweep --out "$RUNS/kernels-decode-sweep" ;;
+  26) # stop 13, issue 2's decode: the new default (about four programs per SM, 2 stages, 32-position tiles at 16+
+      # splits, launched as programmatic dependents) through the CUDA tests of the kernels, the models and the
+      # engine's graphs; then its neighbours, PDL on and off and stop 12's rule (round-robin graphs), and the
+      # decode section (B x context, as the runner captures it too)
+      PENSIEVE_TEST_DEVICE=cuda timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels tests/model/test_models_gpu.py \
+        tests/engine/test_async_scheduling.py 2>&1 | tee "$OUT/gpu_tests.txt" | tail -8
+      timeout 150 python3 benchmarks/kernel_bench.py --sections decode_sweep --out "$RUNS/kernels-decode-sweep"; pack
+      timeout 120 python3 benchmarks/kernel_bench.py --sections decode,read_floor --out "$RUNS/kernels-decode" ;;
   6)  # the engine in its own process vs on a thread of the benchmark's process, same workload and rate
       timeout 260 $MT $GQA --systems tiered --rates 22 --out "$RUNS/gqa10-tiered-thread"
       timeout 290 $MT $GQA --systems tiered --rates 22 --engine-process --out "$RUNS/gqa10-tiered-process" ;;

@@ -9,7 +9,6 @@ Sections (each runs on its own; a failure is recorded and the rest go on):
   decode       B x context, bytes of KV read per second as a share of 3.0 TB/s (KV rotated past L2)
   prefill_sweep tiles x warps x stages (not in the default list)
   prefill_regs tiles for two programs per SM, with register caps (not in the default list)
-  prefill_pipe the hand-pipelined Q K^T loop against the default (not in the default list)
   sdpa_backends SDPA on 1 x 4096 under each backend (not in the default list)
   read_floor   the fastest plain read of the decode shapes' KV bytes, same timing (not in the default list)
   decode_sweep splits x KV tiles x stages for small batches, graphs replayed round-robin (not in the default list)
@@ -395,26 +394,6 @@ class Bench:
 
         self.prefill_configs("prefill_regs", [(1, 4096, 0), (4, 2048, 0), (4, 1024, 0), (1, 2048, 2048)], variants)
 
-    def prefill_pipe(self) -> None:
-        """The hand-pipelined loop (the next tile's Q K^T issued before this tile's softmax) against
-        the default, over tiles, stages and register caps; a context shape runs the cached-context loop."""
-        def variants(base: LaunchConfig):
-            yield dict(block_m=base.block_m, block_n=base.block_n, warps=base.num_warps, stages=base.num_stages,
-                       maxnreg=base.maxnreg, pipe=False), base
-            for block_m, block_n, warps, stages, cap in [
-                    (128, 64, 8, 2, 128), (128, 64, 8, 3, 128), (128, 64, 8, 2, 168), (128, 64, 8, 2, None),
-                    (128, 128, 8, 2, None), (128, 128, 8, 3, None), (64, 64, 4, 2, None), (64, 64, 4, 3, 168)]:
-                yield (dict(block_m=block_m, block_n=block_n, warps=warps, stages=stages, maxnreg=cap, pipe=True),
-                       dataclasses.replace(base, block_m=block_m, block_q=block_m // 4, block_n=block_n,
-                                           num_warps=warps, num_stages=stages, maxnreg=cap, k_nd=True,
-                                           pipeline_qk=True))
-            yield (dict(block_m=128, block_n=128, warps=8, stages=3, maxnreg=None, pipe=False),
-                   dataclasses.replace(base, block_m=128, block_q=32, block_n=128, num_warps=8, num_stages=3,
-                                       maxnreg=None))
-
-        self.prefill_configs("prefill_pipe", [(1, 4096, 0), (4, 1024, 0), (4, 2048, 0), (2, 8192, 0),
-                                              (1, 2048, 2048)], variants)
-
     # ---------------------------------------------------------------- decode
     def decode_case(self, batch: int, ctx: int, shape: Shape):
         """`batch` decode tokens over `ctx` cached tokens each, in several copies on disjoint blocks
@@ -440,22 +419,27 @@ class Bench:
         return lambda: call(metas[next(turn) % len(metas)])
 
     def decode(self) -> None:
+        """The default decode launch, timed from CUDA graphs replayed round-robin with the launch the
+        runner captures (max_seq_len = max_model_len = 32k fixes its split count)."""
         shape = LLAMA3_8B
         scale = 1.0 / math.sqrt(shape.head_dim)
-        grid = [(b, c) for b in (1, 8, 32, 64) for c in (4096, 16384, 32768)]
+        grid = [(b, c) for b in (1, 8, 32, 64) for c in (4096, 16384, 32768)] + [(2, 4096), (4, 4096)]
         if self.quick:
             grid = [(1, 4096), (1, 16384), (8, 4096), (32, 4096), (64, 32768)]
         for batch, ctx in grid:
             metas, cache, q, kv_bytes = self.decode_case(batch, ctx, shape)
             eager = bench_ms(self.rotating(metas, lambda m: paged_attention_triton(q, cache, m, scale)))
-            ms = bench_graph_ms(self.rotating(metas, lambda m: paged_attention_triton(q, cache, m, scale)))
-            # As the runner captures it: max_seq_len = max_model_len (32k) fixes the split count.
             graph_metas = [dataclasses.replace(m, max_seq_len=32768) for m in metas]
-            ms_graph = bench_graph_ms(self.rotating(graph_metas, lambda m: paged_attention_triton(q, cache, m, scale)))
-            # One copy over and over: its KV stays in L2 when it fits (how earlier stops timed it).
-            ms_l2 = bench_graph_ms(lambda: paged_attention_triton(q, cache, metas[0], scale))
+            times = graph_round_robin_us({
+                "own": self.rotating(metas, lambda m: paged_attention_triton(q, cache, m, scale)),
+                "maxlen32k": self.rotating(graph_metas, lambda m: paged_attention_triton(q, cache, m, scale)),
+                # One copy over and over: its KV stays in L2 when it fits (how earlier stops timed it).
+                "same_kv": lambda: paged_attention_triton(q, cache, metas[0], scale),
+            }, calls=2 * len(metas))
+            ms, ms_graph = times["own"] / 1e3, times["maxlen32k"] / 1e3
             self.add("decode", f"B{batch}_ctx{ctx}", shape=shape.name, ms=ms, ms_maxlen32k=ms_graph, eager_ms=eager,
-                     ms_same_kv=ms_l2, gb_per_s=kv_bytes / ms / 1e6, hbm_fraction=kv_bytes / (ms * 1e-3) / HBM_BYTES_PER_S,
+                     ms_same_kv=times["same_kv"] / 1e3, gb_per_s=kv_bytes / ms / 1e6,
+                     hbm_fraction=kv_bytes / (ms * 1e-3) / HBM_BYTES_PER_S,
                      hbm_fraction_maxlen32k=kv_bytes / (ms_graph * 1e-3) / HBM_BYTES_PER_S)
             del cache
             torch.cuda.empty_cache()
@@ -496,8 +480,8 @@ class Bench:
             torch.cuda.empty_cache()
 
     def decode_sweep(self) -> None:
-        """Split counts x KV tiles x pipeline depths of the decode path, for batches of few programs
-        (batch x KV heads below the SM count) and a few more, against the default. Every
+        """Split counts (the default's, half and double) x KV tiles x PDL on and off, against the
+        default and stop 12's rule, for batches of few programs and a few more. Every
         configuration is captured in its own CUDA graph (calls rotated over copies of the KV past L2),
         and the graphs are replayed round-robin, so clock or host drift lands on every configuration
         alike; the median round is reported. (Stop 12's probe timed each configuration in its own
@@ -515,28 +499,49 @@ class Bench:
             metas, cache, q, kv_bytes = self.decode_case(batch, ctx, shape)
             base = choose_config(batch, 1, ctx, shape.num_kv_heads, group, shape.head_dim, True, True)
             graph = choose_config(batch, 1, 32768, shape.num_kv_heads, group, shape.head_dim, True, True)
-            ref = paged_attention_triton(q, cache, metas[0], scale, dataclasses.replace(base, num_splits=1))
+            ref = paged_attention_triton(q, cache, metas[0], scale, dataclasses.replace(base, num_splits=1, pdl=False))
+            # stop 12's rule: about two programs per SM, >= 256 positions per split, 64-position tiles, 3 stages
+            old = min(-(-264 // (batch * shape.num_kv_heads)), max(1, ctx // 256), 64)
+            stop12 = dataclasses.replace(base, num_splits=1 << (old.bit_length() - 1), block_n=64, num_stages=3,
+                                         pdl=False)
             configs = {}
-            for splits, block_n, stages in itertools.product((4, 8, 16, 32, 64, 128), (32, 64, 128), (2, 3)):
-                if ctx // splits < block_n:
-                    continue  # splits with no tile of their own
-                configs[(splits, block_n, stages)] = dataclasses.replace(
-                    base, num_splits=splits, block_n=block_n, num_stages=stages)
-            for cfg in (base, graph):
-                configs.setdefault((cfg.num_splits, cfg.block_n, cfg.num_stages), cfg)
+            for splits, block_n, pdl in itertools.product(
+                    (base.num_splits // 2, base.num_splits, base.num_splits * 2), (32, 64), (False, True)):
+                if 1 <= splits <= 128 and ctx // splits >= block_n:
+                    configs[(splits, block_n, 2, pdl)] = dataclasses.replace(
+                        base, num_splits=splits, block_n=block_n, num_stages=2, pdl=pdl)
+            for cfg in (base, graph, stop12, dataclasses.replace(graph, pdl=False)):
+                configs.setdefault((cfg.num_splits, cfg.block_n, cfg.num_stages, cfg.pdl), cfg)
             errors = {}
             for key, cfg in configs.items():
                 out = paged_attention_triton(q, cache, metas[0], scale, cfg)
                 errors[key] = rel_err(out, ref)
-            times = graph_round_robin_us(
-                {key: self.rotating(metas, lambda m, cfg=cfg: paged_attention_triton(q, cache, m, scale, cfg))
-                 for key, cfg in configs.items()}, calls=2 * len(metas))
-            for (splits, block_n, stages), us in sorted(times.items(), key=lambda kv: kv[1]):
-                cfg = configs[(splits, block_n, stages)]
+            fns = {key: self.rotating(metas, lambda m, cfg=cfg: paged_attention_triton(q, cache, m, scale, cfg))
+                   for key, cfg in configs.items()}
+            # As in a layer: the store of the new token's K/V right before (PDL lets the attention read its
+            # metadata while the store runs); timed with and without PDL, the store alone beside them.
+            k_new = torch.randn((batch, shape.num_kv_heads, shape.head_dim), dtype=DTYPE, device=self.device)
+
+            def with_store(m: AttentionMetadata, cfg: LaunchConfig | None) -> None:
+                store_kv_triton(k_new, k_new, cache, m.slot_mapping)
+                if cfg is not None:
+                    paged_attention_triton(q, cache, m, scale, cfg)
+
+            store_cfgs = {("store", pdl): dataclasses.replace(base, pdl=pdl) for pdl in (False, True)}
+            for key, cfg in store_cfgs.items():
+                fns[key] = self.rotating(metas, lambda m, cfg=cfg: with_store(m, cfg))
+            fns[("store", None)] = self.rotating(metas, lambda m: with_store(m, None))
+            times = graph_round_robin_us(fns, calls=2 * len(metas))
+            for key, us in sorted(times.items(), key=lambda kv: kv[1]):
+                cfg = configs.get(key) or store_cfgs.get(key)
+                fields = dict(us=us, hbm_fraction=kv_bytes / (us * 1e-6) / HBM_BYTES_PER_S)
+                if cfg is None:  # the store alone
+                    self.add("decode_sweep", f"B{batch}_ctx{ctx}", with_store="store alone", **fields)
+                    continue
                 self.add("decode_sweep", f"B{batch}_ctx{ctx}", default=cfg == base, graph_default=cfg == graph,
-                         splits=splits, block_n=block_n, stages=stages, us=us,
-                         hbm_fraction=kv_bytes / (us * 1e-6) / HBM_BYTES_PER_S,
-                         rel_err_vs_unsplit=errors[(splits, block_n, stages)])
+                         stop12_default=cfg == stop12, splits=cfg.num_splits, block_n=cfg.block_n,
+                         stages=cfg.num_stages, pdl=cfg.pdl, **fields, rel_err_vs_unsplit=errors.get(key),
+                         with_store=key[0] == "store")
             del cache
             torch.cuda.empty_cache()
 
@@ -571,7 +576,7 @@ class Bench:
     # ---------------------------------------------------------------- report
     def markdown(self) -> str:
         lines = [f"# Kernel bench on {self.device_name}", ""]
-        for section in ("correctness", "prefill", "sdpa_backends", "prefill_sweep", "prefill_regs", "prefill_pipe",
+        for section in ("correctness", "prefill", "sdpa_backends", "prefill_sweep", "prefill_regs",
                         "decode", "read_floor",
                         "decode_sweep", "copy", "error"):
             rows = [r for r in self.rows if r["section"] == section]

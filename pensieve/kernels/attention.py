@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from pensieve.model.metadata import AttentionMetadata
 
@@ -48,12 +49,12 @@ def _find_seq(query_start_loc, num_seqs, pid, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
-def _softmax_pv(
-    acc, m_i, l_i, qk, v, visible, qk_scale,
+def _online_softmax(
+    acc, m_i, l_i, q, k, v, visible, qk_scale,
     MASKED: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Fold one KV tile's scores qk [M, N] (fp32) and values v [N, D] into the running softmax;
-    visible [M, N] is read only when MASKED."""
+    """One KV tile of flash attention: k [D, N], v [N, D]; visible [M, N] is read only when MASKED."""
+    qk = tl.dot(q, k.to(q.dtype), input_precision=PRECISION)              # [M, N] fp32
     if MASKED:
         qk = tl.where(visible, qk, float("-inf"))
     # Scores go to the log2 domain inside exp2's argument: qk * scale - max is one FMA per score
@@ -68,37 +69,8 @@ def _softmax_pv(
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(qk * qk_scale - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+    acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc * alpha[:, None], input_precision=PRECISION)
     return acc, m_new, l_i
-
-
-@triton.jit
-def _online_softmax(
-    acc, m_i, l_i, q, k, v, visible, qk_scale,
-    MASKED: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """One KV tile of flash attention: k [D, N], v [N, D]; visible [M, N] is read only when MASKED."""
-    qk = tl.dot(q, k.to(q.dtype), input_precision=PRECISION)              # [M, N] fp32
-    return _softmax_pv(acc, m_i, l_i, qk, v.to(q.dtype), visible, qk_scale, MASKED, PRECISION)
-
-
-@triton.jit
-def _ctx_rows(
-    kv_cache, bt_row, tile, kv_end, kvh, stride_cb, stride_cs, stride_ch, offs_n,
-    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr,
-):
-    """Pointers to the K vectors of a tile of KV positions in the paged cache (V is stride_ckv on),
-    the positions, and which of them are in range."""
-    kv_pos = tile * BLOCK_N + offs_n                                   # [N] int
-    if MASKED:
-        kv_ok = kv_pos < kv_end
-        blk = tl.load(bt_row + kv_pos // BLOCK_SIZE, mask=kv_ok, other=0).to(tl.int64)
-    else:
-        kv_ok = offs_n < BLOCK_N                                         # all true: the tile is in range
-        blk = tl.load(bt_row + kv_pos // BLOCK_SIZE).to(tl.int64)
-    # int64 offsets: block ids times the block stride overflow 32 bits on large pools.
-    rows = kv_cache + blk * stride_cb + (kv_pos % BLOCK_SIZE).to(tl.int64) * stride_cs + kvh * stride_ch
-    return rows, kv_pos, kv_ok
 
 
 @triton.jit
@@ -111,8 +83,15 @@ def _attend_tile(
     MASKED: tl.constexpr, PRECISION: tl.constexpr, K_ND: tl.constexpr,
 ):
     """A tile of KV positions read from the paged cache through the block table."""
-    base, kv_pos, kv_ok = _ctx_rows(kv_cache, bt_row, tile, kv_end, kvh, stride_cb, stride_cs, stride_ch, offs_n,
-                                    BLOCK_N, BLOCK_SIZE, MASKED)
+    kv_pos = tile * BLOCK_N + offs_n                                   # [N] int
+    if MASKED:
+        kv_ok = kv_pos < kv_end
+        blk = tl.load(bt_row + kv_pos // BLOCK_SIZE, mask=kv_ok, other=0).to(tl.int64)
+    else:
+        kv_ok = offs_n < BLOCK_N                                         # all true: the tile is in range
+        blk = tl.load(bt_row + kv_pos // BLOCK_SIZE).to(tl.int64)
+    # int64 offsets: block ids times the block stride overflow 32 bits on large pools.
+    base = kv_cache + blk * stride_cb + (kv_pos % BLOCK_SIZE).to(tl.int64) * stride_cs + kvh * stride_ch
     if K_ND:  # K loaded as [N, D] rows (each a contiguous head vector) and transposed for the dot
         if D_PAD == HEAD_DIM:
             k_mask = kv_ok[:, None]
@@ -169,57 +148,6 @@ def _attend_new_tile(
     return _online_softmax(acc, m_i, l_i, q, k, v, visible, qk_scale, MASKED, PRECISION)
 
 
-@triton.jit
-def _ctx_tiles_pipelined(
-    acc, m_i, l_i, q, qk_scale, kv_cache, bt_row, t_lo, t_hi, kvh,
-    stride_cb, stride_ckv, stride_cs, stride_ch, offs_d, offs_n,
-    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """Unmasked cached-context tiles [t_lo, t_hi), software-pipelined by hand: the scores of tile
-    j + 1 are issued before the softmax of tile j, so the tensor cores can run Q K^T while the
-    softmax of the previous tile runs (FA3's intra-warpgroup overlap). K rows, head_dim unpadded."""
-    if t_hi > t_lo:
-        rows, _, _ = _ctx_rows(kv_cache, bt_row, t_lo, 0, kvh, stride_cb, stride_cs, stride_ch, offs_n,
-                               BLOCK_N, BLOCK_SIZE, False)
-        qk = tl.dot(q, tl.trans(tl.load(rows[:, None] + offs_d[None, :])), input_precision=PRECISION)
-        for tile in range(t_lo + 1, t_hi):
-            nxt, _, _ = _ctx_rows(kv_cache, bt_row, tile, 0, kvh, stride_cb, stride_cs, stride_ch, offs_n,
-                                  BLOCK_N, BLOCK_SIZE, False)
-            qk_next = tl.dot(q, tl.trans(tl.load(nxt[:, None] + offs_d[None, :])), input_precision=PRECISION)
-            v = tl.load(rows[:, None] + stride_ckv + offs_d[None, :])
-            acc, m_i, l_i = _softmax_pv(acc, m_i, l_i, qk, v, qk, qk_scale, False, PRECISION)
-            qk = qk_next
-            rows = nxt
-        v = tl.load(rows[:, None] + stride_ckv + offs_d[None, :])
-        acc, m_i, l_i = _softmax_pv(acc, m_i, l_i, qk, v, qk, qk_scale, False, PRECISION)
-    return acc, m_i, l_i
-
-
-@triton.jit
-def _new_tiles_pipelined(
-    acc, m_i, l_i, q, qk_scale, k_new, v_new, row_lo, num_tiles, kvh,
-    stride_knt, stride_knh, stride_vnt, stride_vnh, offs_d, offs_n,
-    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """Unmasked tiles of the step's own new K/V (rows row_lo + j * BLOCK_N, j < num_tiles), pipelined
-    like _ctx_tiles_pipelined."""
-    if num_tiles > 0:
-        rows = (row_lo + offs_n).to(tl.int64)
-        qk = tl.dot(q, tl.trans(tl.load(k_new + rows[:, None] * stride_knt + kvh * stride_knh + offs_d[None, :])),
-                    input_precision=PRECISION)
-        for j in range(1, num_tiles):
-            nxt = (row_lo + j * BLOCK_N + offs_n).to(tl.int64)
-            qk_next = tl.dot(q, tl.trans(tl.load(k_new + nxt[:, None] * stride_knt + kvh * stride_knh + offs_d[None, :])),
-                             input_precision=PRECISION)
-            v = tl.load(v_new + rows[:, None] * stride_vnt + kvh * stride_vnh + offs_d[None, :])
-            acc, m_i, l_i = _softmax_pv(acc, m_i, l_i, qk, v, qk, qk_scale, False, PRECISION)
-            qk = qk_next
-            rows = nxt
-        v = tl.load(v_new + rows[:, None] * stride_vnt + kvh * stride_vnh + offs_d[None, :])
-        acc, m_i, l_i = _softmax_pv(acc, m_i, l_i, qk, v, qk, qk_scale, False, PRECISION)
-    return acc, m_i, l_i
-
-
 # Triton compiles a variant per "== 1 / divisible by 16" class of every int argument: the batch's
 # sequence count and block-table width change every step, so they must not pick variants (a
 # compile mid-serving stalls every request for about a second).
@@ -236,8 +164,11 @@ def _paged_attention_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     NUM_SPLITS: tl.constexpr, DECODE: tl.constexpr, PRECISION: tl.constexpr, K_ND: tl.constexpr,
-    PIPE_QK: tl.constexpr,                  # unmasked tiles through the hand-pipelined loops
+    PDL: tl.constexpr,                      # launched as a programmatic dependent of the kernel before
 ):
+    if PDL:
+        # The merge kernel after this one may be scheduled now (it waits for this grid to finish).
+        gdc_launch_dependents()
     if DECODE:
         pid = tl.program_id(0)
     else:
@@ -270,8 +201,6 @@ def _paged_attention_kernel(
         qo_mask = row_ok[:, None]
     else:
         qo_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    q_tile = tl.load(q + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :], mask=qo_mask, other=0.0)
-    q_tile = q_tile.to(kv_cache.dtype.element_ty)
     q_pos = tl.load(positions + tok, mask=row_ok, other=0)
 
     seq_len = tl.load(seq_lens + seq)
@@ -296,16 +225,17 @@ def _paged_attention_kernel(
     t_lo = split * tiles_per_split
     t_hi = tl.minimum(t_lo + tiles_per_split, num_tiles)
     t_full = tl.maximum(tl.minimum(kv_full // BLOCK_N, t_hi), t_lo)
-    if PIPE_QK:
-        acc, m_i, l_i = _ctx_tiles_pipelined(
-            acc, m_i, l_i, q_tile, qk_scale, kv_cache, bt_row, t_lo, t_full, kvh,
-            stride_cb, stride_ckv, stride_cs, stride_ch, offs_d, offs_n, BLOCK_N, BLOCK_SIZE, PRECISION)
-    else:
-        for tile in range(t_lo, t_full):
-            acc, m_i, l_i = _attend_tile(
-                acc, m_i, l_i, q_tile, q_pos, qk_scale, kv_cache, bt_row, tile, kv_end, kvh,
-                stride_cb, stride_ckv, stride_cs, stride_ch, offs_d, offs_n,
-                BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, False, PRECISION, K_ND)
+    if PDL:
+        # Everything above read only the step's metadata (written before the step began), so it
+        # overlapped the kernel before; q and the cache it may still be writing come after the wait.
+        gdc_wait()
+    q_tile = tl.load(q + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :], mask=qo_mask, other=0.0)
+    q_tile = q_tile.to(kv_cache.dtype.element_ty)
+    for tile in range(t_lo, t_full):
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q_tile, q_pos, qk_scale, kv_cache, bt_row, tile, kv_end, kvh,
+            stride_cb, stride_ckv, stride_cs, stride_ch, offs_d, offs_n,
+            BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, False, PRECISION, K_ND)
     for tile in range(t_full, t_hi):
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q_tile, q_pos, qk_scale, kv_cache, bt_row, tile, kv_end, kvh,
@@ -316,16 +246,11 @@ def _paged_attention_kernel(
         # program's first query row need no mask.
         new_full = (q_lo - seq_first + 1) // BLOCK_N
         new_tiles = tl.cdiv(tl.minimum(q_lo + BLOCK_Q, q_end) - seq_first, BLOCK_N)
-        if PIPE_QK:
-            acc, m_i, l_i = _new_tiles_pipelined(
-                acc, m_i, l_i, q_tile, qk_scale, k_new, v_new, seq_first, new_full, kvh,
-                stride_knt, stride_knh, stride_vnt, stride_vnh, offs_d, offs_n, BLOCK_N, PRECISION)
-        else:
-            for j in range(0, new_full):
-                acc, m_i, l_i = _attend_new_tile(
-                    acc, m_i, l_i, q_tile, tok, qk_scale, k_new, v_new, seq_first + j * BLOCK_N, q_end, kvh,
-                    stride_knt, stride_knh, stride_vnt, stride_vnh, offs_d, offs_n,
-                    HEAD_DIM, D_PAD, False, PRECISION)
+        for j in range(0, new_full):
+            acc, m_i, l_i = _attend_new_tile(
+                acc, m_i, l_i, q_tile, tok, qk_scale, k_new, v_new, seq_first + j * BLOCK_N, q_end, kvh,
+                stride_knt, stride_knh, stride_vnt, stride_vnh, offs_d, offs_n,
+                HEAD_DIM, D_PAD, False, PRECISION)
         for j in range(new_full, new_tiles):
             acc, m_i, l_i = _attend_new_tile(
                 acc, m_i, l_i, q_tile, tok, qk_scale, k_new, v_new, seq_first + j * BLOCK_N, q_end, kvh,
@@ -349,7 +274,11 @@ def _paged_attention_kernel(
 def _merge_splits_kernel(
     out, part_acc, part_ml, num_heads, stride_ot, stride_oh,
     NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:
+        gdc_wait()               # the attention grid's partials, all of them
+        gdc_launch_dependents()
     tok = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     offs_s = tl.arange(0, S_PAD)
@@ -379,9 +308,9 @@ class LaunchConfig:
     # A register cap per thread (ptx .maxnreg), so that two prefill programs share an SM and one's
     # softmax overlaps the other's matrix products; None leaves the compiler's choice (255 at 128 x 128).
     maxnreg: int | None = None
-    # Unmasked tiles with the next tile's Q K^T issued before this tile's softmax (prefill; needs
-    # k_nd and an unpadded head_dim, else ignored).
-    pipeline_qk: bool = False
+    # Decode on a GPU: the attention and merge kernels launched as programmatic dependents (PDL), so
+    # each is scheduled while the kernel before it runs and waits on the device, not the host.
+    pdl: bool = False
 
 
 @functools.lru_cache(maxsize=8)
@@ -401,27 +330,26 @@ def choose_config(
     to fit shared memory). Uncapped 128 x 128 tiles take 255 registers and 165 KB: one program per
     SM, tensor pipe 38% busy (Nsight Compute, stop 12). The cap made 4 x 1024 and 4 x 2048 tokens
     17% and 14% faster and 1 x 4096 2% slower (Llama-3-8B heads, H100, `kernels/stop12/`).
-    Decode tiles of >= 16 rows (every tl.dot side >= 16) x 64 positions, split
-    over KV until about two programs per SM are busy, but not below 256 positions per split.
+    Decode: tiles of >= 16 rows (every tl.dot side >= 16), split over KV until about four programs
+    per SM are busy (not below 64 positions per split), 2 stages, launched as programmatic dependents.
+    Measured on the H100 (stop 13, `kernels/stop13/decode_sweep.md`, graphs replayed round-robin): the
+    best split count at batch 1-16 x 4k-32k gave 512 programs, 2 stages beat 3 at every shape, and
+    32-position tiles beat 64 once splits are short (16+ splits).
     CPU interpreter: its cost grows with the tile count, so fewer, bigger tiles.
     """
     group_pad = triton.next_power_of_2(group)
     d_pad = triton.next_power_of_2(head_dim)
     if decode_only:
         block_m = max(16, group_pad)
-        block_n = 64 if on_gpu else 32
         programs = max(1, num_seqs * num_kv_heads)
-        splits = 1
         if on_gpu:
-            target = 2 * num_sms
-            splits = min(triton.cdiv(target, programs), max(1, max_seq_len // 256), 64)
+            splits = min(triton.cdiv(4 * num_sms, programs), max(1, max_seq_len // 64), 64)
             # NUM_SPLITS is a compile-time constant: powers of two keep it to 7 compiled variants,
             # all of which the model runner compiles at start-up (warm_up_attention).
             splits = 1 << (splits.bit_length() - 1)
-        else:
-            splits = min(4, max(1, triton.cdiv(max_seq_len, block_n)))  # exercise the split path in tests
-        splits = max(1, splits)
-        return _fit(LaunchConfig(block_m, 1, block_n, splits, 4, 3 if d_pad <= 128 else 2), on_gpu, elem_bytes)
+            return _fit(LaunchConfig(block_m, 1, decode_block_n(splits), splits, 4, 2, pdl=True), on_gpu, elem_bytes)
+        splits = min(4, max(1, triton.cdiv(max_seq_len, 32)))  # exercise the split path in tests
+        return LaunchConfig(block_m, 1, 32, splits, 4, 1)
     if on_gpu:
         big = 128 if d_pad <= 128 else 64
         rows = max(16, triton.next_power_of_2(max(1, max_query_len)) * group_pad)
@@ -437,6 +365,12 @@ def choose_config(
         block_n = 32
         num_warps, num_stages, k_nd = 4, 1, False
     return _fit(LaunchConfig(block_m, block_m // group_pad, block_n, 1, num_warps, num_stages, k_nd), on_gpu, elem_bytes)
+
+
+def decode_block_n(splits: int) -> int:
+    """KV positions per decode tile on a GPU: a function of the split count alone, so that the
+    start-up warm-up compiles exactly the variants the runner launches."""
+    return 32 if splits >= 16 else 64
 
 
 def _fit(config: LaunchConfig, on_gpu: bool, elem_bytes: int) -> LaunchConfig:
@@ -489,6 +423,8 @@ def paged_attention_triton(
     k_new, v_new = (k, v) if new_kv else (q, q)   # unread unless NEW_KV
     k_strides = (k.stride(0), k.stride(1)) if new_kv else (0, 0)
     v_strides = (v.stride(0), v.stride(1)) if new_kv else (0, 0)
+    pdl = config.pdl and decode and on_gpu
+    launch = {"launch_pdl": True} if pdl else {}
     # fp32 runs are for testing: keep them exact (the GPU would default to tf32).
     precision = "ieee" if kv_cache.dtype == torch.float32 else "tf32"
     _paged_attention_kernel[grid](
@@ -500,16 +436,15 @@ def paged_attention_triton(
         meta.block_tables.stride(0), *k_strides, *v_strides,
         NEW_KV=new_kv, GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=config.block_q, BLOCK_M=config.block_m,
         BLOCK_N=config.block_n, BLOCK_SIZE=block_size, HEAD_DIM=head_dim, D_PAD=d_pad,
-        NUM_SPLITS=splits, DECODE=decode, PRECISION=precision, K_ND=config.k_nd,
-        PIPE_QK=config.pipeline_qk and config.k_nd and d_pad == head_dim and not decode,
+        NUM_SPLITS=splits, DECODE=decode, PRECISION=precision, K_ND=config.k_nd, PDL=pdl,
         num_warps=config.num_warps, num_stages=config.num_stages,
-        **({"maxnreg": config.maxnreg} if config.maxnreg and on_gpu else {}),
+        **({"maxnreg": config.maxnreg} if config.maxnreg and on_gpu else {}), **launch,
     )
     if splits > 1:
         _merge_splits_kernel[(T, num_heads)](
             out, part_acc, part_ml, num_heads, out.stride(0), out.stride(1),
-            NUM_SPLITS=splits, S_PAD=triton.next_power_of_2(splits), HEAD_DIM=head_dim, D_PAD=d_pad,
-            num_warps=4 if d_pad >= 128 else 1,
+            NUM_SPLITS=splits, S_PAD=triton.next_power_of_2(splits), HEAD_DIM=head_dim, D_PAD=d_pad, PDL=pdl,
+            num_warps=4 if d_pad >= 128 else 1, **launch,
         )
     return out
 
@@ -535,8 +470,8 @@ def warm_up_attention(kv_cache: torch.Tensor, num_heads: int, dtype: torch.dtype
         for splits in split_values:  # decode: one token per sequence
             meta = _tiny_meta(num_seqs, 1, block_size, device)
             q = torch.randn(num_seqs, num_heads, head_dim, dtype=dtype, device=device)
-            paged_attention_triton(q, kv_cache, meta, 1.0, LaunchConfig(
-                base.block_m, 1, base.block_n, splits, base.num_warps, base.num_stages))
+            paged_attention_triton(q, kv_cache, meta, 1.0, _fit(replace(
+                base, block_n=decode_block_n(splits), num_splits=splits), True, kv_cache.element_size()))
             launches += 1
         for q_len in (2, 4, 8, 16, 32, 64, 128):  # prefill tile sizes: block_m grows with the query length
             if q_len * group_pad > 128 and q_len > 2:

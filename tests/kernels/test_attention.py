@@ -59,15 +59,14 @@ def test_mixed_ragged_batch(num_heads: int, num_kv_heads: int, head_dim: int, dt
     _check(triton_attention(q, cache, meta, scale), q, cache, meta, scale, dtype)
 
 
-@pytest.mark.parametrize("k_nd,pipeline_qk", [(False, False), (True, False), (True, True)])
-def test_multi_tile_queries_and_groups(k_nd: bool, pipeline_qk: bool) -> None:
+@pytest.mark.parametrize("k_nd", [False, True])
+def test_multi_tile_queries_and_groups(k_nd: bool) -> None:
     """Small query tiles: one sequence spans several programs (exercises the tile -> sequence search);
-    both ways of loading K, and the hand-pipelined loop over unmasked tiles."""
+    both ways of loading K."""
     meta = make_batch(MIXED, BLOCK_SIZE, NUM_BLOCKS)
     cache = random_cache(NUM_BLOCKS, BLOCK_SIZE, 2, 32, torch.float32)
     q = random_q(meta.positions.shape[0], 4, 32, torch.float32)
-    config = LaunchConfig(block_m=16, block_q=8, block_n=16, num_splits=1, num_warps=4, num_stages=1, k_nd=k_nd,
-                          pipeline_qk=pipeline_qk)
+    config = LaunchConfig(block_m=16, block_q=8, block_n=16, num_splits=1, num_warps=4, num_stages=1, k_nd=k_nd)
     out = triton_attention(q, cache, meta, 0.2, config=config)
     _check(out, q, cache, meta, 0.2, torch.float32)
 
@@ -105,11 +104,9 @@ def _new_kv_from_cache(cache: torch.Tensor, meta, head_dim: int, pad_to: int = 0
     return wide[:, pad_to:pad_to + hkv], wide[:, pad_to + hkv:]
 
 
-@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,dtype,pipeline_qk",
-                         [(8, 2, 32, torch.float16, False), (4, 4, 32, torch.float32, False),
-                          (4, 2, 40, torch.float32, False), (8, 2, 32, torch.float16, True)])
-def test_new_kv_from_layer_tensors(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                                   pipeline_qk: bool) -> None:
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,dtype",
+                         [(8, 2, 32, torch.float16), (4, 4, 32, torch.float32), (4, 2, 40, torch.float32)])
+def test_new_kv_from_layer_tensors(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
     """With the layer's own K/V passed and every new run a suffix, the kernel reads the new tokens'
     K/V from them and gives the reference's answer; query tiles smaller than a sequence put the
     causal diagonal mid-tile and start programs mid-sequence."""
@@ -120,7 +117,7 @@ def test_new_kv_from_layer_tensors(num_heads: int, num_kv_heads: int, head_dim: 
     k, v = _new_kv_from_cache(cache, meta, head_dim, pad_to=num_heads)
     block_m = max(16, 8 * (num_heads // num_kv_heads))  # every tl.dot side >= 16 on a GPU
     config = LaunchConfig(block_m=block_m, block_q=block_m * num_kv_heads // num_heads, block_n=16, num_splits=1,
-                          num_warps=4, num_stages=1, k_nd=pipeline_qk, pipeline_qk=pipeline_qk)
+                          num_warps=4, num_stages=1)
     out = run_kernel(paged_attention_triton, q, cache, meta, 0.2, config, k, v)
     _check(out, q, cache, meta, 0.2, dtype)
     # the tensors are what the kernel read (the cache holds the true values), and without them it
@@ -262,3 +259,39 @@ def test_warm_up_compiles_every_variant():
 
     cache = torch.randn(8, 2, 16, 8, 128, dtype=torch.bfloat16, device="cuda")
     assert warm_up_attention(cache, 32, torch.bfloat16) > 7
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("splits", [1, 4])
+def test_decode_pdl_waits_for_the_kernels_before(splits: int) -> None:
+    """Decode launched as a programmatic dependent (PDL) inside a CUDA graph, right after kernels that
+    write its q and its new token's K/V (as the model's layer does): every replay must see the new
+    values, and give what the plain launch gives."""
+    from pensieve.kernels.store import store_kv_triton
+
+    seqs = [(300, [299]), (77, [76]), (1, [0])]
+    meta = to_kernel_device(make_batch(seqs, BLOCK_SIZE, 48))
+    cache = to_kernel_device(random_cache(48, BLOCK_SIZE, 2, 128, torch.bfloat16))
+    q_src = torch.randn(3, 8, 128, dtype=torch.bfloat16, device="cuda")
+    kv_src = torch.randn(2, 3, 2, 128, dtype=torch.bfloat16, device="cuda")
+    q = torch.empty_like(q_src)
+    config = LaunchConfig(16, 1, 32, splits, 4, 2, pdl=True)
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        q.copy_(q_src)
+        store_kv_triton(kv_src[0], kv_src[1], cache, meta.slot_mapping)
+        paged_attention_triton(q, cache, meta, 0.1, config)       # compile outside the capture
+        with torch.cuda.graph(graph, stream=stream):
+            q.copy_(q_src)
+            store_kv_triton(kv_src[0], kv_src[1], cache, meta.slot_mapping)
+            out = paged_attention_triton(q, cache, meta, 0.1, config)
+    for _ in range(3):
+        q_src.normal_()
+        kv_src.normal_()
+        graph.replay()
+        torch.cuda.synchronize()
+        plain = paged_attention_triton(q_src, cache, meta, 0.1, dataclasses.replace(config, pdl=False))
+        torch.testing.assert_close(out, plain, atol=0, rtol=0)
+        ref = paged_attention_reference(q_src.float(), cache.float(), meta, 0.1)
+        torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)

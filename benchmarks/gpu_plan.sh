@@ -139,7 +139,7 @@ case "$N" in
         | tee "$OUT/gpu_tests_kernels.txt" | tail -4
       timeout 210 python3 benchmarks/kernel_bench.py --sections prefill_pipe --out "$RUNS/kernels-pipe"; pack
       timeout 250 python3 benchmarks/kernel_bench.py --sections decode_sweep --out "$RUNS/kernels-decode-sweep" ;;
-  26) # stop 13, issue 2's decode: the new default (about four programs per SM, 2 stages, 32-position tiles at 16+
+  26) # (stop 13, done at 90e39cd) issue 2's decode: the new default (about four programs per SM, 2 stages, 32-position tiles at 16+
       # splits, launched as programmatic dependents) through the CUDA tests of the kernels, the models and the
       # engine's graphs; then its neighbours, PDL on and off and stop 12's rule (round-robin graphs), and the
       # decode section (B x context, as the runner captures it too)
@@ -147,6 +147,14 @@ case "$N" in
         tests/engine/test_async_scheduling.py 2>&1 | tee "$OUT/gpu_tests.txt" | tail -8
       timeout 150 python3 benchmarks/kernel_bench.py --sections decode_sweep --out "$RUNS/kernels-decode-sweep"; pack
       timeout 120 python3 benchmarks/kernel_bench.py --sections decode,read_floor --out "$RUNS/kernels-decode" ;;
+  27) # stop 13, issue 2's decode: programmatic dependent launch, which part pays (the merge after the attention
+      # kernel; the attention kernel after the KV store, with and without the store letting it start), alone and
+      # after the store as in a layer; then the engine on the final kernels: prefill, decode steps at batch 1-64,
+      # and HF transformers' generate_batch on the same requests
+      PENSIEVE_TEST_DEVICE=cuda timeout 90 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_attention.py \
+        tests/kernels/test_store.py 2>&1 | tee "$OUT/gpu_tests_kernels.txt" | tail -4
+      timeout 120 python3 benchmarks/kernel_bench.py --sections decode_sweep --out "$RUNS/kernels-pdl"; pack
+      timeout 300 python3 benchmarks/engine_bench.py --models llama-3.1-8b --hf --swap-variants "" --out "$RUNS/engine" ;;
   6)  # the engine in its own process vs on a thread of the benchmark's process, same workload and rate
       timeout 260 $MT $GQA --systems tiered --rates 22 --out "$RUNS/gqa10-tiered-thread"
       timeout 290 $MT $GQA --systems tiered --rates 22 --engine-process --out "$RUNS/gqa10-tiered-process" ;;

@@ -11,7 +11,7 @@ Sections (each runs on its own; a failure is recorded and the rest go on):
   prefill_regs tiles for two programs per SM, with register caps (not in the default list)
   sdpa_backends SDPA on 1 x 4096 under each backend (not in the default list)
   read_floor   the fastest plain read of the decode shapes' KV bytes, same timing (not in the default list)
-  decode_sweep splits x KV tiles x stages for small batches, graphs replayed round-robin (not in the default list)
+  decode_sweep the default decode against stop 12's rule and its PDL variants, graphs round-robin (not in the default list)
   copy         host<->device block copies (one gather kernel over pinned memory) vs a per-block loop
 """
 from __future__ import annotations
@@ -480,68 +480,61 @@ class Bench:
             torch.cuda.empty_cache()
 
     def decode_sweep(self) -> None:
-        """Split counts (the default's, half and double) x KV tiles x PDL on and off, against the
-        default and stop 12's rule, for batches of few programs and a few more. Every
-        configuration is captured in its own CUDA graph (calls rotated over copies of the KV past L2),
-        and the graphs are replayed round-robin, so clock or host drift lands on every configuration
-        alike; the median round is reported. (Stop 12's probe timed each configuration in its own
-        do_bench_cudagraph and saw neighbours differ 2x while their kernel times agreed.)"""
+        """The default decode launch against stop 12's rule, and its programmatic-dependent-launch
+        (PDL) variants, alone and, as in a layer, right after the store of the new token's K/V (the
+        store alone beside them). Every variant is captured in its own CUDA graph (calls rotated over
+        copies of the KV past L2) and the graphs are replayed round-robin, so clock or host drift
+        lands on every variant alike; the median round is reported. (Stop 12's probe timed each
+        configuration in its own do_bench_cudagraph and saw neighbours differ 2x while their kernel
+        times agreed. Stop 13's first sweep, `kernels/stop13/decode_sweep_call1.md`, covered splits
+        x KV tiles x stages.)"""
         from pensieve.kernels.attention import choose_config
 
         shape = LLAMA3_8B
         scale = 1.0 / math.sqrt(shape.head_dim)
         group = shape.num_heads // shape.num_kv_heads
-        grid = [(1, 4096), (1, 16384), (1, 32768), (2, 4096), (2, 16384), (4, 4096), (4, 16384), (8, 4096),
-                (16, 4096), (32, 4096)]
+        grid = [(1, 4096), (1, 16384), (1, 32768), (2, 4096), (4, 4096), (8, 4096), (16, 4096), (32, 4096),
+                (64, 4096)]
         if self.quick:
             grid = [(1, 4096), (1, 16384)]
         for batch, ctx in grid:
             metas, cache, q, kv_bytes = self.decode_case(batch, ctx, shape)
             base = choose_config(batch, 1, ctx, shape.num_kv_heads, group, shape.head_dim, True, True)
-            graph = choose_config(batch, 1, 32768, shape.num_kv_heads, group, shape.head_dim, True, True)
-            ref = paged_attention_triton(q, cache, metas[0], scale, dataclasses.replace(base, num_splits=1, pdl=False))
+            plain = dataclasses.replace(base, pdl_merge=False, pdl_attention=False)
+            ref = paged_attention_triton(q, cache, metas[0], scale, dataclasses.replace(plain, num_splits=1))
             # stop 12's rule: about two programs per SM, >= 256 positions per split, 64-position tiles, 3 stages
             old = min(-(-264 // (batch * shape.num_kv_heads)), max(1, ctx // 256), 64)
-            stop12 = dataclasses.replace(base, num_splits=1 << (old.bit_length() - 1), block_n=64, num_stages=3,
-                                         pdl=False)
-            configs = {}
-            for splits, block_n, pdl in itertools.product(
-                    (base.num_splits // 2, base.num_splits, base.num_splits * 2), (32, 64), (False, True)):
-                if 1 <= splits <= 128 and ctx // splits >= block_n:
-                    configs[(splits, block_n, 2, pdl)] = dataclasses.replace(
-                        base, num_splits=splits, block_n=block_n, num_stages=2, pdl=pdl)
-            for cfg in (base, graph, stop12, dataclasses.replace(graph, pdl=False)):
-                configs.setdefault((cfg.num_splits, cfg.block_n, cfg.num_stages, cfg.pdl), cfg)
-            errors = {}
-            for key, cfg in configs.items():
-                out = paged_attention_triton(q, cache, metas[0], scale, cfg)
-                errors[key] = rel_err(out, ref)
-            fns = {key: self.rotating(metas, lambda m, cfg=cfg: paged_attention_triton(q, cache, m, scale, cfg))
-                   for key, cfg in configs.items()}
-            # As in a layer: the store of the new token's K/V right before (PDL lets the attention read its
-            # metadata while the store runs); timed with and without PDL, the store alone beside them.
+            stop12 = dataclasses.replace(plain, num_splits=1 << (old.bit_length() - 1), block_n=64, num_stages=3)
+            variants = {  # name: (config, store before it?, the store lets dependents start?)
+                "plain": (plain, False, False),
+                "pdl_merge": (dataclasses.replace(plain, pdl_merge=True), False, False),
+                "pdl_both": (dataclasses.replace(plain, pdl_merge=True, pdl_attention=True), False, False),
+                "stop12": (stop12, False, False),
+                "store+plain": (plain, True, False),
+                "store+pdl_merge": (dataclasses.replace(plain, pdl_merge=True), True, False),
+                "store+pdl_both": (dataclasses.replace(plain, pdl_merge=True, pdl_attention=True), True, False),
+                "store_trigger+pdl_both": (dataclasses.replace(plain, pdl_merge=True, pdl_attention=True), True, True),
+                "store+stop12": (stop12, True, False),
+                "store alone": (None, True, False),
+            }
             k_new = torch.randn((batch, shape.num_kv_heads, shape.head_dim), dtype=DTYPE, device=self.device)
 
-            def with_store(m: AttentionMetadata, cfg: LaunchConfig | None) -> None:
-                store_kv_triton(k_new, k_new, cache, m.slot_mapping)
+            def step(m: AttentionMetadata, cfg: LaunchConfig | None, store: bool, trigger: bool) -> None:
+                if store:
+                    store_kv_triton(k_new, k_new, cache, m.slot_mapping, trigger)
                 if cfg is not None:
                     paged_attention_triton(q, cache, m, scale, cfg)
 
-            store_cfgs = {("store", pdl): dataclasses.replace(base, pdl=pdl) for pdl in (False, True)}
-            for key, cfg in store_cfgs.items():
-                fns[key] = self.rotating(metas, lambda m, cfg=cfg: with_store(m, cfg))
-            fns[("store", None)] = self.rotating(metas, lambda m: with_store(m, None))
-            times = graph_round_robin_us(fns, calls=2 * len(metas))
-            for key, us in sorted(times.items(), key=lambda kv: kv[1]):
-                cfg = configs.get(key) or store_cfgs.get(key)
-                fields = dict(us=us, hbm_fraction=kv_bytes / (us * 1e-6) / HBM_BYTES_PER_S)
-                if cfg is None:  # the store alone
-                    self.add("decode_sweep", f"B{batch}_ctx{ctx}", with_store="store alone", **fields)
-                    continue
-                self.add("decode_sweep", f"B{batch}_ctx{ctx}", default=cfg == base, graph_default=cfg == graph,
-                         stop12_default=cfg == stop12, splits=cfg.num_splits, block_n=cfg.block_n,
-                         stages=cfg.num_stages, pdl=cfg.pdl, **fields, rel_err_vs_unsplit=errors.get(key),
-                         with_store=key[0] == "store")
+            errors = {name: rel_err(paged_attention_triton(q, cache, metas[0], scale, cfg), ref)
+                      for name, (cfg, _, _) in variants.items() if cfg is not None}
+            times = graph_round_robin_us(
+                {name: self.rotating(metas, lambda m, v=v: step(m, *v)) for name, v in variants.items()},
+                calls=2 * len(metas))
+            for name, us in times.items():
+                cfg = variants[name][0] or plain
+                self.add("decode_sweep", f"B{batch}_ctx{ctx}", variant=name, splits=cfg.num_splits,
+                         block_n=cfg.block_n, stages=cfg.num_stages, us=us,
+                         hbm_fraction=kv_bytes / (us * 1e-6) / HBM_BYTES_PER_S, rel_err_vs_unsplit=errors.get(name))
             del cache
             torch.cuda.empty_cache()
 

@@ -164,10 +164,11 @@ def _paged_attention_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     NUM_SPLITS: tl.constexpr, DECODE: tl.constexpr, PRECISION: tl.constexpr, K_ND: tl.constexpr,
-    PDL: tl.constexpr,                      # launched as a programmatic dependent of the kernel before
+    PDL_WAIT: tl.constexpr,                 # launched as a programmatic dependent of the kernel before
+    PDL_TRIGGER: tl.constexpr,              # the merge kernel after it is one
 ):
-    if PDL:
-        # The merge kernel after this one may be scheduled now (it waits for this grid to finish).
+    if PDL_TRIGGER:
+        # The merge kernel may be scheduled now (it waits for this whole grid before reading).
         gdc_launch_dependents()
     if DECODE:
         pid = tl.program_id(0)
@@ -225,7 +226,7 @@ def _paged_attention_kernel(
     t_lo = split * tiles_per_split
     t_hi = tl.minimum(t_lo + tiles_per_split, num_tiles)
     t_full = tl.maximum(tl.minimum(kv_full // BLOCK_N, t_hi), t_lo)
-    if PDL:
+    if PDL_WAIT:
         # Everything above read only the step's metadata (written before the step began), so it
         # overlapped the kernel before; q and the cache it may still be writing come after the wait.
         gdc_wait()
@@ -278,7 +279,6 @@ def _merge_splits_kernel(
 ):
     if PDL:
         gdc_wait()               # the attention grid's partials, all of them
-        gdc_launch_dependents()
     tok = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     offs_s = tl.arange(0, S_PAD)
@@ -308,9 +308,11 @@ class LaunchConfig:
     # A register cap per thread (ptx .maxnreg), so that two prefill programs share an SM and one's
     # softmax overlaps the other's matrix products; None leaves the compiler's choice (255 at 128 x 128).
     maxnreg: int | None = None
-    # Decode on a GPU: the attention and merge kernels launched as programmatic dependents (PDL), so
-    # each is scheduled while the kernel before it runs and waits on the device, not the host.
-    pdl: bool = False
+    # Decode on a GPU, programmatic dependent launch (PDL): a kernel so launched is scheduled while the
+    # one before it still runs and waits for it on the device. pdl_merge: the merge kernel after the
+    # attention kernel; pdl_attention: the attention kernel after the kernel before it (the KV store).
+    pdl_merge: bool = False
+    pdl_attention: bool = False
 
 
 @functools.lru_cache(maxsize=8)
@@ -347,7 +349,8 @@ def choose_config(
             # NUM_SPLITS is a compile-time constant: powers of two keep it to 7 compiled variants,
             # all of which the model runner compiles at start-up (warm_up_attention).
             splits = 1 << (splits.bit_length() - 1)
-            return _fit(LaunchConfig(block_m, 1, decode_block_n(splits), splits, 4, 2, pdl=True), on_gpu, elem_bytes)
+            return _fit(LaunchConfig(block_m, 1, decode_block_n(splits), splits, 4, 2, pdl_merge=True),
+                        on_gpu, elem_bytes)
         splits = min(4, max(1, triton.cdiv(max_seq_len, 32)))  # exercise the split path in tests
         return LaunchConfig(block_m, 1, 32, splits, 4, 1)
     if on_gpu:
@@ -423,8 +426,8 @@ def paged_attention_triton(
     k_new, v_new = (k, v) if new_kv else (q, q)   # unread unless NEW_KV
     k_strides = (k.stride(0), k.stride(1)) if new_kv else (0, 0)
     v_strides = (v.stride(0), v.stride(1)) if new_kv else (0, 0)
-    pdl = config.pdl and decode and on_gpu
-    launch = {"launch_pdl": True} if pdl else {}
+    pdl_attention = config.pdl_attention and decode and on_gpu
+    pdl_merge = config.pdl_merge and decode and on_gpu and splits > 1
     # fp32 runs are for testing: keep them exact (the GPU would default to tf32).
     precision = "ieee" if kv_cache.dtype == torch.float32 else "tf32"
     _paged_attention_kernel[grid](
@@ -436,15 +439,17 @@ def paged_attention_triton(
         meta.block_tables.stride(0), *k_strides, *v_strides,
         NEW_KV=new_kv, GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=config.block_q, BLOCK_M=config.block_m,
         BLOCK_N=config.block_n, BLOCK_SIZE=block_size, HEAD_DIM=head_dim, D_PAD=d_pad,
-        NUM_SPLITS=splits, DECODE=decode, PRECISION=precision, K_ND=config.k_nd, PDL=pdl,
+        NUM_SPLITS=splits, DECODE=decode, PRECISION=precision, K_ND=config.k_nd,
+        PDL_WAIT=pdl_attention, PDL_TRIGGER=pdl_merge,
         num_warps=config.num_warps, num_stages=config.num_stages,
-        **({"maxnreg": config.maxnreg} if config.maxnreg and on_gpu else {}), **launch,
+        **({"maxnreg": config.maxnreg} if config.maxnreg and on_gpu else {}),
+        **({"launch_pdl": True} if pdl_attention else {}),
     )
     if splits > 1:
         _merge_splits_kernel[(T, num_heads)](
             out, part_acc, part_ml, num_heads, out.stride(0), out.stride(1),
-            NUM_SPLITS=splits, S_PAD=triton.next_power_of_2(splits), HEAD_DIM=head_dim, D_PAD=d_pad, PDL=pdl,
-            num_warps=4 if d_pad >= 128 else 1, **launch,
+            NUM_SPLITS=splits, S_PAD=triton.next_power_of_2(splits), HEAD_DIM=head_dim, D_PAD=d_pad, PDL=pdl_merge,
+            num_warps=4 if d_pad >= 128 else 1, **({"launch_pdl": True} if pdl_merge else {}),
         )
     return out
 

@@ -262,8 +262,9 @@ def test_warm_up_compiles_every_variant():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("splits", [1, 4])
-def test_decode_pdl_waits_for_the_kernels_before(splits: int) -> None:
+@pytest.mark.parametrize("splits,pdl_attention,trigger", [(1, True, True), (4, True, True), (4, True, False),
+                                                          (4, False, False)])
+def test_decode_pdl_waits_for_the_kernels_before(splits: int, pdl_attention: bool, trigger: bool) -> None:
     """Decode launched as a programmatic dependent (PDL) inside a CUDA graph, right after kernels that
     write its q and its new token's K/V (as the model's layer does): every replay must see the new
     values, and give what the plain launch gives."""
@@ -275,23 +276,24 @@ def test_decode_pdl_waits_for_the_kernels_before(splits: int) -> None:
     q_src = torch.randn(3, 8, 128, dtype=torch.bfloat16, device="cuda")
     kv_src = torch.randn(2, 3, 2, 128, dtype=torch.bfloat16, device="cuda")
     q = torch.empty_like(q_src)
-    config = LaunchConfig(16, 1, 32, splits, 4, 2, pdl=True)
+    config = LaunchConfig(16, 1, 32, splits, 4, 2, pdl_merge=True, pdl_attention=pdl_attention)
     graph = torch.cuda.CUDAGraph()
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
         q.copy_(q_src)
-        store_kv_triton(kv_src[0], kv_src[1], cache, meta.slot_mapping)
+        store_kv_triton(kv_src[0], kv_src[1], cache, meta.slot_mapping, trigger)
         paged_attention_triton(q, cache, meta, 0.1, config)       # compile outside the capture
         with torch.cuda.graph(graph, stream=stream):
             q.copy_(q_src)
-            store_kv_triton(kv_src[0], kv_src[1], cache, meta.slot_mapping)
+            store_kv_triton(kv_src[0], kv_src[1], cache, meta.slot_mapping, trigger)
             out = paged_attention_triton(q, cache, meta, 0.1, config)
     for _ in range(3):
         q_src.normal_()
         kv_src.normal_()
         graph.replay()
         torch.cuda.synchronize()
-        plain = paged_attention_triton(q_src, cache, meta, 0.1, dataclasses.replace(config, pdl=False))
+        plain = paged_attention_triton(q_src, cache, meta, 0.1, dataclasses.replace(config, pdl_merge=False,
+                                                                                    pdl_attention=False))
         torch.testing.assert_close(out, plain, atol=0, rtol=0)
         ref = paged_attention_reference(q_src.float(), cache.float(), meta, 0.1)
         torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)

@@ -480,9 +480,10 @@ class Bench:
             torch.cuda.empty_cache()
 
     def decode_sweep(self) -> None:
-        """The default decode launch against stop 12's rule, and its programmatic-dependent-launch
-        (PDL) variants, alone and, as in a layer, right after the store of the new token's K/V (the
-        store alone beside them). Every variant is captured in its own CUDA graph (calls rotated over
+        """The default decode split against stop 12's rule, with and without programmatic dependent
+        launch (PDL) of the merge and of the attention kernel, alone and, as in a layer, right after
+        the store of the new token's K/V (the store alone beside them). (Letting the store trigger the
+        attention kernel early was slower, call 3 of stop 13.) Every variant is captured in its own CUDA graph (calls rotated over
         copies of the KV past L2) and the graphs are replayed round-robin, so clock or host drift
         lands on every variant alike; the median round is reported. (Stop 12's probe timed each
         configuration in its own do_bench_cudagraph and saw neighbours differ 2x while their kernel
@@ -505,28 +506,27 @@ class Bench:
             # stop 12's rule: about two programs per SM, >= 256 positions per split, 64-position tiles, 3 stages
             old = min(-(-264 // (batch * shape.num_kv_heads)), max(1, ctx // 256), 64)
             stop12 = dataclasses.replace(plain, num_splits=1 << (old.bit_length() - 1), block_n=64, num_stages=3)
-            variants = {  # name: (config, store before it?, the store lets dependents start?)
-                "plain": (plain, False, False),
-                "pdl_merge": (dataclasses.replace(plain, pdl_merge=True), False, False),
-                "pdl_both": (dataclasses.replace(plain, pdl_merge=True, pdl_attention=True), False, False),
-                "stop12": (stop12, False, False),
-                "store+plain": (plain, True, False),
-                "store+pdl_merge": (dataclasses.replace(plain, pdl_merge=True), True, False),
-                "store+pdl_both": (dataclasses.replace(plain, pdl_merge=True, pdl_attention=True), True, False),
-                "store_trigger+pdl_both": (dataclasses.replace(plain, pdl_merge=True, pdl_attention=True), True, True),
-                "store+stop12": (stop12, True, False),
-                "store alone": (None, True, False),
+            variants = {  # name: (config, the KV store before it?)
+                "plain": (plain, False),
+                "pdl_merge": (dataclasses.replace(plain, pdl_merge=True), False),
+                "pdl_both": (dataclasses.replace(plain, pdl_merge=True, pdl_attention=True), False),
+                "stop12": (stop12, False),
+                "store+plain": (plain, True),
+                "store+pdl_merge": (dataclasses.replace(plain, pdl_merge=True), True),
+                "store+pdl_both": (dataclasses.replace(plain, pdl_merge=True, pdl_attention=True), True),
+                "store+stop12": (stop12, True),
+                "store alone": (None, True),
             }
             k_new = torch.randn((batch, shape.num_kv_heads, shape.head_dim), dtype=DTYPE, device=self.device)
 
-            def step(m: AttentionMetadata, cfg: LaunchConfig | None, store: bool, trigger: bool) -> None:
+            def step(m: AttentionMetadata, cfg: LaunchConfig | None, store: bool) -> None:
                 if store:
-                    store_kv_triton(k_new, k_new, cache, m.slot_mapping, trigger)
+                    store_kv_triton(k_new, k_new, cache, m.slot_mapping)
                 if cfg is not None:
                     paged_attention_triton(q, cache, m, scale, cfg)
 
             errors = {name: rel_err(paged_attention_triton(q, cache, metas[0], scale, cfg), ref)
-                      for name, (cfg, _, _) in variants.items() if cfg is not None}
+                      for name, (cfg, _) in variants.items() if cfg is not None}
             times = graph_round_robin_us(
                 {name: self.rotating(metas, lambda m, v=v: step(m, *v)) for name, v in variants.items()},
                 calls=2 * len(metas))

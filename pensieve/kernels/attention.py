@@ -310,7 +310,8 @@ class LaunchConfig:
     maxnreg: int | None = None
     # Decode on a GPU, programmatic dependent launch (PDL): a kernel so launched is scheduled while the
     # one before it still runs and waits for it on the device. pdl_merge: the merge kernel after the
-    # attention kernel; pdl_attention: the attention kernel after the kernel before it (the KV store).
+    # attention kernel; pdl_attention: the attention kernel after the kernel before it (the KV store;
+    # letting the store trigger it early measured slower, stop 13).
     pdl_merge: bool = False
     pdl_attention: bool = False
 
@@ -333,7 +334,8 @@ def choose_config(
     SM, tensor pipe 38% busy (Nsight Compute, stop 12). The cap made 4 x 1024 and 4 x 2048 tokens
     17% and 14% faster and 1 x 4096 2% slower (Llama-3-8B heads, H100, `kernels/stop12/`).
     Decode: tiles of >= 16 rows (every tl.dot side >= 16), split over KV until about four programs
-    per SM are busy (not below 64 positions per split), 2 stages, launched as programmatic dependents.
+    per SM are busy (not below 64 positions per split), 2 stages; programmatic dependent launches at
+    8+ splits.
     Measured on the H100 (stop 13, `kernels/stop13/decode_sweep.md`, graphs replayed round-robin): the
     best split count at batch 1-16 x 4k-32k gave 512 programs, 2 stages beat 3 at every shape, and
     32-position tiles beat 64 once splits are short (16+ splits).
@@ -349,8 +351,11 @@ def choose_config(
             # NUM_SPLITS is a compile-time constant: powers of two keep it to 7 compiled variants,
             # all of which the model runner compiles at start-up (warm_up_attention).
             splits = 1 << (splits.bit_length() - 1)
-            return _fit(LaunchConfig(block_m, 1, decode_block_n(splits), splits, 4, 2, pdl_merge=True),
-                        on_gpu, elem_bytes)
+            # PDL pays where launches are a visible share of the step: 2-5% faster at 8+ splits (batch
+            # 1-8 of Llama-3-8B heads), 2% slower at batch 16 (stop 13, `kernels/stop13/decode_pdl.md`).
+            pdl = splits >= 8
+            return _fit(LaunchConfig(block_m, 1, decode_block_n(splits), splits, 4, 2, pdl_merge=pdl,
+                                     pdl_attention=pdl), on_gpu, elem_bytes)
         splits = min(4, max(1, triton.cdiv(max_seq_len, 32)))  # exercise the split path in tests
         return LaunchConfig(block_m, 1, 32, splits, 4, 1)
     if on_gpu:

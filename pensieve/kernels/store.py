@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents
 
 
 @triton.jit
@@ -13,12 +12,8 @@ def _store_kv_kernel(
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cb, stride_ckv, stride_cs, stride_ch,
     NUM_KV_HEADS: tl.constexpr, H_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, TRIGGER: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
 ):
-    if TRIGGER:
-        # Let a decode attention launched as a programmatic dependent start reading its metadata
-        # now; it waits for this grid to finish before it reads the cache (no-op without PDL).
-        gdc_launch_dependents()
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping + t).to(tl.int64)
     if slot < 0:
@@ -40,7 +35,6 @@ def store_kv_triton(
     v: torch.Tensor,             # [T, Hkv, D]
     kv_cache: torch.Tensor,      # [NB, 2, bs, Hkv, D]
     slot_mapping: torch.Tensor,  # [T] int64, < 0: skip
-    trigger_dependents: bool = False,  # a programmatic dependent launched after may start at once
 ) -> None:
     T, num_kv_heads, head_dim = k.shape
     if T == 0:
@@ -53,6 +47,6 @@ def store_kv_triton(
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         NUM_KV_HEADS=num_kv_heads, H_PAD=h_pad, HEAD_DIM=head_dim, D_PAD=d_pad,
-        BLOCK_SIZE=kv_cache.shape[2], TRIGGER=trigger_dependents and kv_cache.is_cuda,
+        BLOCK_SIZE=kv_cache.shape[2],
         num_warps=4 if h_pad * d_pad >= 1024 else 1,
     )

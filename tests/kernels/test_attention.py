@@ -262,9 +262,8 @@ def test_warm_up_compiles_every_variant():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("splits,pdl_attention,trigger", [(1, True, True), (4, True, True), (4, True, False),
-                                                          (4, False, False)])
-def test_decode_pdl_waits_for_the_kernels_before(splits: int, pdl_attention: bool, trigger: bool) -> None:
+@pytest.mark.parametrize("splits,pdl_attention", [(1, True), (4, True), (4, False)])
+def test_decode_pdl_waits_for_the_kernels_before(splits: int, pdl_attention: bool) -> None:
     """Decode launched as a programmatic dependent (PDL) inside a CUDA graph, right after kernels that
     write its q and its new token's K/V (as the model's layer does): every replay must see the new
     values, and give what the plain launch gives."""
@@ -281,11 +280,11 @@ def test_decode_pdl_waits_for_the_kernels_before(splits: int, pdl_attention: boo
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
         q.copy_(q_src)
-        store_kv_triton(kv_src[0], kv_src[1], cache, meta.slot_mapping, trigger)
+        store_kv_triton(kv_src[0], kv_src[1], cache, meta.slot_mapping)
         paged_attention_triton(q, cache, meta, 0.1, config)       # compile outside the capture
         with torch.cuda.graph(graph, stream=stream):
             q.copy_(q_src)
-            store_kv_triton(kv_src[0], kv_src[1], cache, meta.slot_mapping, trigger)
+            store_kv_triton(kv_src[0], kv_src[1], cache, meta.slot_mapping)
             out = paged_attention_triton(q, cache, meta, 0.1, config)
     for _ in range(3):
         q_src.normal_()

@@ -147,7 +147,7 @@ case "$N" in
         tests/engine/test_async_scheduling.py 2>&1 | tee "$OUT/gpu_tests.txt" | tail -8
       timeout 150 python3 benchmarks/kernel_bench.py --sections decode_sweep --out "$RUNS/kernels-decode-sweep"; pack
       timeout 120 python3 benchmarks/kernel_bench.py --sections decode,read_floor --out "$RUNS/kernels-decode" ;;
-  27) # stop 13, issue 2's decode: programmatic dependent launch, which part pays (the merge after the attention
+  27) # (stop 13, done at e97838e) issue 2's decode: programmatic dependent launch, which part pays (the merge after the attention
       # kernel; the attention kernel after the KV store, with and without the store letting it start), alone and
       # after the store as in a layer; then the engine on the final kernels: prefill, decode steps at batch 1-64,
       # and HF transformers' generate_batch on the same requests
@@ -155,6 +155,12 @@ case "$N" in
         tests/kernels/test_store.py 2>&1 | tee "$OUT/gpu_tests_kernels.txt" | tail -4
       timeout 120 python3 benchmarks/kernel_bench.py --sections decode_sweep --out "$RUNS/kernels-pdl"; pack
       timeout 300 python3 benchmarks/engine_bench.py --models llama-3.1-8b --hf --swap-variants "" --out "$RUNS/engine" ;;
+  28) # stop 13's final code: the CUDA tests (kernels, models, sampler, async scheduling, the conversation cache), then
+      # the decode section (B x context) and its read floor, and prefill against SDPA
+      PENSIEVE_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q -p no:cacheprovider tests/kernels tests/model/test_models_gpu.py \
+        tests/engine/test_sampler.py tests/engine/test_async_scheduling.py tests/engine/test_conversation_cache.py \
+        2>&1 | tee "$OUT/gpu_tests.txt" | tail -8
+      timeout 150 python3 benchmarks/kernel_bench.py --sections decode,read_floor,prefill --out "$RUNS/kernels-final" ;;
   6)  # the engine in its own process vs on a thread of the benchmark's process, same workload and rate
       timeout 260 $MT $GQA --systems tiered --rates 22 --out "$RUNS/gqa10-tiered-thread"
       timeout 290 $MT $GQA --systems tiered --rates 22 --engine-process --out "$RUNS/gqa10-tiered-process" ;;

@@ -17,8 +17,9 @@
 # Stop 10: an 8B checkpoint builds in ~42 s; a machine goes back after 30 minutes held, so about three
 # full calls share one (and its /tmp). Stop 11 ran 3 and 12-17 (3 and 12 with OPT_GPU_KV_GB=40), each on a fresh
 # machine; its first two calls (the same-launch split merge, since reverted) are in kernels/stop11/command.txt.
-# Stop 12 ran 18-23 (issue 2's kernels; 18: copy engines for deferred swap-ins, no gain). Owed next, in order:
-# 8 (tiered with and without async scheduling), 4 (ablations after the ahead-of-time swap-out change), 2, 6.
+# Stop 12 ran 18-23 (issue 2's kernels; 18: copy engines for deferred swap-ins, no gain). Stop 13 ran 25-28 (issue 2's
+# kernels), 14 and 29 (the headline on its final code). Owed next, in order: 8 (tiered with and without async
+# scheduling), 4 (ablations after the ahead-of-time swap-out change), 6.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 OUT=${OUT:-benchmarks/results}
@@ -155,12 +156,16 @@ case "$N" in
         tests/kernels/test_store.py 2>&1 | tee "$OUT/gpu_tests_kernels.txt" | tail -4
       timeout 120 python3 benchmarks/kernel_bench.py --sections decode_sweep --out "$RUNS/kernels-pdl"; pack
       timeout 300 python3 benchmarks/engine_bench.py --models llama-3.1-8b --hf --swap-variants "" --out "$RUNS/engine" ;;
-  28) # stop 13's final code: the CUDA tests (kernels, models, sampler, async scheduling, the conversation cache), then
+  28) # (stop 13, done at 424e8c1) stop 13's final code: the CUDA tests (kernels, models, sampler, async scheduling, the conversation cache), then
       # the decode section (B x context) and its read floor, and prefill against SDPA
       PENSIEVE_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q -p no:cacheprovider tests/kernels tests/model/test_models_gpu.py \
         tests/engine/test_sampler.py tests/engine/test_async_scheduling.py tests/engine/test_conversation_cache.py \
         2>&1 | tee "$OUT/gpu_tests.txt" | tail -8
       timeout 150 python3 benchmarks/kernel_bench.py --sections decode,read_floor,prefill --out "$RUNS/kernels-final" ;;
+  29) # stop 13's final code, the rest of the headline beside case 14: tiered past 26 conv/s (case 14 left it under
+      # every bound from 0.03 up at 26), then the GPU-only cache at 22
+      timeout 330 $MT $GQA --systems tiered --rates 30,34 --out "$RUNS/gqa10-tiered-30"; pack
+      timeout 200 $MT $GQA --systems gpu --rates 22 --out "$RUNS/gqa10-gpu" ;;
   6)  # the engine in its own process vs on a thread of the benchmark's process, same workload and rate
       timeout 260 $MT $GQA --systems tiered --rates 22 --out "$RUNS/gqa10-tiered-thread"
       timeout 290 $MT $GQA --systems tiered --rates 22 --engine-process --out "$RUNS/gqa10-tiered-process" ;;

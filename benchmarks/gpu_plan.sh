@@ -162,10 +162,14 @@ case "$N" in
         tests/engine/test_sampler.py tests/engine/test_async_scheduling.py tests/engine/test_conversation_cache.py \
         2>&1 | tee "$OUT/gpu_tests.txt" | tail -8
       timeout 150 python3 benchmarks/kernel_bench.py --sections decode,read_floor,prefill --out "$RUNS/kernels-final" ;;
-  29) # stop 13's final code, the rest of the headline beside case 14: tiered past 26 conv/s (case 14 left it under
+  29) # (stop 13, done at b9430a1) stop 13's final code, the rest of the headline beside case 14: tiered past 26 conv/s (case 14 left it under
       # every bound from 0.03 up at 26), then the GPU-only cache at 22
       timeout 330 $MT $GQA --systems tiered --rates 30,34 --out "$RUNS/gqa10-tiered-30"; pack
       timeout 200 $MT $GQA --systems gpu --rates 22 --out "$RUNS/gqa10-gpu" ;;
+  30) # issue 2's model evidence for the Llama-2-13B shapes (MHA, and the headline's 10 KV heads): prefill and the
+      # decode step at batch 1-64 against the weight-read floor (stop 13 call 3 ran Llama-3.1-8B)
+      timeout 270 python3 benchmarks/engine_bench.py --models llama-2-13b --swap-variants "" --out "$RUNS/engine-13b"; pack
+      timeout 270 python3 benchmarks/engine_bench.py --models llama-2-13b-gqa10 --swap-variants "" --out "$RUNS/engine-13b-gqa10" ;;
   6)  # the engine in its own process vs on a thread of the benchmark's process, same workload and rate
       timeout 260 $MT $GQA --systems tiered --rates 22 --out "$RUNS/gqa10-tiered-thread"
       timeout 290 $MT $GQA --systems tiered --rates 22 --engine-process --out "$RUNS/gqa10-tiered-process" ;;

@@ -105,9 +105,10 @@ def sustained_rate(xs: Sequence[float], latencies: Sequence[float | None], bound
     """Highest x (request rate) whose latency stays <= bound, interpolating linearly between the last point
     under the bound and the first one above it. Points are taken in increasing offered load (`offered`, the
     swept arrival rates; x itself when not given): past saturation the measured throughput stops growing or
-    falls, so ordering by it would put an overloaded point before the last good one. An over-bound point
-    whose x fell below the last good one's leaves that x as the answer. A missing latency counts as above
-    the bound (the run failed at that rate)."""
+    falls, so ordering by it would put an overloaded point before the last good one. For the same reason
+    the answer is never below the highest x of a point under the bound before the crossing (a later good
+    point, or the interpolation towards a crossing point, whose throughput fell, does not lower it). A
+    missing latency counts as above the bound (the run failed at that rate)."""
     order = list(offered) if offered is not None else list(xs)
     pts = [(x, v) for _, x, v in sorted(zip(order, xs, latencies), key=lambda p: p[0])]
     if not pts:
@@ -115,15 +116,17 @@ def sustained_rate(xs: Sequence[float], latencies: Sequence[float | None], bound
     lat = [math.inf if v is None else float(v) for _, v in pts]
     if lat[0] > bound:
         return SustainedRate(None, "below_range", float(pts[0][0]))
+    best = float(pts[0][0])
     for i in range(1, len(pts)):
         if lat[i] > bound:
             x0, x1 = float(pts[i - 1][0]), float(pts[i][0])
             l0, l1 = lat[i - 1], lat[i]
             if math.isinf(l1):
-                return SustainedRate(x0, "interpolated")
+                return SustainedRate(best, "interpolated")
             frac = (bound - l0) / (l1 - l0) if l1 != l0 else 0.0
-            return SustainedRate(x0 + frac * max(0.0, x1 - x0), "interpolated")
-    return SustainedRate(float(pts[-1][0]), "at_least")
+            return SustainedRate(max(best, x0 + frac * max(0.0, x1 - x0)), "interpolated")
+        best = max(best, float(pts[i][0]))
+    return SustainedRate(best, "at_least")
 
 
 def ratio(a: float | None, b: float | None) -> float | None:

@@ -336,9 +336,10 @@ def choose_config(
     Decode: tiles of >= 16 rows (every tl.dot side >= 16), split over KV until about four programs
     per SM are busy (not below 64 positions per split), 2 stages; programmatic dependent launches at
     8+ splits.
-    Measured on the H100 (stop 13, `kernels/stop13/decode_sweep.md`, graphs replayed round-robin): the
-    best split count at batch 1-16 x 4k-32k gave 512 programs, 2 stages beat 3 at every shape, and
-    32-position tiles beat 64 once splits are short (16+ splits).
+    Measured on the H100 (stop 13, `kernels/stop13/decode_sweep_call*.md`, graphs replayed round-robin):
+    the best split count at batch 1-16 x 4k-32k gave about 512 programs; the best launch at 9 of 10
+    shapes had 2 stages (3 stages cost 20% at batch 32 x 4k, stop 12's default); 32-position tiles
+    were as good or better from 16 splits up, 64 below.
     CPU interpreter: its cost grows with the tile count, so fewer, bigger tiles.
     """
     group_pad = triton.next_power_of_2(group)
@@ -351,8 +352,9 @@ def choose_config(
             # NUM_SPLITS is a compile-time constant: powers of two keep it to 7 compiled variants,
             # all of which the model runner compiles at start-up (warm_up_attention).
             splits = 1 << (splits.bit_length() - 1)
-            # PDL pays where launches are a visible share of the step: 2-5% faster at 8+ splits (batch
-            # 1-8 of Llama-3-8B heads), 2% slower at batch 16 (stop 13, `kernels/stop13/decode_pdl.md`).
+            # PDL pays where launches are a visible share of the step: after the KV store, as in a layer,
+            # 0.5-0.8 us (2-6%) faster at batch 1-4 of Llama-3-8B heads (16-64 splits), even at 8 (8
+            # splits), 2.5% slower at 16 (4 splits) (stop 13, `kernels/stop13/decode_pdl.md`).
             pdl = splits >= 8
             return _fit(LaunchConfig(block_m, 1, decode_block_n(splits), splits, 4, 2, pdl_merge=pdl,
                                      pdl_attention=pdl), on_gpu, elem_bytes)

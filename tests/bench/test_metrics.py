@@ -75,6 +75,15 @@ def test_sustained_rate_interpolation():
     thr, lat, offered = [30.4, 39.0, 38.4], [0.024, 0.074, 0.288], [10, 16, 22]
     assert sustained_rate(thr, lat, 0.08, offered).value == pytest.approx(39.0)
     assert sustained_rate(thr, lat, 0.05, offered).value == pytest.approx(30.4 + (0.026 / 0.05) * 8.6)
+    # throughput falls before latency crosses (Llama-2-13B-GQA10 tiered, stop 13: 85.4, 79.3, 81.9 req/s at
+    # 26, 30, 34 conv/s): the best point under the bound stands, crossed or never crossed
+    thr, lat, offered = [85.4, 79.3, 81.9], [0.0228, 0.0425, 0.0899], [26, 30, 34]
+    assert sustained_rate(thr, lat, 0.05, offered).value == pytest.approx(85.4)
+    assert sustained_rate(thr, lat, 0.03, offered).value == pytest.approx(85.4)
+    never = sustained_rate(thr, lat, 0.1, offered)
+    assert (never.value, never.status) == (pytest.approx(85.4), "at_least")
+    # a later point with more throughput still counts, interpolated towards the crossing as before
+    assert sustained_rate([10, 12, 20], [0.02, 0.03, 0.07], 0.05).value == pytest.approx(12 + 0.5 * 8)
 
 
 def test_ratio_and_delta():

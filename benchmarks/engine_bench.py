@@ -47,6 +47,18 @@ def build(size: str, root: Path) -> Path:
     return path
 
 
+def cpu_blocks_for(path: Path, budget_gb: float = 16.0, block_size: int = 16) -> int:
+    """CPU-tier blocks of `path`'s KV that fit `budget_gb` of pinned memory (8192 for Llama-3.1-8B; Llama-2-13B's
+    40 KV heads make a block 6x larger, and 8192 of them would not pin)."""
+    import json as _json
+
+    cfg = _json.loads((path / "config.json").read_text())
+    heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    block_bytes = 2 * cfg["num_hidden_layers"] * heads * head_dim * 2 * block_size
+    return int(budget_gb * 2**30 // block_bytes)
+
+
 def engine_for(path: Path, mode: str = "tiered", **kw) -> LLMEngine:
     cache_kw = dict(num_gpu_blocks=kw.pop("num_gpu_blocks", None), num_cpu_blocks=kw.pop("num_cpu_blocks", 4096),
                     gpu_memory_utilization=kw.pop("gpu_memory_utilization", 0.85))
@@ -65,6 +77,7 @@ def drain(engine: LLMEngine) -> None:
 
 def bench_prefill(engine: LLMEngine, tokens: int, per_seq: int, num_params: int, cfg) -> dict:
     greedy = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    per_seq = min(per_seq, engine.max_model_len - 1)   # Llama-2's 4096-token context: 4095 + the one to generate
     times = []
     for rep in range(4):
         for i in range(tokens // per_seq):
@@ -307,7 +320,7 @@ def main() -> int:
     device = torch.cuda.get_device_name()
     for size in args.models.split(","):
         path = build(size, Path(args.ckpt_dir))
-        engine = engine_for(path, num_cpu_blocks=8192)
+        engine = engine_for(path, num_cpu_blocks=cpu_blocks_for(path))
         cfg = engine.hf_config
         num_params = sum(p.numel() for p in engine.runner.model.parameters())
         weight_bytes = num_params * 2

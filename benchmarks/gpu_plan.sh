@@ -167,7 +167,9 @@ case "$N" in
       timeout 330 $MT $GQA --systems tiered --rates 30,34 --out "$RUNS/gqa10-tiered-30"; pack
       timeout 200 $MT $GQA --systems gpu --rates 22 --out "$RUNS/gqa10-gpu" ;;
   30) # issue 2's model evidence for the Llama-2-13B shapes (MHA, and the headline's 10 KV heads): prefill and the
-      # decode step at batch 1-64 against the weight-read floor (stop 13 call 3 ran Llama-3.1-8B)
+      # decode step at batch 1-64 against the weight-read floor (stop 13 call 3 ran Llama-3.1-8B). Its first run (call
+      # 7) failed in the bench: 8192 CPU blocks of the MHA model would not pin, and a 4096-token prompt is over
+      # Llama-2's context; the CPU tier is now sized in bytes, the prompt capped at the context less one
       timeout 270 python3 benchmarks/engine_bench.py --models llama-2-13b --swap-variants "" --out "$RUNS/engine-13b"; pack
       timeout 270 python3 benchmarks/engine_bench.py --models llama-2-13b-gqa10 --swap-variants "" --out "$RUNS/engine-13b-gqa10" ;;
   6)  # the engine in its own process vs on a thread of the benchmark's process, same workload and rate

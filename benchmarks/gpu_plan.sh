@@ -17,9 +17,9 @@
 # Stop 10: an 8B checkpoint builds in ~42 s; a machine goes back after 30 minutes held, so about three
 # full calls share one (and its /tmp). Stop 11 ran 3 and 12-17 (3 and 12 with OPT_GPU_KV_GB=40), each on a fresh
 # machine; its first two calls (the same-launch split merge, since reverted) are in kernels/stop11/command.txt.
-# Stop 12 ran 18-23 (issue 2's kernels; 18: copy engines for deferred swap-ins, no gain). Stop 13 ran 25-28 (issue 2's
-# kernels), 14 and 29 (the headline on its final code). Owed next, in order: 8 (tiered with and without async
-# scheduling), 4 (ablations after the ahead-of-time swap-out change), 6.
+# Stop 12 ran 18-23 (issue 2's kernels; 18: copy engines for deferred swap-ins, no gain). Stop 13 ran 25-28 and 30
+# (issue 2's kernels and engine), 14 and 29 (the headline on its final code) and 8 (async scheduling in serving). Owed
+# next, in order: 4 (ablations after the ahead-of-time swap-out change), 6.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 OUT=${OUT:-benchmarks/results}

@@ -345,21 +345,12 @@ def choose_config(
     group_pad = triton.next_power_of_2(group)
     d_pad = triton.next_power_of_2(head_dim)
     if decode_only:
-        block_m = max(16, group_pad)
-        programs = max(1, num_seqs * num_kv_heads)
         if on_gpu:
-            splits = min(triton.cdiv(4 * num_sms, programs), max(1, max_seq_len // 64), 64)
-            # NUM_SPLITS is a compile-time constant: powers of two keep it to 7 compiled variants,
-            # all of which the model runner compiles at start-up (warm_up_attention).
-            splits = 1 << (splits.bit_length() - 1)
-            # PDL pays where launches are a visible share of the step: after the KV store, as in a layer,
-            # 0.5-0.8 us (2-6%) faster at batch 1-4 of Llama-3-8B heads (16-64 splits), even at 8 (8
-            # splits), 2.5% slower at 16 (4 splits) (stop 13, `kernels/stop13/decode_pdl.md`).
-            pdl = splits >= 8
-            return _fit(LaunchConfig(block_m, 1, decode_block_n(splits), splits, 4, 2, pdl_merge=pdl,
-                                     pdl_attention=pdl), on_gpu, elem_bytes)
+            programs = max(1, num_seqs * num_kv_heads)
+            splits = min(triton.cdiv(4 * num_sms, programs), max(1, max_seq_len // 64), DECODE_SPLITS[-1])
+            return decode_launch(1 << (splits.bit_length() - 1), group, elem_bytes)
         splits = min(4, max(1, triton.cdiv(max_seq_len, 32)))  # exercise the split path in tests
-        return LaunchConfig(block_m, 1, 32, splits, 4, 1)
+        return LaunchConfig(max(16, group_pad), 1, 32, splits, 4, 1)
     if on_gpu:
         big = 128 if d_pad <= 128 else 64
         rows = max(16, triton.next_power_of_2(max(1, max_query_len)) * group_pad)
@@ -377,10 +368,21 @@ def choose_config(
     return _fit(LaunchConfig(block_m, block_m // group_pad, block_n, 1, num_warps, num_stages, k_nd), on_gpu, elem_bytes)
 
 
-def decode_block_n(splits: int) -> int:
-    """KV positions per decode tile on a GPU: a function of the split count alone, so that the
-    start-up warm-up compiles exactly the variants the runner launches."""
-    return 32 if splits >= 16 else 64
+# NUM_SPLITS is a compile-time constant: powers of two keep decode to these compiled variants, all of
+# which the model runner compiles at start-up (warm_up_attention).
+DECODE_SPLITS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def decode_launch(splits: int, group: int, elem_bytes: int = 2) -> LaunchConfig:
+    """The GPU decode launch for a split count. Everything but the split count follows from it, so the
+    start-up warm-up compiles exactly the variants choose_config picks."""
+    # PDL pays where launches are a visible share of the step: after the KV store, as in a layer,
+    # 0.5-0.8 us (2-6%) faster at batch 1-4 of Llama-3-8B heads (16-64 splits), even at 8 (8 splits),
+    # 2.5% slower at 16 (4 splits) (stop 13, `kernels/stop13/decode_pdl.md`).
+    pdl = splits >= 8
+    block_m = max(16, triton.next_power_of_2(group))
+    return _fit(LaunchConfig(block_m, 1, 32 if splits >= 16 else 64, splits, 4, 2, pdl_merge=pdl, pdl_attention=pdl),
+                True, elem_bytes)
 
 
 def _fit(config: LaunchConfig, on_gpu: bool, elem_bytes: int) -> LaunchConfig:
@@ -476,14 +478,10 @@ def warm_up_attention(kv_cache: torch.Tensor, num_heads: int, dtype: torch.dtype
     launches = 0
     # Triton also specialises integer arguments equal to 1 or divisible by 16 (num_seqs here)
     for num_seqs in (1, 3, 16):
-        base = choose_config(num_seqs, 1, 1 << 20, num_kv_heads, group, head_dim, True, True, _num_sms(
-            device.index if device.index is not None else torch.cuda.current_device()), kv_cache.element_size())
-        split_values = sorted({1 << i for i in range(7)})
-        for splits in split_values:  # decode: one token per sequence
+        for splits in DECODE_SPLITS:  # decode: one token per sequence
             meta = _tiny_meta(num_seqs, 1, block_size, device)
             q = torch.randn(num_seqs, num_heads, head_dim, dtype=dtype, device=device)
-            paged_attention_triton(q, kv_cache, meta, 1.0, _fit(replace(
-                base, block_n=decode_block_n(splits), num_splits=splits), True, kv_cache.element_size()))
+            paged_attention_triton(q, kv_cache, meta, 1.0, decode_launch(splits, group, kv_cache.element_size()))
             launches += 1
         for q_len in (2, 4, 8, 16, 32, 64, 128):  # prefill tile sizes: block_m grows with the query length
             if q_len * group_pad > 128 and q_len > 2:

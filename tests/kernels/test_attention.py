@@ -239,16 +239,22 @@ def triton_next_pow2(x: int) -> int:
     return 1 << (x - 1).bit_length()
 
 
-def test_gpu_split_counts_are_powers_of_two():
-    """NUM_SPLITS is compiled in: only the 7 powers of two the runner warms up may ever be chosen."""
-    from pensieve.kernels.attention import choose_config
+def test_gpu_decode_launches_are_the_warmed_up_ones():
+    """Every GPU decode launch choose_config picks is one that warm_up_attention compiles (split count,
+    tiles, stages and PDL flags are all compiled in: any other would stall serving on the JIT), for
+    GQA and MHA, bf16 and fp32 caches; and the split counts do vary."""
+    from pensieve.kernels.attention import DECODE_SPLITS, choose_config, decode_launch
 
-    seen = set()
-    for num_seqs in (1, 2, 3, 5, 8, 13, 64, 256):
-        for max_seq_len in (1, 100, 300, 1000, 4096, 5000, 32768, 131072):
-            cfg = choose_config(num_seqs, 1, max_seq_len, 8, 4, 128, True, True)
-            seen.add(cfg.num_splits)
-    assert seen <= {1, 2, 4, 8, 16, 32, 64} and len(seen) > 3
+    for num_kv_heads, group, elem_bytes in [(8, 4, 2), (40, 1, 2), (8, 4, 4), (2, 8, 2)]:
+        warmed = {decode_launch(s, group, elem_bytes) for s in DECODE_SPLITS}
+        seen = set()
+        for num_seqs in (1, 2, 3, 5, 8, 13, 64, 256):
+            for max_seq_len in (1, 100, 300, 1000, 4096, 5000, 32768, 131072):
+                cfg = choose_config(num_seqs, 1, max_seq_len, num_kv_heads, group, 128, True, True,
+                                    elem_bytes=elem_bytes)
+                assert cfg in warmed, (num_seqs, max_seq_len, cfg)
+                seen.add(cfg.num_splits)
+        assert len(seen) > 3
 
 
 @pytest.mark.gpu

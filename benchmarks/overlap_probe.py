@@ -122,7 +122,7 @@ def timeline(engine, variant: str, tokens: int) -> dict:
             (copies if e.name.startswith("Memcpy") or "_copy_blocks_kernel" in e.name else kernels).append(span)
     t0 = min(s[0] for s in copies + kernels)
     first_kernel = min(s[0] for s in kernels) - t0
-    ku = profiling._union([(a, b) for a, b, _ in kernels])
+    ku = profiling.interval_union([(a, b) for a, b, _ in kernels])
     # compute gaps longer than 20 us: where the forward stood still
     gaps = [(round(ku[i][1] - t0), round(ku[i + 1][0] - ku[i][1])) for i in range(len(ku) - 1) if ku[i + 1][0] - ku[i][1] > 20]
     return dict(variant=variant, tokens=tokens, hidden=r["hidden_share"], trace_share=r["trace_overlap_share"],
@@ -147,7 +147,7 @@ def decode_profile(engine, batch: int = 8, ctx: int = 1024, rows: int = 30) -> s
         sync()
     kernels = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
                      if e.device_type == torch.autograd.DeviceType.CUDA)
-    ku = profiling._union(kernels)
+    ku = profiling.interval_union(kernels)
     busy = sum(b - a for a, b in ku)
     span = ku[-1][1] - ku[0][0]
     drain(engine)

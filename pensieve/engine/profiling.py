@@ -61,7 +61,8 @@ class StepWindow:
         return True
 
 
-def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+def interval_union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The union of (start, end) intervals as sorted, disjoint intervals (touching ones merge)."""
     merged: list[tuple[float, float]] = []
     for a, b in sorted(intervals):
         if merged and a <= merged[-1][1]:
@@ -74,7 +75,7 @@ def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
 def copy_overlap(copies: list[tuple[float, float]], compute: list[tuple[float, float]]) -> dict[str, float]:
     """How much of the time the GPU spent copying (union of copy intervals) ran while compute kernels
     ran too (intersection with the union of compute intervals). Times in any one unit."""
-    cu, ku = _union(copies), _union(compute)
+    cu, ku = interval_union(copies), interval_union(compute)
     copy_time = sum(b - a for a, b in cu)
     both, j = 0.0, 0
     for a, b in cu:

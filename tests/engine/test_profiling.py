@@ -65,6 +65,13 @@ def test_copy_overlap_from_intervals():
     assert copy_overlap([(0, 4)], [(4, 8)])["overlapped"] == 0   # touching is not overlapping
 
 
+def test_interval_union():
+    from pensieve.engine.profiling import interval_union
+
+    assert interval_union([(5, 7), (0, 2), (6, 9), (2, 3), (11, 20)]) == [(0, 3), (5, 9), (11, 20)]
+    assert interval_union([(0, 10), (2, 4)]) == [(0, 10)] and interval_union([]) == []
+
+
 def test_hidden_share_from_paired_rounds():
     """Exposure = pipelined - forward per round; share = 1 - median exposure / copy time, clamped;
     quartiles and a bootstrap interval of the median around it."""

@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pensieve.bench.backends import blocks_for_budget, kv_bytes_per_token  # noqa: E402
 from pensieve.cache.manager import TransferPlan  # noqa: E402
 from pensieve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig  # noqa: E402
 from pensieve.engine import profiling  # noqa: E402
@@ -45,18 +46,6 @@ def build(size: str, root: Path) -> Path:
         make_random_checkpoint(path, arch, size=size, dtype=torch.bfloat16, seed=0, device="cuda")
         print(f"built {size} in {time.time() - t:.0f}s", flush=True)
     return path
-
-
-def cpu_blocks_for(path: Path, budget_gb: float = 16.0, block_size: int = 16) -> int:
-    """CPU-tier blocks of `path`'s KV that fit `budget_gb` of pinned memory (8192 for Llama-3.1-8B; Llama-2-13B's
-    40 KV heads make a block 6x larger, and 8192 of them would not pin)."""
-    import json as _json
-
-    cfg = _json.loads((path / "config.json").read_text())
-    heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    block_bytes = 2 * cfg["num_hidden_layers"] * heads * head_dim * 2 * block_size
-    return int(budget_gb * 2**30 // block_bytes)
 
 
 def engine_for(path: Path, mode: str = "tiered", **kw) -> LLMEngine:
@@ -324,7 +313,9 @@ def main() -> int:
     device = torch.cuda.get_device_name()
     for size in args.models.split(","):
         path = build(size, Path(args.ckpt_dir))
-        engine = engine_for(path, num_cpu_blocks=cpu_blocks_for(path))
+        # the CPU tier sized in bytes: 16 GB is 8192 blocks of Llama-3.1-8B; 8192 of Llama-2-13B's 6x larger
+        # blocks (40 KV heads) would not pin
+        engine = engine_for(path, num_cpu_blocks=blocks_for_budget(16, kv_bytes_per_token(path, "bfloat16"), 16))
         cfg = engine.hf_config
         num_params = sum(p.numel() for p in engine.runner.model.parameters())
         weight_bytes = num_params * 2

@@ -373,6 +373,7 @@ def choose_config(
 DECODE_SPLITS = (1, 2, 4, 8, 16, 32, 64)
 
 
+@functools.lru_cache(maxsize=64)
 def decode_launch(splits: int, group: int, elem_bytes: int = 2) -> LaunchConfig:
     """The GPU decode launch for a split count. Everything but the split count follows from it, so the
     start-up warm-up compiles exactly the variants choose_config picks."""

@@ -87,7 +87,41 @@ def bench_prefill(engine: LLMEngine, tokens: int, per_seq: int, num_params: int,
                 tflops=flops / dt / 1e12, frac_peak=flops / dt / 1e12 / PEAK_TFLOPS)
 
 
-def bench_decode(engine: LLMEngine, batch: int, ctx: int, weight_bytes: int, kv_bytes_per_token: int, cfg) -> dict:
+KERNEL_KINDS = (  # kernel name fragment -> kind, first match wins
+    ("small_batch_linear", "linear (Triton)"), ("gemm", "linear (cuBLAS)"), ("gemv", "linear (cuBLAS)"),
+    ("nvjet", "linear (cuBLAS)"), ("cutlass", "linear (cuBLAS)"), ("paged_attention", "attention"),
+    ("merge_splits", "attention"), ("store_kv", "kv store"), ("rms_norm", "norm"), ("rotary", "rotary"),
+    ("silu", "silu_and_mul"), ("embedding", "embedding"), ("index", "embedding"),
+)
+
+
+def profile_graph(graph, path: Path, title: str, replays: int = 5) -> None:
+    """Per-kernel GPU time of one replay of a decode graph (torch.profiler / CUPTI), by kernel and by kind."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        sync()
+    rows = [(e.key, e.count / replays, e.device_time_total / replays) for e in prof.key_averages()
+            if e.device_time_total > 0]
+    rows.sort(key=lambda r: -r[2])
+    total = sum(r[2] for r in rows)
+    kinds: dict[str, float] = {}
+    for name, _, us in rows:
+        kind = next((k for frag, k in KERNEL_KINDS if frag in name.lower()), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + us
+    lines = [f"# Decode graph profile, {title}", "", f"kernel time per replay: {total:.0f} us", "",
+             "| kind | us | share |", "|---|---|---|"]
+    lines += [f"| {k} | {us:.0f} | {us / total:.0%} |" for k, us in sorted(kinds.items(), key=lambda kv: -kv[1])]
+    lines += ["", "| kernel | launches | us | share |", "|---|---|---|---|"]
+    lines += [f"| {name[:90]} | {n:.0f} | {us:.0f} | {us / total:.1%} |" for name, n, us in rows[:30]]
+    path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[:14]), flush=True)
+
+
+def bench_decode(engine: LLMEngine, batch: int, ctx: int, weight_bytes: int, kv_bytes_per_token: int, cfg,
+                 profile_dir: Path | None = None) -> dict:
     params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
     for i in range(batch):
         engine.add_request(f"d{batch}-{i}", torch.randint(10, cfg.vocab_size - 10, (ctx,)).tolist(), params)
@@ -127,6 +161,8 @@ def bench_decode(engine: LLMEngine, batch: int, ctx: int, weight_bytes: int, kv_
         end.record()
         sync()
         graph_ms = start.elapsed_time(end) / steps
+        if profile_dir is not None:
+            profile_graph(graph, profile_dir / f"decode_profile_b{batch}_ctx{ctx}.md", f"batch {batch}, ctx {ctx}")
     drain(engine)
     floor = weight_bytes / (HBM_TBPS * 1e12)
     kv_floor = (weight_bytes + batch * (ctx + 32) * kv_bytes_per_token) / (HBM_TBPS * 1e12)
@@ -300,7 +336,8 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results/engine"))
     ap.add_argument("--ckpt-dir", default="/tmp/pensieve-ckpt")
     ap.add_argument("--decode-batches", default="1,8,32,64")
-    ap.add_argument("--decode-ctx", type=int, default=1024)
+    ap.add_argument("--decode-ctx", default="1024", help="comma-separated context lengths")
+    ap.add_argument("--profile", action="store_true", help="per-kernel profile of each decode graph")
     ap.add_argument("--swap-variants", default=",".join(SWAP_VARIANTS))
     ap.add_argument("--skip-prefill", action="store_true")
     ap.add_argument("--hf", action="store_true", help="also run HF transformers generate_batch")
@@ -326,9 +363,11 @@ def main() -> int:
             r = bench_prefill(engine, 4096 if per_seq == 4096 else 8192, per_seq, num_params, cfg)
             rows.append({**base, **r})
             print(rows[-1], flush=True)
-        for b in map(int, filter(None, args.decode_batches.split(","))):  # "" skips decode
-            rows.append({**base, **bench_decode(engine, b, args.decode_ctx, weight_bytes, kv_per_token, cfg)})
-            print(rows[-1], flush=True)
+        for ctx in map(int, args.decode_ctx.split(",")):
+            for b in map(int, filter(None, args.decode_batches.split(","))):  # "" skips decode
+                rows.append({**base, **bench_decode(engine, b, ctx, weight_bytes, kv_per_token, cfg,
+                                                    out if args.profile else None)})
+                print(rows[-1], flush=True)
         ceiling = pinned_h2d_ceiling() if args.swap_variants else 0.0
         for n in (1024, 2048, 4096):
             for variant in filter(None, args.swap_variants.split(",")):
@@ -355,8 +394,12 @@ def main() -> int:
         torch.cuda.empty_cache()
         if not args.keep_ckpt:
             shutil.rmtree(path, ignore_errors=True)
-    (out / "engine.json").write_text(json.dumps(dict(device=device, command=" ".join(sys.argv), rows=rows), indent=1))
-    lines = [f"# Engine benchmark on {device}", "", f"`{' '.join(sys.argv)}`", ""]
+    (out / "engine.json").write_text(json.dumps(dict(
+        device=device, command=" ".join(sys.argv), rows=rows,
+        small_batch_linear=os.environ.get("PENSIEVE_SMALL_BATCH_LINEAR", "1") != "0"), indent=1))
+    small = os.environ.get("PENSIEVE_SMALL_BATCH_LINEAR", "1") != "0"
+    lines = [f"# Engine benchmark on {device}", "", f"`{' '.join(sys.argv)}`", "",
+             f"Linears of <= 16 rows: {'the small-batch Triton kernel' if small else 'cuBLAS (PENSIEVE_SMALL_BATCH_LINEAR=0)'}.", ""]
     lines += ["| model | kind | shape | ms | result |", "|---|---|---|---|---|"]
     for r in rows:
         if r["kind"] == "prefill":

@@ -172,6 +172,16 @@ case "$N" in
       # Llama-2's context; the CPU tier is now sized in bytes, the prompt capped at the context less one
       timeout 270 python3 benchmarks/engine_bench.py --models llama-2-13b --swap-variants "" --out "$RUNS/engine-13b"; pack
       timeout 270 python3 benchmarks/engine_bench.py --models llama-2-13b-gqa10 --swap-variants "" --out "$RUNS/engine-13b-gqa10" ;;
+  31) # (stop 14) issue 2's decode step: the small-batch linear kernel (<= 16 rows, kernels/linear.py). Its CUDA tests,
+      # its tile sweep against cuBLAS on the 8B and 13B weight shapes, then the 8B decode step with it and without
+      # (PENSIEVE_SMALL_BATCH_LINEAR=0), each with a per-kernel profile of the decode graphs
+      PENSIEVE_TEST_DEVICE=cuda timeout 60 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_linear.py 2>&1 \
+        | tail -4 | tee "$OUT/gpu_tests_linear.txt"
+      timeout 270 python3 benchmarks/kernel_bench.py --sections linear_sweep --out "$RUNS/linear" 2>&1 | grep -v "^[|{]"
+      timeout 160 python3 benchmarks/engine_bench.py --models llama-3.1-8b --skip-prefill --decode-batches 1,8,16 \
+        --swap-variants "" --profile --keep-ckpt --out "$RUNS/engine-small"
+      PENSIEVE_SMALL_BATCH_LINEAR=0 timeout 110 python3 benchmarks/engine_bench.py --models llama-3.1-8b --skip-prefill \
+        --decode-batches 1,8,16 --swap-variants "" --profile --keep-ckpt --out "$RUNS/engine-cublas" ;;
   6)  # the engine in its own process vs on a thread of the benchmark's process, same workload and rate
       timeout 260 $MT $GQA --systems tiered --rates 22 --out "$RUNS/gqa10-tiered-thread"
       timeout 290 $MT $GQA --systems tiered --rates 22 --engine-process --out "$RUNS/gqa10-tiered-process" ;;

@@ -12,6 +12,7 @@ Sections (each runs on its own; a failure is recorded and the rest go on):
   sdpa_backends SDPA on 1 x 4096 under each backend (not in the default list)
   read_floor   the fastest plain read of the decode shapes' KV bytes, same timing (not in the default list)
   decode_sweep the default decode against stop 12's rule and its PDL variants, graphs round-robin (not in the default list)
+  linear_sweep the decode step's linears at 1-16 rows: cuBLAS vs the small-batch Triton kernel (not in the default list)
   copy         host<->device block copies (one gather kernel over pinned memory) vs a per-block loop
 """
 from __future__ import annotations
@@ -538,6 +539,73 @@ class Bench:
             del cache
             torch.cuda.empty_cache()
 
+    # ---------------------------------------------------------------- small-batch linear
+    LINEAR_SHAPES = (  # (model, layer, N, K): the decode step's weight matrices
+        ("llama-3.1-8b", "qkv", 6144, 4096), ("llama-3.1-8b", "o", 4096, 4096),
+        ("llama-3.1-8b", "gate_up", 28672, 4096), ("llama-3.1-8b", "down", 4096, 14336),
+        ("llama-3.1-8b", "lm_head", 128256, 4096),
+        ("llama-2-13b-gqa10", "qkv", 7680, 5120), ("llama-2-13b", "qkv", 15360, 5120),
+        ("llama-2-13b", "o", 5120, 5120), ("llama-2-13b", "gate_up", 27648, 5120),
+        ("llama-2-13b", "down", 5120, 13824),
+    )
+
+    def linear_sweep(self) -> None:
+        """The decode step's linears at 1-16 rows: cuBLAS (F.linear) against the small-batch Triton
+        kernel's default and a sweep of its tiles, as bytes of weight read per second (a share of
+        3.0 TB/s). Weights rotate over copies past L2; graphs replayed round-robin. The sweep runs at
+        8 rows; its best launch per shape is then timed at 1 and 16 rows too."""
+        import torch.nn.functional as F
+
+        from pensieve.kernels.linear import SmallLinearConfig, SmallLinearWorkspace, choose_small_linear, small_batch_linear
+
+        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        grid = [SmallLinearConfig(bn, bk, split, swap, 4, stages)
+                for bn, bk, split, swap, stages in itertools.product(
+                    (16, 32, 64, 128), (128, 256, 512), (1, 2, 4, 8), (True, False), (3, 4))
+                if (bn + 16) * bk * 2 * stages <= 160 << 10 and not (bk == 512 and stages == 3)
+                and not (bn == 128 and bk == 128)]
+        shapes = self.LINEAR_SHAPES[:2] if self.quick else self.LINEAR_SHAPES
+        for model, layer, n, k in shapes:
+            nbytes = n * k * DTYPE.itemsize
+            copies = max(1, min(16, -(-L2_DEFEAT_BYTES // nbytes)))
+            ws = [torch.randn((n, k), dtype=DTYPE, device=self.device) for _ in range(copies)]
+            calls = copies * max(1, min(32, round(200e-6 / (nbytes / HBM_BYTES_PER_S))))
+            for rows in (8, 1, 16):
+                x = torch.randn((rows, k), dtype=DTYPE, device=self.device)
+                ref = F.linear(x, ws[0]).float()
+                work = SmallLinearWorkspace()
+                default = choose_small_linear(n, k, sms)
+                if rows == 8:
+                    variants = {"cublas": None, "default": default, **{f"c{i}": c for i, c in enumerate(grid)}}
+                else:
+                    variants = {"cublas": None, "default": default, "best8": best}
+                fns, errors = {}, {}
+                for name, cfg in variants.items():
+                    turn = itertools.count()
+                    if cfg is None:
+                        fns[name] = lambda: F.linear(x, ws[next(turn) % copies])
+                        continue
+                    try:
+                        out = small_batch_linear(x, ws[0], None, work, cfg, sms)
+                        errors[name] = ((out.float() - ref).abs().max() / ref.abs().max()).item()
+                    except Exception as exc:  # a launch that does not fit (shared memory): skip it
+                        errors[name] = f"{type(exc).__name__}"
+                        continue
+                    fns[name] = lambda cfg=cfg, turn=turn: small_batch_linear(x, ws[next(turn) % copies], None, work, cfg, sms)
+                times = graph_round_robin_us(fns, calls=calls)
+                for name, us in times.items():
+                    cfg = variants[name]
+                    self.add("linear_sweep", f"{model}.{layer}", n=n, k=k, rows=rows, variant=name,
+                             **(dataclasses.asdict(cfg) if cfg else {}), us=us,
+                             hbm_fraction=nbytes / (us * 1e-6) / HBM_BYTES_PER_S, rel_err=errors.get(name))
+                if rows == 8:
+                    best = variants[min((v for v in times if v != "cublas"), key=times.get)]
+                    print(f"linear {model}.{layer} rows 8: cublas {times['cublas']:.1f} us, default "
+                          f"{times.get('default', float('nan')):.1f}, best {min(times[v] for v in times if v != 'cublas'):.1f} "
+                          f"{best}", flush=True)
+            del ws
+            torch.cuda.empty_cache()
+
     # ---------------------------------------------------------------- block copy
     def copy(self) -> None:
         counts = (32, 256, 1024) if not self.quick else (256,)
@@ -571,7 +639,7 @@ class Bench:
         lines = [f"# Kernel bench on {self.device_name}", ""]
         for section in ("correctness", "prefill", "sdpa_backends", "prefill_sweep", "prefill_regs",
                         "decode", "read_floor",
-                        "decode_sweep", "copy", "error"):
+                        "decode_sweep", "linear_sweep", "copy", "error"):
             rows = [r for r in self.rows if r["section"] == section]
             if not rows:
                 continue

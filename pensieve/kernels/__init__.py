@@ -1,5 +1,6 @@
-"""Kernels: paged attention, KV store, block copy, and the decoder layer's fused elementwise ops
-(rotary, residual add + RMSNorm, SiLU-and-mul: `fused.py`, dispatched from pensieve.model.layers).
+"""Kernels: paged attention, KV store, block copy, the decoder layer's fused elementwise ops
+(rotary, residual add + RMSNorm, SiLU-and-mul: `fused.py`) and the small-batch linear (`linear.py`),
+the last two dispatched from pensieve.model.layers.
 
 Each op dispatches to a Triton kernel on CUDA tensors and to a PyTorch
 reference elsewhere (set PENSIEVE_ATTENTION_BACKEND=triton to run the Triton
@@ -17,6 +18,7 @@ Contract (see pensieve.model.metadata.AttentionMetadata for the batch layout):
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -36,6 +38,23 @@ def use_fused_kernels(t: torch.Tensor) -> bool:
     """The decoder layer's fused Triton kernels (rotary, add + RMSNorm, SiLU-and-mul) for this tensor.
     PENSIEVE_FUSED_KERNELS=0 keeps the PyTorch ops (the benchmark's A/B of the fusion)."""
     return _use_triton(t) and os.environ.get("PENSIEVE_FUSED_KERNELS", "1") != "0"
+
+
+@functools.lru_cache(maxsize=8)
+def num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def device_sms(t: torch.Tensor) -> int:
+    """Streaming multiprocessors of the GPU holding t (launch heuristics size grids by them)."""
+    return num_sms(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
+def use_small_batch_linear(x: torch.Tensor) -> bool:
+    """The small-batch linear kernel (kernels/linear.py) for a decode-sized half-precision input on CUDA.
+    PENSIEVE_SMALL_BATCH_LINEAR=0 keeps cuBLAS (the benchmark's A/B)."""
+    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.dim() == 2 and x.stride(1) == 1
+            and os.environ.get("PENSIEVE_SMALL_BATCH_LINEAR", "1") != "0")
 
 
 # The Triton modules are imported on first use: @triton.jit fixes interpreter mode when it runs,

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from pensieve.kernels import device_sms
 from pensieve.model.metadata import AttentionMetadata
 
 _LOG2E = 1.4426950408889634
@@ -316,11 +317,6 @@ class LaunchConfig:
     pdl_attention: bool = False
 
 
-@functools.lru_cache(maxsize=8)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def choose_config(
     num_seqs: int, max_query_len: int, max_seq_len: int, num_kv_heads: int, group: int,
     head_dim: int, decode_only: bool, on_gpu: bool, num_sms: int = 132, elem_bytes: int = 2,
@@ -412,7 +408,7 @@ def paged_attention_triton(
         return out
     on_gpu = q.is_cuda
     if config is None:
-        sms = _num_sms(q.device.index if q.device.index is not None else torch.cuda.current_device()) if on_gpu else 132
+        sms = device_sms(q) if on_gpu else 132
         config = choose_config(num_seqs, meta.max_query_len, meta.max_seq_len, num_kv_heads, group,
                                head_dim, meta.decode_only, on_gpu, sms, kv_cache.element_size())
     group_pad = triton.next_power_of_2(group)

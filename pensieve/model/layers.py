@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pensieve.kernels import use_fused_kernels
+from pensieve.kernels import use_fused_kernels, use_small_batch_linear
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +35,16 @@ class Linear(nn.Module):
         self.output_sizes: tuple[int, ...] = sizes
         self.weight = nn.Parameter(torch.empty(sum(sizes), in_features, dtype=dtype), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(sum(sizes), dtype=dtype), requires_grad=False) if bias else None
+        self._small_batch = None  # the small-batch kernel's split-K workspace, made on first use
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
+        if x.shape[0] <= 16 and use_small_batch_linear(x):
+            # Decode-sized batches stream the weight: a Triton kernel, not cuBLAS (kernels/linear.py)
+            from pensieve.kernels.linear import SmallLinearWorkspace, small_batch_linear
+
+            if self._small_batch is None:
+                self._small_batch = SmallLinearWorkspace()
+            return small_batch_linear(x, self.weight, self.bias, self._small_batch)
         return F.linear(x, self.weight, self.bias)
 
     def shard_slice(self, shard: int) -> slice:

@@ -1,0 +1,150 @@
+"""Small-batch linear, y = x W^T (+ b) for at most 16 rows: the decode step's weight stream.
+
+A decode step reads every weight once for a few rows, so its linears are bound by HBM, not by the
+tensor cores, and how well they stream is the step's time. Each program reads a tile of W's rows
+through the whole (or a range of the) K dimension and keeps the rows of x beside it. When W has too
+few row tiles to keep every SM streaming (o_proj and down_proj), K is split too: each range writes an
+fp32 partial, and the last range of a tile to arrive (a per-tile counter) sums the partials in a fixed
+order and writes the output. So the result is deterministic, and nothing but the output and the
+counter (left at zero) is written: no zeroed buffer, no second launch.
+
+SWAP_AB puts W on the matrix unit's M side (acc^T = W x^T): Hopper's wgmma needs M >= 64 per warpgroup,
+which x's <= 16 rows are not, while W's row tile is.
+
+Sizes are the only launch arguments that change between steps; M picks no variant but "== 1", so a
+graph capture compiles them all (every graphed batch size from 1 to 16 runs once before capture).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from pensieve.kernels import device_sms
+
+MAX_ROWS = 16
+
+
+@triton.jit(do_not_specialize=["M"])
+def _small_batch_linear_kernel(
+    x, w, bias, y, partials, counters,
+    M, N, K, stride_xm, stride_wn, stride_ym, k_per_split,
+    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP_AB: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    k_lo = pid_k * k_per_split                     # k_per_split: a multiple of BLOCK_K
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    x_ptrs = x + offs_m[:, None] * stride_xm + offs_k[None, :]
+    w_ptrs = w + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    if SWAP_AB:
+        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        if EVEN_K:
+            xt = tl.load(x_ptrs + k0, mask=m_ok[:, None], other=0.0)
+            wt = tl.load(w_ptrs + k0, mask=n_ok[:, None], other=0.0)
+        else:
+            k_ok = (k0 + offs_k) < K
+            xt = tl.load(x_ptrs + k0, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            wt = tl.load(w_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        if SWAP_AB:
+            acc_t = tl.dot(wt, tl.trans(xt.to(wt.dtype)), acc_t)
+        else:
+            acc = tl.dot(xt.to(wt.dtype), tl.trans(wt), acc)
+    if SWAP_AB:
+        acc = tl.trans(acc_t)
+    out_mask = m_ok[:, None] & n_ok[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y.dtype.element_ty), mask=out_mask)
+    else:
+        # partials [SPLIT_K, BLOCK_M, N] fp32
+        tl.store(partials + (pid_k * BLOCK_M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=out_mask)
+        tl.debug_barrier()  # every thread's partial is written before the tile's counter counts this range in
+        arrived = tl.atomic_add(counters + pid_n, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:  # the last range of this tile: sum all ranges in order
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in range(SPLIT_K):
+                total += tl.load(partials + (s * BLOCK_M + offs_m[:, None]) * N + offs_n[None, :],
+                                 mask=out_mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(y + offs_m[:, None] * stride_ym + offs_n[None, :], total.to(y.dtype.element_ty), mask=out_mask)
+            tl.store(counters + pid_n, 0)  # ready for the next call
+
+
+@dataclass(frozen=True)
+class SmallLinearConfig:
+    block_n: int = 32       # W rows per program
+    block_k: int = 256      # K per loop step
+    split_k: int = 1        # K ranges per row tile
+    swap_ab: bool = True
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+def choose_small_linear(n: int, k: int, num_sms: int) -> SmallLinearConfig:
+    """Split K until there are about two programs per SM (keeping >= 4 loop steps per range)."""
+    cfg = SmallLinearConfig()
+    tiles = triton.cdiv(n, cfg.block_n)
+    split = 1
+    while tiles * split < 2 * num_sms and k // (2 * split * cfg.block_k) >= 4:
+        split *= 2
+    return SmallLinearConfig(split_k=split)
+
+
+class SmallLinearWorkspace:
+    """The split-K partials and per-tile counters of one linear (its output width), owned by the
+    layer that calls it: counters are left at zero by every call, so the buffer is reused as is."""
+
+    def __init__(self) -> None:
+        self.partials: torch.Tensor | None = None
+        self.counters: torch.Tensor | None = None
+
+    def get(self, n: int, cfg: SmallLinearConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = cfg.split_k * MAX_ROWS * n
+        tiles = triton.cdiv(n, cfg.block_n)
+        if self.partials is None or self.partials.numel() < parts or self.partials.device != device:
+            self.partials = torch.empty(parts, dtype=torch.float32, device=device)
+        if self.counters is None or self.counters.numel() < tiles or self.counters.device != device:
+            self.counters = torch.zeros(tiles, dtype=torch.int32, device=device)
+        return self.partials, self.counters
+
+
+def small_batch_linear(
+    x: torch.Tensor,                 # [M <= 16, K], K contiguous
+    weight: torch.Tensor,            # [N, K], K contiguous
+    bias: torch.Tensor | None,       # [N]
+    workspace: SmallLinearWorkspace,
+    config: SmallLinearConfig | None = None,
+    num_sms: int | None = None,
+) -> torch.Tensor:                   # [M, N]
+    m, k = x.shape
+    n = weight.shape[0]
+    assert m <= MAX_ROWS and weight.shape[1] == k and x.stride(1) == 1 and weight.stride(1) == 1
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y
+    cfg = config or choose_small_linear(n, k, num_sms or (device_sms(x) if x.is_cuda else 132))
+    k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
+    split = triton.cdiv(k, k_per_split)  # ranges that hold any K (fewer than asked when K is short)
+    partials, counters = workspace.get(n, cfg, x.device) if split > 1 else (y, y)
+    _small_batch_linear_kernel[(triton.cdiv(n, cfg.block_n), split)](
+        x, weight, bias if bias is not None else weight, y, partials, counters,
+        m, n, k, x.stride(0), weight.stride(0), y.stride(0), k_per_split,
+        SPLIT_K=split, HAS_BIAS=bias is not None, SWAP_AB=cfg.swap_ab, EVEN_K=k % cfg.block_k == 0,
+        BLOCK_M=MAX_ROWS, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return y

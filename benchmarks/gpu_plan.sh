@@ -182,6 +182,16 @@ case "$N" in
         --swap-variants "" --profile --keep-ckpt --out "$RUNS/engine-small"
       PENSIEVE_SMALL_BATCH_LINEAR=0 timeout 110 python3 benchmarks/engine_bench.py --models llama-3.1-8b --skip-prefill \
         --decode-batches 1,8,16 --swap-variants "" --profile --keep-ckpt --out "$RUNS/engine-cublas" ;;
+  32) # (stop 14) the small-batch linear at its measured default (64-row tiles, 256 K, 4 stages, no split; up to 64 rows, the
+      # logits projection too): its sweep at 1-64 rows against cuBLAS, the 8B decode step with it and without, then the
+      # CUDA tests it touches (kernels, models, the conversation cache's cached == uncached, async scheduling)
+      timeout 150 python3 benchmarks/kernel_bench.py --sections linear_sweep --out "$RUNS/linear" 2>&1 | grep -v "^[|{]"
+      timeout 170 python3 benchmarks/engine_bench.py --models llama-3.1-8b --skip-prefill --decode-batches 1,8,32,64 \
+        --swap-variants "" --profile --keep-ckpt --out "$RUNS/engine-small"
+      PENSIEVE_SMALL_BATCH_LINEAR=0 timeout 120 python3 benchmarks/engine_bench.py --models llama-3.1-8b --skip-prefill \
+        --decode-batches 1,8,32,64 --swap-variants "" --keep-ckpt --out "$RUNS/engine-cublas"
+      PENSIEVE_TEST_DEVICE=cuda timeout 140 python3 -m pytest -q -p no:cacheprovider tests/kernels tests/model/test_models_gpu.py \
+        tests/engine/test_conversation_cache.py tests/engine/test_async_scheduling.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt" ;;
   6)  # the engine in its own process vs on a thread of the benchmark's process, same workload and rate
       timeout 260 $MT $GQA --systems tiered --rates 22 --out "$RUNS/gqa10-tiered-thread"
       timeout 290 $MT $GQA --systems tiered --rates 22 --engine-process --out "$RUNS/gqa10-tiered-process" ;;

@@ -12,7 +12,7 @@ Sections (each runs on its own; a failure is recorded and the rest go on):
   sdpa_backends SDPA on 1 x 4096 under each backend (not in the default list)
   read_floor   the fastest plain read of the decode shapes' KV bytes, same timing (not in the default list)
   decode_sweep the default decode against stop 12's rule and its PDL variants, graphs round-robin (not in the default list)
-  linear_sweep the decode step's linears at 1-16 rows: cuBLAS vs the small-batch Triton kernel (not in the default list)
+  linear_sweep the decode step's linears at 1-64 rows: cuBLAS vs the small-batch Triton kernel (not in the default list)
   copy         host<->device block copies (one gather kernel over pinned memory) vs a per-block loop
 """
 from __future__ import annotations
@@ -550,59 +550,53 @@ class Bench:
     )
 
     def linear_sweep(self) -> None:
-        """The decode step's linears at 1-16 rows: cuBLAS (F.linear) against the small-batch Triton
-        kernel's default and a sweep of its tiles, as bytes of weight read per second (a share of
-        3.0 TB/s). Weights rotate over copies past L2; graphs replayed round-robin. The sweep runs at
-        8 rows; its best launch per shape is then timed at 1 and 16 rows too."""
+        """The decode step's linears at 1-64 rows: cuBLAS (F.linear) against the small-batch Triton
+        kernel's default launch and its neighbours (tiles, stages), as bytes of weight read per second
+        (a share of 3.0 TB/s). Weights rotate over copies past L2; graphs replayed round-robin.
+        (Stop 14's first sweep, commit 0cd076c, ran 104 launches at 8 rows, split K and unswapped
+        operands included: `kernels/stop14/linear_sweep_call1.md`.)"""
         import torch.nn.functional as F
 
-        from pensieve.kernels.linear import SmallLinearConfig, SmallLinearWorkspace, choose_small_linear, small_batch_linear
+        from pensieve.kernels.linear import (
+            SmallLinearConfig, SmallLinearWorkspace, choose_small_linear, rows_per_program, small_batch_linear,
+        )
 
         sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-        grid = [SmallLinearConfig(bn, bk, split, swap, 4, stages)
-                for bn, bk, split, swap, stages in itertools.product(
-                    (16, 32, 64, 128), (128, 256, 512), (1, 2, 4, 8), (True, False), (3, 4))
-                if (bn + 16) * bk * 2 * stages <= 160 << 10 and not (bk == 512 and stages == 3)
-                and not (bn == 128 and bk == 128)]
         shapes = self.LINEAR_SHAPES[:2] if self.quick else self.LINEAR_SHAPES
         for model, layer, n, k in shapes:
             nbytes = n * k * DTYPE.itemsize
             copies = max(1, min(16, -(-L2_DEFEAT_BYTES // nbytes)))
             ws = [torch.randn((n, k), dtype=DTYPE, device=self.device) for _ in range(copies)]
             calls = copies * max(1, min(32, round(200e-6 / (nbytes / HBM_BYTES_PER_S))))
-            for rows in (8, 1, 16):
+            for rows in (1, 8, 16, 32, 64):
+                block_m = rows_per_program(rows)
+                grid = [SmallLinearConfig(bn, bk, 1, True, 4, stages)
+                        for bn, bk, stages in itertools.product((32, 64, 128), (128, 256), (3, 4))
+                        if (bn + block_m) * bk * 2 * stages <= 160 << 10]
                 x = torch.randn((rows, k), dtype=DTYPE, device=self.device)
                 ref = F.linear(x, ws[0]).float()
                 work = SmallLinearWorkspace()
-                default = choose_small_linear(n, k, sms)
-                if rows == 8:
-                    variants = {"cublas": None, "default": default, **{f"c{i}": c for i, c in enumerate(grid)}}
-                else:
-                    variants = {"cublas": None, "default": default, "best8": best}
+                variants = {"cublas": None, "default": choose_small_linear(n, k, sms),
+                            **{f"n{c.block_n}k{c.block_k}s{c.num_stages}": c for c in grid}}
                 fns, errors = {}, {}
                 for name, cfg in variants.items():
                     turn = itertools.count()
                     if cfg is None:
-                        fns[name] = lambda: F.linear(x, ws[next(turn) % copies])
+                        fns[name] = lambda turn=turn: F.linear(x, ws[next(turn) % copies])
                         continue
-                    try:
-                        out = small_batch_linear(x, ws[0], None, work, cfg, sms)
-                        errors[name] = ((out.float() - ref).abs().max() / ref.abs().max()).item()
-                    except Exception as exc:  # a launch that does not fit (shared memory): skip it
-                        errors[name] = f"{type(exc).__name__}"
-                        continue
+                    out = small_batch_linear(x, ws[0], None, work, cfg, sms)
+                    errors[name] = ((out.float() - ref).abs().max() / ref.abs().max()).item()
                     fns[name] = lambda cfg=cfg, turn=turn: small_batch_linear(x, ws[next(turn) % copies], None, work, cfg, sms)
                 times = graph_round_robin_us(fns, calls=calls)
                 for name, us in times.items():
                     cfg = variants[name]
                     self.add("linear_sweep", f"{model}.{layer}", n=n, k=k, rows=rows, variant=name,
                              **(dataclasses.asdict(cfg) if cfg else {}), us=us,
-                             hbm_fraction=nbytes / (us * 1e-6) / HBM_BYTES_PER_S, rel_err=errors.get(name))
-                if rows == 8:
-                    best = variants[min((v for v in times if v != "cublas"), key=times.get)]
-                    print(f"linear {model}.{layer} rows 8: cublas {times['cublas']:.1f} us, default "
-                          f"{times.get('default', float('nan')):.1f}, best {min(times[v] for v in times if v != 'cublas'):.1f} "
-                          f"{best}", flush=True)
+                             hbm_fraction=nbytes / (us * 1e-6) / HBM_BYTES_PER_S, rel_err=errors.get(name),
+                             vs_cublas=times["cublas"] / us)
+                best = min((v for v in times if v != "cublas"), key=times.get)
+                print(f"linear {model}.{layer} rows {rows}: cublas {times['cublas']:.1f} us, default "
+                      f"{times['default']:.1f}, best {times[best]:.1f} ({best})", flush=True)
             del ws
             torch.cuda.empty_cache()
 

@@ -79,6 +79,8 @@ class ModelRunner:
                 log.exception("kernel warm-up failed; variants compile on first use")
         if self.on_cuda and not config.enforce_eager:
             self._capture_decode_graphs()
+        if self.on_cuda:
+            self._warm_up_logits()
 
     def _warm_up_copies(self) -> None:
         """Compile the block-copy variants (counts of 1, 16 and others specialise) before serving."""
@@ -91,6 +93,15 @@ class ModelRunner:
             ids = torch.arange(count, device=self.device)
             copy_blocks(self.gpu_tier[0], self.cpu_tier[0], ids, ids)  # pools are empty: nothing to lose
             copy_blocks(self.cpu_tier[0], self.gpu_tier[0], ids, ids)
+        torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def _warm_up_logits(self) -> None:
+        """Compile the logits projection's small-batch variants (16 / 32 / 64 rows) before serving: it runs
+        outside the decode graphs, whose warm-up compiled the layers' linears."""
+        hidden = self.model.config.hidden_size
+        for rows in (1, 17, 33):
+            self.model.compute_logits(torch.zeros(rows, hidden, dtype=self.dtype, device=self.device))
         torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()

@@ -50,10 +50,14 @@ def device_sms(t: torch.Tensor) -> int:
     return num_sms(t.device.index if t.device.index is not None else torch.cuda.current_device())
 
 
+SMALL_BATCH_MAX_ROWS = 64
+
+
 def use_small_batch_linear(x: torch.Tensor) -> bool:
     """The small-batch linear kernel (kernels/linear.py) for a decode-sized half-precision input on CUDA.
     PENSIEVE_SMALL_BATCH_LINEAR=0 keeps cuBLAS (the benchmark's A/B)."""
-    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.dim() == 2 and x.stride(1) == 1
+    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.dim() == 2
+            and x.shape[0] <= SMALL_BATCH_MAX_ROWS and x.stride(1) == 1
             and os.environ.get("PENSIEVE_SMALL_BATCH_LINEAR", "1") != "0")
 
 

@@ -15,7 +15,8 @@ from torch import nn
 
 from pensieve.model.attention import PagedAttention
 from pensieve.model.layers import (
-    Embedding, Linear, RMSNorm, Rope, RotaryEmbedding, apply_rotary, load_named_weights, rope_parameters, silu_and_mul,
+    Embedding, Linear, LinearWorkspace, RMSNorm, Rope, RotaryEmbedding, apply_rotary, linear, load_named_weights,
+    rope_parameters, silu_and_mul,
 )
 from pensieve.model.metadata import AttentionMetadata
 
@@ -139,6 +140,7 @@ class LlamaForCausalLM(nn.Module):
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         # Tied: the logits read the embedding matrix itself, so no second copy exists to fall out of sync.
         self.lm_head = None if self.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, False, dtype)
+        self.logits_workspace = LinearWorkspace()
 
     @staticmethod
     def _flags(config) -> dict[str, bool]:
@@ -156,7 +158,7 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab] float32
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, weight).float()
+        return linear(hidden, weight, None, self.logits_workspace).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         # rotary_emb.inv_freq: a buffer some old checkpoints saved; lm_head of a tied model duplicates the embedding.

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from pensieve.model.attention import PagedAttention
-from pensieve.model.layers import Embedding, LayerNorm, Linear, load_named_weights
+from pensieve.model.layers import Embedding, LayerNorm, Linear, LinearWorkspace, linear, load_named_weights
 from pensieve.model.metadata import AttentionMetadata
 
 # OPT's learned position table starts with two rows it never uses for real positions.
@@ -109,6 +109,7 @@ class OPTForCausalLM(nn.Module):
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True))
         proj_dim = getattr(config, "word_embed_proj_dim", None) or config.hidden_size
         self.lm_head = None if self.tie_word_embeddings else Linear(proj_dim, config.vocab_size, False, dtype)
+        self.logits_workspace = LinearWorkspace()
 
     def forward(
         self,
@@ -124,7 +125,7 @@ class OPTForCausalLM(nn.Module):
         if decoder.project_out is not None:
             hidden = decoder.project_out(hidden)
         weight = decoder.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, weight).float()
+        return linear(hidden, weight, None, self.logits_workspace).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         # facebook/opt-* checkpoints were saved from OPTModel: their names lack the "model." prefix.

@@ -55,18 +55,33 @@ def test_rows_do_not_depend_on_the_batch() -> None:
     assert torch.equal(small_batch_linear(x[:2], w, None, work, cfg), full[:2])
 
 
-def test_split_grows_only_while_row_tiles_are_too_few() -> None:
-    assert choose_small_linear(28672, 4096, 132).split_k == 1      # gate_up: 896 row tiles
-    o_proj = choose_small_linear(4096, 4096, 132)                    # 128 row tiles: split K
-    assert o_proj.split_k > 1
-    assert 4096 // (o_proj.split_k * o_proj.block_k) >= 4            # every range keeps >= 4 loop steps
+@pytest.mark.parametrize("rows", [17, 40, 64])
+def test_wider_row_tiles_match_the_reference(rows: int) -> None:
+    """32- and 64-row programs (batches of 17-64 rows), split and not."""
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn((rows, 96), generator=gen)
+    w = torch.randn((80, 96), generator=gen)
+    ref = x.double() @ w.double().T
+    for split in (1, 2):
+        cfg = SmallLinearConfig(block_n=16, block_k=32, split_k=split)
+        out = small_batch_linear(x.to(DEVICE), w.to(DEVICE), None, SmallLinearWorkspace(), cfg).cpu()
+        assert (out.double() - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+
+
+def test_split_only_for_outputs_too_narrow_to_fill_the_gpu() -> None:
+    assert choose_small_linear(28672, 4096, 132).split_k == 1      # gate_up: 448 row tiles
+    assert choose_small_linear(4096, 14336, 132).split_k == 1      # down_proj: 64 row tiles streamed at 90% unsplit
+    narrow = choose_small_linear(896, 4864, 132)                     # a 0.5B model's down_proj: 14 row tiles
+    assert narrow.split_k == 4
+    assert 4864 // (narrow.split_k * narrow.block_k) >= 2            # every range keeps >= 2 loop steps
     assert choose_small_linear(64, 256, 132).split_k == 1            # too little K to split
 
 
 def test_linear_dispatch_only_for_decode_sized_half_inputs_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not use_small_batch_linear(torch.zeros(4, 8, dtype=torch.float16))         # CPU: cuBLAS/ATen
     if torch.cuda.is_available():
-        assert use_small_batch_linear(torch.zeros(4, 8, dtype=torch.bfloat16, device="cuda"))
+        assert use_small_batch_linear(torch.zeros(64, 8, dtype=torch.bfloat16, device="cuda"))
+        assert not use_small_batch_linear(torch.zeros(65, 8, dtype=torch.bfloat16, device="cuda"))  # prefill: cuBLAS
         assert not use_small_batch_linear(torch.zeros(4, 8, device="cuda"))              # float32: exact path
         monkeypatch.setenv("PENSIEVE_SMALL_BATCH_LINEAR", "0")
         assert not use_small_batch_linear(torch.zeros(4, 8, dtype=torch.bfloat16, device="cuda"))
@@ -75,13 +90,13 @@ def test_linear_dispatch_only_for_decode_sized_half_inputs_on_cuda(monkeypatch: 
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,k", [(4096, 4096), (6144, 4096), (5120, 13824)])
 def test_cuda_layer_matches_cublas_and_replays_in_a_graph(n: int, k: int) -> None:
-    """Model-sized shapes through Linear.forward (the kernel for <= 16 rows, cuBLAS above), eager and
+    """Model-sized shapes through Linear.forward (the kernel for <= 64 rows, cuBLAS above), eager and
     replayed from a CUDA graph with new inputs: within bf16 rounding of F.linear."""
     torch.manual_seed(0)
     layer = Linear(k, n, True, torch.bfloat16).cuda()
     layer.weight.data.normal_(0, 0.02)
     layer.bias.data.normal_(0, 0.02)
-    for rows in (1, 7, 16, 17):
+    for rows in (1, 7, 16, 17, 64, 65):
         x = torch.randn((rows, k), dtype=torch.bfloat16, device="cuda")
         ref = F.linear(x.float(), layer.weight.float(), layer.bias.float())
         out = layer(x)

@@ -192,6 +192,16 @@ case "$N" in
         --decode-batches 1,8,32,64 --swap-variants "" --keep-ckpt --out "$RUNS/engine-cublas"
       PENSIEVE_TEST_DEVICE=cuda timeout 140 python3 -m pytest -q -p no:cacheprovider tests/kernels tests/model/test_models_gpu.py \
         tests/engine/test_conversation_cache.py tests/engine/test_async_scheduling.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt" ;;
+  33) # (stop 14) the Llama-2-13B decode step with the small-batch linear, at the issue's batches and two contexts: 128
+      # (weights dominate) and 1024 (stop 13's rows); the headline's 10-KV-head model also without it (A/B)
+      PENSIEVE_TEST_DEVICE=cuda timeout 60 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_linear.py 2>&1 \
+        | tail -4 | tee "$OUT/gpu_tests_linear.txt"
+      timeout 200 python3 benchmarks/engine_bench.py --models llama-2-13b-gqa10 --skip-prefill --decode-batches 1,8,32,64 \
+        --decode-ctx 128,1024 --swap-variants "" --keep-ckpt --out "$RUNS/engine-13b-gqa10"; pack
+      PENSIEVE_SMALL_BATCH_LINEAR=0 timeout 140 python3 benchmarks/engine_bench.py --models llama-2-13b-gqa10 --skip-prefill \
+        --decode-batches 1,8,32,64 --decode-ctx 128,1024 --swap-variants "" --out "$RUNS/engine-13b-gqa10-cublas"; pack
+      timeout 220 python3 benchmarks/engine_bench.py --models llama-2-13b --skip-prefill --decode-batches 1,8,32,64 \
+        --decode-ctx 128,1024 --swap-variants "" --out "$RUNS/engine-13b" ;;
   6)  # the engine in its own process vs on a thread of the benchmark's process, same workload and rate
       timeout 260 $MT $GQA --systems tiered --rates 22 --out "$RUNS/gqa10-tiered-thread"
       timeout 290 $MT $GQA --systems tiered --rates 22 --engine-process --out "$RUNS/gqa10-tiered-process" ;;

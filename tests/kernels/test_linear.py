@@ -101,6 +101,11 @@ def test_cuda_layer_matches_cublas_and_replays_in_a_graph(n: int, k: int) -> Non
         ref = F.linear(x.float(), layer.weight.float(), layer.bias.float())
         out = layer(x)
         assert (out.float() - ref).abs().max().item() <= 2e-2 * ref.abs().max().item()
+    # batch invariance up to 64 rows: a row's output does not depend on the batch it decodes in
+    x = torch.randn((64, k), dtype=torch.bfloat16, device="cuda")
+    full = layer(x)
+    for rows in (1, 9, 33):
+        assert torch.equal(layer(x[:rows]), full[:rows])
     x = torch.randn((8, k), dtype=torch.bfloat16, device="cuda")
     layer(x)  # compiled outside the capture
     graph = torch.cuda.CUDAGraph()

@@ -184,7 +184,10 @@ case "$N" in
         --decode-batches 1,8,16 --swap-variants "" --profile --keep-ckpt --out "$RUNS/engine-cublas" ;;
   32) # (stop 14) the small-batch linear at its measured default (64-row tiles, 256 K, 4 stages, no split; up to 64 rows, the
       # logits projection too): its sweep at 1-64 rows against cuBLAS, the 8B decode step with it and without, then the
-      # CUDA tests it touches (kernels, models, the conversation cache's cached == uncached, async scheduling)
+      # CUDA tests it touches (kernels, models, the conversation cache's cached == uncached, async scheduling). Its first
+      # run (stop 14 call 2) failed to launch 64-row programs with 4 stages (256 KB of shared memory); they now take 3
+      PENSIEVE_TEST_DEVICE=cuda timeout 60 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_linear.py 2>&1 \
+        | tail -4 | tee "$OUT/gpu_tests_linear.txt"
       timeout 150 python3 benchmarks/kernel_bench.py --sections linear_sweep --out "$RUNS/linear" 2>&1 | grep -v "^[|{]"
       timeout 170 python3 benchmarks/engine_bench.py --models llama-3.1-8b --skip-prefill --decode-batches 1,8,32,64 \
         --swap-variants "" --profile --keep-ckpt --out "$RUNS/engine-small"

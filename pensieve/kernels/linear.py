@@ -22,7 +22,8 @@ decode graphs' warm-up (every graphed batch size runs once before capture) compi
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -116,6 +117,28 @@ def rows_per_program(m: int) -> int:
     return max(16, triton.next_power_of_2(m))
 
 
+SHARED_MEMORY_BYTES = 200 << 10  # of the H100's 227 KB per program, with room for the compiler's own
+
+
+def fit_shared_memory(cfg: SmallLinearConfig, block_m: int, elem_bytes: int) -> SmallLinearConfig:
+    """Fewer stages (then shorter K steps) until every stage's W and x tiles fit: 64-row programs
+    take 3 stages of the default's 4 (stop 14's second call failed to launch 4)."""
+    def size(c: SmallLinearConfig) -> int:
+        return (c.block_n + block_m) * c.block_k * elem_bytes * c.num_stages
+
+    while size(cfg) > SHARED_MEMORY_BYTES and cfg.num_stages > 2:
+        cfg = replace(cfg, num_stages=cfg.num_stages - 1)
+    while size(cfg) > SHARED_MEMORY_BYTES and cfg.block_k > 32:
+        cfg = replace(cfg, block_k=cfg.block_k // 2)
+    return cfg
+
+
+@functools.lru_cache(maxsize=512)
+def default_launch(n: int, k: int, block_m: int, elem_bytes: int, num_sms: int) -> SmallLinearConfig:
+    """The launch for a weight shape and row class (pure; cached: it runs for every eager call)."""
+    return fit_shared_memory(choose_small_linear(n, k, num_sms), block_m, elem_bytes)
+
+
 class SmallLinearWorkspace:
     """The split-K partials and per-tile counters of one linear (its output width), owned by the
     layer that calls it: counters are left at zero by every call, so the buffer is reused as is."""
@@ -149,10 +172,13 @@ def small_batch_linear(
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return y
-    cfg = config or choose_small_linear(n, k, num_sms or (device_sms(x) if x.is_cuda else 132))
+    block_m = rows_per_program(m)
+    if config is None:
+        cfg = default_launch(n, k, block_m, x.element_size(), num_sms or (device_sms(x) if x.is_cuda else 132))
+    else:
+        cfg = fit_shared_memory(config, block_m, x.element_size())
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
     split = triton.cdiv(k, k_per_split)  # ranges that hold any K (fewer than asked when K is short)
-    block_m = rows_per_program(m)
     partials, counters = workspace.get(n, cfg, x.device) if split > 1 else (y, y)
     _small_batch_linear_kernel[(triton.cdiv(n, cfg.block_n), split)](
         x, weight, bias if bias is not None else weight, y, partials, counters,

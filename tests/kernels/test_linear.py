@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from pensieve.kernels import use_small_batch_linear
-from pensieve.kernels.linear import SmallLinearConfig, SmallLinearWorkspace, choose_small_linear, small_batch_linear
+from pensieve.kernels.linear import (
+    SHARED_MEMORY_BYTES, SmallLinearConfig, SmallLinearWorkspace, choose_small_linear, default_launch, small_batch_linear,
+)
 from pensieve.model.layers import Linear
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -75,6 +77,16 @@ def test_split_only_for_outputs_too_narrow_to_fill_the_gpu() -> None:
     assert narrow.split_k == 4
     assert 4864 // (narrow.split_k * narrow.block_k) >= 2            # every range keeps >= 2 loop steps
     assert choose_small_linear(64, 256, 132).split_k == 1            # too little K to split
+
+
+def test_every_default_launch_fits_shared_memory() -> None:
+    """64-row programs of the default tiles take 3 stages, not 4 (which failed to launch on the H100)."""
+    for block_m in (16, 32, 64):
+        for elem in (2, 4):
+            cfg = default_launch(4096, 4096, block_m, elem, 132)
+            assert (cfg.block_n + block_m) * cfg.block_k * elem * cfg.num_stages <= SHARED_MEMORY_BYTES
+    assert default_launch(4096, 4096, 16, 2, 132).num_stages == 4
+    assert default_launch(4096, 4096, 64, 2, 132).num_stages == 3
 
 
 def test_linear_dispatch_only_for_decode_sized_half_inputs_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -26,6 +26,7 @@ from pensieve.cache.manager import TransferPlan  # noqa: E402
 from pensieve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig  # noqa: E402
 from pensieve.engine import profiling  # noqa: E402
 from pensieve.engine.llm_engine import LLMEngine  # noqa: E402
+from pensieve.kernels import SMALL_BATCH_MAX_ROWS  # noqa: E402
 from pensieve.model.random_checkpoint import make_random_checkpoint  # noqa: E402
 from pensieve.sampling_params import SamplingParams  # noqa: E402
 
@@ -399,7 +400,8 @@ def main() -> int:
         small_batch_linear=os.environ.get("PENSIEVE_SMALL_BATCH_LINEAR", "1") != "0"), indent=1))
     small = os.environ.get("PENSIEVE_SMALL_BATCH_LINEAR", "1") != "0"
     lines = [f"# Engine benchmark on {device}", "", f"`{' '.join(sys.argv)}`", "",
-             f"Linears of <= 16 rows: {'the small-batch Triton kernel' if small else 'cuBLAS (PENSIEVE_SMALL_BATCH_LINEAR=0)'}.", ""]
+             f"Linears of <= {SMALL_BATCH_MAX_ROWS} rows: "
+             f"{'the small-batch Triton kernel' if small else 'cuBLAS (PENSIEVE_SMALL_BATCH_LINEAR=0)'}.", ""]
     lines += ["| model | kind | shape | ms | result |", "|---|---|---|---|---|"]
     for r in rows:
         if r["kind"] == "prefill":

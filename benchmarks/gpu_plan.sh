@@ -205,6 +205,13 @@ case "$N" in
         --decode-batches 1,8,32,64 --decode-ctx 128,1024 --swap-variants "" --out "$RUNS/engine-13b-gqa10-cublas"; pack
       timeout 220 python3 benchmarks/engine_bench.py --models llama-2-13b --skip-prefill --decode-batches 1,8,32,64 \
         --decode-ctx 128,1024 --swap-variants "" --out "$RUNS/engine-13b" ;;
+  34) # (stop 14) the small-batch linear in serving: the headline's tiered point (26 conv/s) with it and without, on one
+      # machine, after the CUDA tests of everything it touches
+      PENSIEVE_TEST_DEVICE=cuda timeout 170 python3 -m pytest -q -p no:cacheprovider tests/kernels tests/model/test_models_gpu.py \
+        tests/engine/test_conversation_cache.py tests/engine/test_async_scheduling.py tests/engine/test_sampler.py 2>&1 \
+        | tail -15 | tee "$OUT/gpu_tests.txt"
+      timeout 200 $MT $GQA --systems tiered --rates 26 --out "$RUNS/gqa10-tiered-small"; pack
+      PENSIEVE_SMALL_BATCH_LINEAR=0 timeout 150 $MT $GQA --systems tiered --rates 26 --out "$RUNS/gqa10-tiered-cublas" ;;
   6)  # the engine in its own process vs on a thread of the benchmark's process, same workload and rate
       timeout 260 $MT $GQA --systems tiered --rates 22 --out "$RUNS/gqa10-tiered-thread"
       timeout 290 $MT $GQA --systems tiered --rates 22 --engine-process --out "$RUNS/gqa10-tiered-process" ;;

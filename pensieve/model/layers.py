@@ -28,8 +28,8 @@ class LinearWorkspace:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, workspace: LinearWorkspace) -> torch.Tensor:
-    """x W^T + b. Decode-sized batches on CUDA stream the weight through a Triton kernel (kernels/linear.py:
-    6% faster than cuBLAS over the 8B/13B weight shapes on the H100), the rest go to cuBLAS."""
+    """x W^T + b. Decode-sized batches (<= 32 rows) on CUDA stream the weight through a Triton kernel
+    (kernels/linear.py: 6% faster than cuBLAS over the 8B/13B weight shapes on the H100), the rest go to cuBLAS."""
     if use_small_batch_linear(x):
         from pensieve.kernels.linear import SmallLinearWorkspace, small_batch_linear
 

@@ -212,6 +212,11 @@ case "$N" in
         | tail -15 | tee "$OUT/gpu_tests.txt"
       timeout 200 $MT $GQA --systems tiered --rates 26 --out "$RUNS/gqa10-tiered-small"; pack
       PENSIEVE_SMALL_BATCH_LINEAR=0 timeout 150 $MT $GQA --systems tiered --rates 26 --out "$RUNS/gqa10-tiered-cublas" ;;
+  35) # (stop 14) the headline on stop 14's code, every system on one machine (machines differed by 39% in latency at
+      # one point in stop 13): tiered at 26 conv/s, stateless at 18 and 22, the GPU-only cache at 22
+      timeout 170 $MT $GQA --systems tiered --rates 26 --out "$RUNS/gqa10-tiered"; pack
+      timeout 270 $MT $GQA --systems stateless --rates 18,22 --out "$RUNS/gqa10-stateless"; pack
+      timeout 140 $MT $GQA --systems gpu --rates 22 --out "$RUNS/gqa10-gpu" ;;
   6)  # the engine in its own process vs on a thread of the benchmark's process, same workload and rate
       timeout 260 $MT $GQA --systems tiered --rates 22 --out "$RUNS/gqa10-tiered-thread"
       timeout 290 $MT $GQA --systems tiered --rates 22 --engine-process --out "$RUNS/gqa10-tiered-process" ;;

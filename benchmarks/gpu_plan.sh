@@ -214,9 +214,18 @@ case "$N" in
       PENSIEVE_SMALL_BATCH_LINEAR=0 timeout 150 $MT $GQA --systems tiered --rates 26 --out "$RUNS/gqa10-tiered-cublas" ;;
   35) # (stop 14) the headline on stop 14's code, every system on one machine (machines differed by 39% in latency at
       # one point in stop 13): tiered at 26 conv/s, stateless at 18 and 22, the GPU-only cache at 22
+      # (call 6 lost the tiered point: 170 s did not cover the checkpoint build plus the point; case 37 re-ran it)
       timeout 170 $MT $GQA --systems tiered --rates 26 --out "$RUNS/gqa10-tiered"; pack
       timeout 270 $MT $GQA --systems stateless --rates 18,22 --out "$RUNS/gqa10-stateless"; pack
       timeout 140 $MT $GQA --systems gpu --rates 22 --out "$RUNS/gqa10-gpu" ;;
+  36) # (stop 14) the engine's issue-2 rows on the final code: Llama-3.1-8B prefill, decode at batch 1-64 and HF
+      # transformers' generate_batch side by side; then OPT-13B (the paper's MHA model) decode at two contexts
+      timeout 300 python3 benchmarks/engine_bench.py --models llama-3.1-8b --hf --swap-variants "" --out "$RUNS/engine"; pack
+      timeout 260 python3 benchmarks/engine_bench.py --models opt-13b --skip-prefill --decode-batches 1,8,32 \
+        --decode-ctx 128,1024 --swap-variants "" --out "$RUNS/engine-opt-13b" ;;
+  37) # (stop 14) tiered at 26 conv/s and stateless at 22 on one machine (case 35's tiered point was cut off by its timeout)
+      timeout 240 $MT $GQA --systems tiered --rates 26 --out "$RUNS/gqa10-tiered"; pack
+      timeout 170 $MT $GQA --systems stateless --rates 22 --out "$RUNS/gqa10-stateless" ;;
   6)  # the engine in its own process vs on a thread of the benchmark's process, same workload and rate
       timeout 260 $MT $GQA --systems tiered --rates 22 --out "$RUNS/gqa10-tiered-thread"
       timeout 290 $MT $GQA --systems tiered --rates 22 --engine-process --out "$RUNS/gqa10-tiered-process" ;;

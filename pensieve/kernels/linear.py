@@ -3,7 +3,7 @@
 A decode step reads every weight once for a few rows, so its linears are bound by HBM, not by the
 tensor cores, and how well they stream is the step's time. Each program reads a tile of W's rows
 through the whole (or a range of the) K dimension and keeps the rows of x beside it. When W has too
-few row tiles to keep every SM streaming (o_proj and down_proj), K is split too: each range writes an
+few row tiles to keep the SMs streaming (the narrow outputs of small models), K is split too: each range writes an
 fp32 partial, and the last range of a tile to arrive (a per-tile counter) sums the partials in a fixed
 order and writes the output. So the result is deterministic, and nothing but the output and the
 counter (left at zero) is written: no zeroed buffer, no second launch.

@@ -223,9 +223,10 @@ case "$N" in
       timeout 300 python3 benchmarks/engine_bench.py --models llama-3.1-8b --hf --swap-variants "" --out "$RUNS/engine"; pack
       timeout 260 python3 benchmarks/engine_bench.py --models opt-13b --skip-prefill --decode-batches 1,8,32 \
         --decode-ctx 128,1024 --swap-variants "" --out "$RUNS/engine-opt-13b" ;;
-  37) # (stop 14) tiered at 26 conv/s and stateless at 22 on one machine (case 35's tiered point was cut off by its timeout)
-      timeout 240 $MT $GQA --systems tiered --rates 26 --out "$RUNS/gqa10-tiered"; pack
-      timeout 170 $MT $GQA --systems stateless --rates 22 --out "$RUNS/gqa10-stateless" ;;
+  37) # (stop 14) tiered at 26 conv/s and stateless at 22 on one machine (case 35's tiered point was cut off by its timeout;
+      # call 7 cut it off again at 240 s, build included: timestamps now show where the time goes)
+      date +%T; timeout 330 $MT $GQA --systems tiered --rates 26 --out "$RUNS/gqa10-tiered"; date +%T; pack
+      timeout 190 $MT $GQA --systems stateless --rates 22 --out "$RUNS/gqa10-stateless"; date +%T ;;
   6)  # the engine in its own process vs on a thread of the benchmark's process, same workload and rate
       timeout 260 $MT $GQA --systems tiered --rates 22 --out "$RUNS/gqa10-tiered-thread"
       timeout 290 $MT $GQA --systems tiered --rates 22 --engine-process --out "$RUNS/gqa10-tiered-process" ;;

@@ -557,9 +557,8 @@ class Bench:
         operands included: `kernels/stop14/linear_sweep_call1.md`.)"""
         import torch.nn.functional as F
 
-        from pensieve.kernels.linear import (
-            SmallLinearConfig, SmallLinearWorkspace, choose_small_linear, rows_per_program, small_batch_linear,
-        )
+        from pensieve.kernels import SmallLinearWorkspace
+        from pensieve.kernels.linear import SmallLinearConfig, choose_small_linear, rows_per_program, small_batch_linear
 
         sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         shapes = self.LINEAR_SHAPES[:2] if self.quick else self.LINEAR_SHAPES

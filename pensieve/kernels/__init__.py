@@ -55,6 +55,23 @@ def device_sms(t: torch.Tensor) -> int:
 SMALL_BATCH_MAX_ROWS = 32
 
 
+class SmallLinearWorkspace:
+    """The small-batch kernel's split-K partials and per-tile counters for one weight, owned by the layer
+    that holds the weight and allocated on first use. Every call leaves the counters at zero, so the
+    buffers are reused as they are."""
+
+    def __init__(self) -> None:
+        self.partials: torch.Tensor | None = None
+        self.counters: torch.Tensor | None = None
+
+    def get(self, parts: int, tiles: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.partials is None or self.partials.numel() < parts or self.partials.device != device:
+            self.partials = torch.empty(parts, dtype=torch.float32, device=device)
+        if self.counters is None or self.counters.numel() < tiles or self.counters.device != device:
+            self.counters = torch.zeros(tiles, dtype=torch.int32, device=device)
+        return self.partials, self.counters
+
+
 def use_small_batch_linear(x: torch.Tensor) -> bool:
     """The small-batch linear kernel (kernels/linear.py) for a decode-sized half-precision input on CUDA.
     PENSIEVE_SMALL_BATCH_LINEAR=0 keeps cuBLAS (the benchmark's A/B)."""

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pensieve.kernels import device_sms
+from pensieve.kernels import SmallLinearWorkspace, device_sms
 
 MAX_ROWS = 64  # what a launch can take; the model's linears use it up to SMALL_BATCH_MAX_ROWS
 
@@ -143,25 +143,6 @@ def default_launch(n: int, k: int, block_m: int, elem_bytes: int, num_sms: int) 
     return fit_shared_memory(choose_small_linear(n, k, num_sms), block_m, elem_bytes)
 
 
-class SmallLinearWorkspace:
-    """The split-K partials and per-tile counters of one linear (its output width), owned by the
-    layer that calls it: counters are left at zero by every call, so the buffer is reused as is."""
-
-    def __init__(self) -> None:
-        self.partials: torch.Tensor | None = None
-        self.counters: torch.Tensor | None = None
-
-    def get(self, n: int, cfg: SmallLinearConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        # sized for the most rows, so the first call (made before any graph capture) allocates it for good
-        parts = cfg.split_k * MAX_ROWS * n
-        tiles = triton.cdiv(n, cfg.block_n)
-        if self.partials is None or self.partials.numel() < parts or self.partials.device != device:
-            self.partials = torch.empty(parts, dtype=torch.float32, device=device)
-        if self.counters is None or self.counters.numel() < tiles or self.counters.device != device:
-            self.counters = torch.zeros(tiles, dtype=torch.int32, device=device)
-        return self.partials, self.counters
-
-
 def small_batch_linear(
     x: torch.Tensor,                 # [M <= 64, K], K contiguous
     weight: torch.Tensor,            # [N, K], K contiguous
@@ -183,7 +164,10 @@ def small_batch_linear(
         cfg = fit_shared_memory(config, block_m, x.element_size())
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
     split = triton.cdiv(k, k_per_split)  # ranges that hold any K (fewer than asked when K is short)
-    partials, counters = workspace.get(n, cfg, x.device) if split > 1 else (y, y)
+    if split > 1:  # sized for the most rows, so the first call (before any graph capture) allocates for good
+        partials, counters = workspace.get(cfg.split_k * MAX_ROWS * n, triton.cdiv(n, cfg.block_n), x.device)
+    else:
+        partials = counters = y  # never touched
     _small_batch_linear_kernel[(triton.cdiv(n, cfg.block_n), split)](
         x, weight, bias if bias is not None else weight, y, partials, counters,
         m, n, k, x.stride(0), weight.stride(0), y.stride(0), k_per_split,

@@ -15,27 +15,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pensieve.kernels import use_fused_kernels, use_small_batch_linear
+from pensieve.kernels import SmallLinearWorkspace, use_fused_kernels, use_small_batch_linear
 
 logger = logging.getLogger(__name__)
 
 
-class LinearWorkspace:
-    """Per-weight scratch of the small-batch kernel (its split-K partials), made on first use."""
-
-    def __init__(self) -> None:
-        self.small_batch = None
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, workspace: LinearWorkspace) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, workspace: SmallLinearWorkspace) -> torch.Tensor:
     """x W^T + b. Decode-sized batches (<= 32 rows) on CUDA stream the weight through a Triton kernel
     (kernels/linear.py: 6% faster than cuBLAS over the 8B/13B weight shapes on the H100), the rest go to cuBLAS."""
-    if use_small_batch_linear(x):
-        from pensieve.kernels.linear import SmallLinearWorkspace, small_batch_linear
+    if use_small_batch_linear(x) and weight.stride(1) == 1:
+        from pensieve.kernels.linear import small_batch_linear
 
-        if workspace.small_batch is None:
-            workspace.small_batch = SmallLinearWorkspace()
-        return small_batch_linear(x, weight, bias, workspace.small_batch)
+        return small_batch_linear(x, weight, bias, workspace)
     return F.linear(x, weight, bias)
 
 
@@ -54,7 +45,7 @@ class Linear(nn.Module):
         self.output_sizes: tuple[int, ...] = sizes
         self.weight = nn.Parameter(torch.empty(sum(sizes), in_features, dtype=dtype), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(sum(sizes), dtype=dtype), requires_grad=False) if bias else None
-        self.workspace = LinearWorkspace()
+        self.workspace = SmallLinearWorkspace()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
         return linear(x, self.weight, self.bias, self.workspace)

@@ -13,9 +13,10 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from pensieve.kernels import SmallLinearWorkspace
 from pensieve.model.attention import PagedAttention
 from pensieve.model.layers import (
-    Embedding, Linear, LinearWorkspace, RMSNorm, Rope, RotaryEmbedding, apply_rotary, linear, load_named_weights,
+    Embedding, Linear, RMSNorm, Rope, RotaryEmbedding, apply_rotary, linear, load_named_weights,
     rope_parameters, silu_and_mul,
 )
 from pensieve.model.metadata import AttentionMetadata
@@ -140,7 +141,7 @@ class LlamaForCausalLM(nn.Module):
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         # Tied: the logits read the embedding matrix itself, so no second copy exists to fall out of sync.
         self.lm_head = None if self.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, False, dtype)
-        self.logits_workspace = LinearWorkspace()
+        self.logits_workspace = SmallLinearWorkspace()
 
     @staticmethod
     def _flags(config) -> dict[str, bool]:

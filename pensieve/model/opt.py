@@ -12,8 +12,9 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from pensieve.kernels import SmallLinearWorkspace
 from pensieve.model.attention import PagedAttention
-from pensieve.model.layers import Embedding, LayerNorm, Linear, LinearWorkspace, linear, load_named_weights
+from pensieve.model.layers import Embedding, LayerNorm, Linear, linear, load_named_weights
 from pensieve.model.metadata import AttentionMetadata
 
 # OPT's learned position table starts with two rows it never uses for real positions.
@@ -109,7 +110,7 @@ class OPTForCausalLM(nn.Module):
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True))
         proj_dim = getattr(config, "word_embed_proj_dim", None) or config.hidden_size
         self.lm_head = None if self.tie_word_embeddings else Linear(proj_dim, config.vocab_size, False, dtype)
-        self.logits_workspace = LinearWorkspace()
+        self.logits_workspace = SmallLinearWorkspace()
 
     def forward(
         self,

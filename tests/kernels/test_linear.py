@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pensieve.kernels import use_small_batch_linear
+from pensieve.kernels import SmallLinearWorkspace, use_small_batch_linear
 from pensieve.kernels.linear import (
-    SHARED_MEMORY_BYTES, SmallLinearConfig, SmallLinearWorkspace, choose_small_linear, default_launch, small_batch_linear,
+    SHARED_MEMORY_BYTES, SmallLinearConfig, choose_small_linear, default_launch, small_batch_linear,
 )
 from pensieve.model.layers import Linear
 

@@ -18,8 +18,10 @@
 # full calls share one (and its /tmp). Stop 11 ran 3 and 12-17 (3 and 12 with OPT_GPU_KV_GB=40), each on a fresh
 # machine; its first two calls (the same-launch split merge, since reverted) are in kernels/stop11/command.txt.
 # Stop 12 ran 18-23 (issue 2's kernels; 18: copy engines for deferred swap-ins, no gain). Stop 13 ran 25-28 and 30
-# (issue 2's kernels and engine), 14 and 29 (the headline on its final code) and 8 (async scheduling in serving). Owed
-# next, in order: 4 (ablations after the ahead-of-time swap-out change), 6.
+# (issue 2's kernels and engine), 14 and 29 (the headline on its final code) and 8 (async scheduling in serving). Stop 14
+# ran 31-35 and 37 (the small-batch linear: sweeps, engine and serving A/B, the headline; a tiered point with its
+# checkpoint build takes up to ~250 s, give it 330). Owed next, in order: 36 (the engine's issue-2 rows and HF on the
+# final code, OPT-13B decode), 4 (ablations after the ahead-of-time swap-out change), 6.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 OUT=${OUT:-benchmarks/results}

@@ -26,7 +26,7 @@ from pensieve.cache.manager import TransferPlan  # noqa: E402
 from pensieve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig  # noqa: E402
 from pensieve.engine import profiling  # noqa: E402
 from pensieve.engine.llm_engine import LLMEngine  # noqa: E402
-from pensieve.kernels import SMALL_BATCH_MAX_ROWS  # noqa: E402
+from pensieve.kernels import SMALL_BATCH_MAX_ROWS, small_batch_linear_enabled  # noqa: E402
 from pensieve.model.random_checkpoint import make_random_checkpoint  # noqa: E402
 from pensieve.sampling_params import SamplingParams  # noqa: E402
 
@@ -104,9 +104,7 @@ def profile_graph(graph, path: Path, title: str, replays: int = 5) -> None:
         for _ in range(replays):
             graph.replay()
         sync()
-    rows = [(e.key, e.count / replays, e.device_time_total / replays) for e in prof.key_averages()
-            if e.device_time_total > 0]
-    rows.sort(key=lambda r: -r[2])
+    rows = profiling.kernel_times(prof, replays)
     total = sum(r[2] for r in rows)
     kinds: dict[str, float] = {}
     for name, _, us in rows:
@@ -357,8 +355,7 @@ def main() -> int:
         cfg = engine.hf_config
         num_params = sum(p.numel() for p in engine.runner.model.parameters())
         weight_bytes = num_params * 2
-        spec = engine.runner.kv_spec
-        kv_per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * 2
+        kv_per_token = engine.runner.kv_bytes_per_token
         base = dict(model=size, device=device, params_b=num_params / 1e9)
         for per_seq in () if args.skip_prefill else (4096, 1024):
             r = bench_prefill(engine, 4096 if per_seq == 4096 else 8192, per_seq, num_params, cfg)
@@ -395,10 +392,9 @@ def main() -> int:
         torch.cuda.empty_cache()
         if not args.keep_ckpt:
             shutil.rmtree(path, ignore_errors=True)
+    small = small_batch_linear_enabled()
     (out / "engine.json").write_text(json.dumps(dict(
-        device=device, command=" ".join(sys.argv), rows=rows,
-        small_batch_linear=os.environ.get("PENSIEVE_SMALL_BATCH_LINEAR", "1") != "0"), indent=1))
-    small = os.environ.get("PENSIEVE_SMALL_BATCH_LINEAR", "1") != "0"
+        device=device, command=" ".join(sys.argv), rows=rows, small_batch_linear=small), indent=1))
     lines = [f"# Engine benchmark on {device}", "", f"`{' '.join(sys.argv)}`", "",
              f"Linears of <= {SMALL_BATCH_MAX_ROWS} rows: "
              f"{'the small-batch Triton kernel' if small else 'cuBLAS (PENSIEVE_SMALL_BATCH_LINEAR=0)'}.", ""]

@@ -155,6 +155,23 @@ def build_meta(
     )
 
 
+def l2_copies(nbytes: int) -> int:
+    """Copies of an input to rotate over so that every timed call reads it from HBM, not L2."""
+    return max(1, min(16, -(-L2_DEFEAT_BYTES // nbytes)))
+
+
+def llama_linears(model: str) -> dict[str, tuple[int, int]]:
+    """(N, K) of each linear of a Llama-family preset (pensieve.model.random_checkpoint.PRESETS)."""
+    from pensieve.model.random_checkpoint import PRESETS
+
+    c = PRESETS[model][1]
+    heads, hidden, inter = c["num_attention_heads"], c["hidden_size"], c["intermediate_size"]
+    head_dim = c.get("head_dim") or hidden // heads
+    q, kv = heads * head_dim, c.get("num_key_value_heads", heads) * head_dim
+    return {"qkv": (q + 2 * kv, hidden), "o": (hidden, q), "gate_up": (2 * inter, hidden), "down": (hidden, inter),
+            "lm_head": (c["vocab_size"], hidden)}
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.float(), ref.float()
     return float((out - ref).norm() / ref.norm().clamp_min(1e-12))
@@ -401,7 +418,7 @@ class Bench:
         (together >= 4x the 50 MB L2), and a timed call that takes the next copy each time: every
         call reads its KV from HBM, as a real step does (one copy repeated would be served from L2)."""
         kv_bytes = batch * ctx * 2 * shape.num_kv_heads * shape.head_dim * DTYPE.itemsize
-        copies = max(1, min(16, -(-L2_DEFEAT_BYTES // kv_bytes)))
+        copies = l2_copies(kv_bytes)
         seqs = [(ctx, [ctx - 1])] * (batch * copies)
         num_blocks = batch * copies * (-(-ctx // BLOCK_SIZE)) + 16
         full = build_meta(seqs, num_blocks, self.device, self.gen)
@@ -457,7 +474,7 @@ class Bench:
         for batch, ctx in [(1, 4096), (1, 16384), (1, 32768), (8, 4096)]:
             nbytes = batch * ctx * per_token
             n = nbytes // DTYPE.itemsize
-            copies = max(1, min(16, -(-L2_DEFEAT_BYTES // nbytes)))
+            copies = l2_copies(nbytes)
             bufs = [torch.randn(n, dtype=DTYPE, device=self.device) for _ in range(copies)]
             best = None
             for block, iters, warps in itertools.product((2048, 8192), (1, 4, 16), (4, 8)):
@@ -540,14 +557,11 @@ class Bench:
             torch.cuda.empty_cache()
 
     # ---------------------------------------------------------------- small-batch linear
-    LINEAR_SHAPES = (  # (model, layer, N, K): the decode step's weight matrices
-        ("llama-3.1-8b", "qkv", 6144, 4096), ("llama-3.1-8b", "o", 4096, 4096),
-        ("llama-3.1-8b", "gate_up", 28672, 4096), ("llama-3.1-8b", "down", 4096, 14336),
-        ("llama-3.1-8b", "lm_head", 128256, 4096),
-        ("llama-2-13b-gqa10", "qkv", 7680, 5120), ("llama-2-13b", "qkv", 15360, 5120),
-        ("llama-2-13b", "o", 5120, 5120), ("llama-2-13b", "gate_up", 27648, 5120),
-        ("llama-2-13b", "down", 5120, 13824),
-    )
+    LINEAR_SHAPES = tuple(  # (model, layer, N, K): the decode step's weight matrices (13B-GQA10 differs only in qkv)
+        (model, layer, *llama_linears(model)[layer])
+        for model, layers in (("llama-3.1-8b", ("qkv", "o", "gate_up", "down", "lm_head")),
+                              ("llama-2-13b-gqa10", ("qkv",)), ("llama-2-13b", ("qkv", "o", "gate_up", "down")))
+        for layer in layers)
 
     def linear_sweep(self) -> None:
         """The decode step's linears at 1-64 rows: cuBLAS (F.linear) against the small-batch Triton
@@ -564,7 +578,7 @@ class Bench:
         shapes = self.LINEAR_SHAPES[:2] if self.quick else self.LINEAR_SHAPES
         for model, layer, n, k in shapes:
             nbytes = n * k * DTYPE.itemsize
-            copies = max(1, min(16, -(-L2_DEFEAT_BYTES // nbytes)))
+            copies = l2_copies(nbytes)
             ws = [torch.randn((n, k), dtype=DTYPE, device=self.device) for _ in range(copies)]
             calls = copies * max(1, min(32, round(200e-6 / (nbytes / HBM_BYTES_PER_S))))
             for rows in (1, 8, 16, 32, 64):

@@ -61,6 +61,17 @@ class StepWindow:
         return True
 
 
+def kernel_times(prof: torch.profiler.profile, calls: int) -> list[tuple[str, float, float]]:
+    """(kernel, launches per call, device microseconds per call) for every kernel a profile recorded
+    over `calls` calls of the same work (graph replays, launches), longest first."""
+    rows = []
+    for e in prof.key_averages():
+        total = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)  # renamed across torch versions
+        if total > 0:
+            rows.append((e.key, e.count / calls, total / calls))
+    return sorted(rows, key=lambda r: -r[2])
+
+
 def interval_union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """The union of (start, end) intervals as sorted, disjoint intervals (touching ones merge)."""
     merged: list[tuple[float, float]] = []

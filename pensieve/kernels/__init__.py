@@ -72,12 +72,15 @@ class SmallLinearWorkspace:
         return self.partials, self.counters
 
 
+def small_batch_linear_enabled() -> bool:
+    """PENSIEVE_SMALL_BATCH_LINEAR=0 keeps cuBLAS for every linear (the benchmark's A/B)."""
+    return os.environ.get("PENSIEVE_SMALL_BATCH_LINEAR", "1") != "0"
+
+
 def use_small_batch_linear(x: torch.Tensor) -> bool:
-    """The small-batch linear kernel (kernels/linear.py) for a decode-sized half-precision input on CUDA.
-    PENSIEVE_SMALL_BATCH_LINEAR=0 keeps cuBLAS (the benchmark's A/B)."""
+    """The small-batch linear kernel (kernels/linear.py) for a decode-sized half-precision input on CUDA."""
     return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.dim() == 2
-            and x.shape[0] <= SMALL_BATCH_MAX_ROWS and x.stride(1) == 1
-            and os.environ.get("PENSIEVE_SMALL_BATCH_LINEAR", "1") != "0")
+            and x.shape[0] <= SMALL_BATCH_MAX_ROWS and x.stride(1) == 1 and small_batch_linear_enabled())
 
 
 # The Triton modules are imported on first use: @triton.jit fixes interpreter mode when it runs,

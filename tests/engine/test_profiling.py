@@ -103,3 +103,16 @@ def test_trace_copy_overlap_reads_a_profile():
         torch.ones(8).add_(1)
     got = trace_copy_overlap(prof)
     assert got["copies"] == 0 and got["share"] == 0.0 and got["kernels"] == 0 and "host_memcpy_us" in got
+
+
+def test_kernel_times_are_per_call_and_longest_first():
+    """Device time and launches divided by the calls profiled; events without device time are left out."""
+    from types import SimpleNamespace
+
+    from pensieve.engine.profiling import kernel_times
+
+    events = [SimpleNamespace(key="store", count=10, device_time_total=50.0),
+              SimpleNamespace(key="gemm", count=20, device_time_total=400.0),
+              SimpleNamespace(key="aten::add", count=5, device_time_total=0.0)]
+    prof = SimpleNamespace(key_averages=lambda: events)
+    assert kernel_times(prof, calls=5) == [("gemm", 4.0, 80.0), ("store", 2.0, 10.0)]

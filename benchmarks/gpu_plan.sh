@@ -229,6 +229,11 @@ case "$N" in
       # call 7 cut it off again at 240 s, build included: timestamps now show where the time goes)
       date +%T; timeout 330 $MT $GQA --systems tiered --rates 26 --out "$RUNS/gqa10-tiered"; date +%T; pack
       timeout 190 $MT $GQA --systems stateless --rates 22 --out "$RUNS/gqa10-stateless"; date +%T ;;
+  38) # (stop 15) issue 2's prefill gap split in two: a dense causal flash attention in plain Triton (contiguous
+      # [B, H, N, D], no pages or GQA packing) beside ours and SDPA on the same shapes; then case 36's first half (the
+      # 8B engine's issue-2 rows and HF generate_batch on the final code)
+      timeout 200 python3 benchmarks/prefill_probe.py --out "$RUNS/prefill-probe" 2>&1 | grep -v "^{"; pack
+      timeout 330 python3 benchmarks/engine_bench.py --models llama-3.1-8b --hf --swap-variants "" --out "$RUNS/engine" ;;
   6)  # the engine in its own process vs on a thread of the benchmark's process, same workload and rate
       timeout 260 $MT $GQA --systems tiered --rates 22 --out "$RUNS/gqa10-tiered-thread"
       timeout 290 $MT $GQA --systems tiered --rates 22 --engine-process --out "$RUNS/gqa10-tiered-process" ;;

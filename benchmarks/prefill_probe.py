@@ -1,0 +1,154 @@
+"""How far plain Triton gets on the prefill shapes (a diagnostic, not a benchmark of record).
+
+    python benchmarks/prefill_probe.py --out DIR
+
+Issue 2 asks prefill to run within 1.25x of SDPA, which on the H100 picks cuDNN. Our paged kernel
+stays at 1.35-1.55x (stops 12-13). This splits that gap in two: a dense causal flash attention in
+Triton over contiguous [B, H, N, D] tensors (no pages, no ragged batch, no GQA packing: the layout
+SDPA itself takes), timed on the same shapes and the same GPU beside ours and SDPA. What the dense
+kernel loses to cuDNN is Triton's; what ours loses to the dense kernel is our layout's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernel_bench import LLAMA3_8B, Bench, Shape, bench_ms, rel_err  # noqa: E402
+
+from pensieve.kernels.attention import paged_attention_triton  # noqa: E402
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _dense_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, qk_scale, MASKED: tl.constexpr):
+    k = tl.load(k_ptrs)                                   # [N, D]
+    v = tl.load(v_ptrs)
+    qk = tl.dot(q, tl.trans(k))
+    if MASKED:
+        qk = tl.where(offs_m[:, None] >= start_n + offs_n[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)    # every row sees position 0 first: finite
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk * qk_scale - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _dense_causal_kernel(q, k, v, out, qk_scale, n_ctx, stride_h, stride_t,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    # Heaviest query tiles first, as in our kernel; q/k/v/out are [B*H, N, D] with one stride set.
+    start_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    base = tl.program_id(1).to(tl.int64) * stride_h
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_tile = tl.load(q + base + offs_m[:, None] * stride_t + offs_d[None, :])
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    kv_rows = offs_n[:, None] * stride_t + offs_d[None, :]
+    full = (start_m * BLOCK_M) // BLOCK_N                 # tiles wholly below the diagonal
+    for j in range(0, full):
+        start_n = j * BLOCK_N
+        acc, m_i, l_i = _dense_tile(acc, m_i, l_i, q_tile, k + base + start_n * stride_t + kv_rows,
+                                    v + base + start_n * stride_t + kv_rows, start_n, offs_m, offs_n,
+                                    qk_scale, False)
+    for j in range(full, tl.cdiv((start_m + 1) * BLOCK_M, BLOCK_N)):
+        start_n = j * BLOCK_N
+        acc, m_i, l_i = _dense_tile(acc, m_i, l_i, q_tile, k + base + start_n * stride_t + kv_rows,
+                                    v + base + start_n * stride_t + kv_rows, start_n, offs_m, offs_n,
+                                    qk_scale, True)
+    o = acc / l_i[:, None]
+    tl.store(out + base + offs_m[:, None] * stride_t + offs_d[None, :], o.to(out.dtype.element_ty))
+
+
+def dense_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                 block_m: int, block_n: int, warps: int, stages: int, maxnreg: int | None) -> torch.Tensor:
+    """q, k, v: [B, H, N, D] contiguous, the GQA heads already expanded (as SDPA gets them)."""
+    b, h, n, d = q.shape
+    assert n % block_m == 0 and n % block_n == 0 and q.is_contiguous() and k.is_contiguous()
+    out = torch.empty_like(q)
+    extra = {"maxnreg": maxnreg} if maxnreg else {}
+    _dense_causal_kernel[(n // block_m, b * h)](
+        q, k, v, out, scale * _LOG2E, n, n * d, d,
+        BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=d, num_warps=warps, num_stages=stages, **extra)
+    return out
+
+
+# (block_m, block_n, warps, stages, maxnreg): ours' default, then the usual Hopper flash-attention tiles
+DENSE_CONFIGS = [(128, 64, 8, 2, 128), (128, 128, 8, 3, None), (128, 128, 8, 2, None), (128, 64, 8, 3, None),
+                 (128, 64, 4, 3, None), (64, 64, 4, 3, None), (128, 128, 8, 2, 168)]
+SHAPES = [(1, 4096), (4, 1024), (4, 2048), (2, 8192), (8, 2048), (4, 4096)]
+
+
+def probe(bench: Bench, rows: list[dict]) -> None:
+    import torch.nn.functional as F
+
+    mha = Shape("llama3-8b-mha", 32, 32, 128)     # the same q heads, one KV head each: no GQA packing
+    for batch, length in SHAPES:
+        flops = bench.prefill_flops(batch, length, 0, LLAMA3_8B)
+        scale = 1.0 / math.sqrt(LLAMA3_8B.head_dim)
+        name = f"{batch}x{length}"
+        meta, cache, q, k, v, (qs, ks, vs) = bench.prefill_case(batch, length, LLAMA3_8B)
+        sdpa = bench_ms(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale))
+        ref = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
+
+        def add(kind: str, ms: float, err: float | None, **fields) -> None:
+            row = dict(shape=name, kind=kind, **fields, ms=ms, ratio_vs_sdpa=ms / sdpa,
+                       tflops=flops / ms / 1e9, rel_err_vs_sdpa=err)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+        add("sdpa", sdpa, 0.0)
+        out = paged_attention_triton(q, cache, meta, scale, k=k, v=v)
+        add("ours", bench_ms(lambda: paged_attention_triton(q, cache, meta, scale, k=k, v=v)),
+            rel_err(out, ref.transpose(1, 2).reshape_as(out)))
+        for cfg in DENSE_CONFIGS:
+            fields = dict(zip(("block_m", "block_n", "warps", "stages", "maxnreg"), cfg))
+            try:
+                out = dense_causal(qs, ks, vs, scale, *cfg)
+                add("dense", bench_ms(lambda: dense_causal(qs, ks, vs, scale, *cfg)), rel_err(out, ref), **fields)
+            except Exception as exc:  # out of shared memory or registers: record and go on
+                rows.append(dict(shape=name, kind="dense", **fields, error=repr(exc)[:160]))
+        del meta, cache, q, k, v, qs, ks, vs, ref
+        # Ours with one KV head per q head: the same work without packing 4 heads into a tile's rows
+        meta, cache, q, k, v, _ = bench.prefill_case(batch, length, mha)
+        add("ours_mha", bench_ms(lambda: paged_attention_triton(q, cache, meta, scale, k=k, v=v)), None)
+        del meta, cache, q, k, v
+        torch.cuda.empty_cache()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    try:
+        probe(Bench(torch.device("cuda"), quick=True), rows)
+    finally:
+        (args.out / "prefill_probe.json").write_text(json.dumps(rows, indent=1))
+        keys = ["shape", "kind", "block_m", "block_n", "warps", "stages", "maxnreg", "ms", "ratio_vs_sdpa",
+                "tflops", "rel_err_vs_sdpa", "error"]
+        lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        for r in rows:
+            lines.append("| " + " | ".join(f"{r[k]:.4g}" if isinstance(r.get(k), float) else str(r.get(k, ""))
+                                           for k in keys) + " |")
+        (args.out / "prefill_probe.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

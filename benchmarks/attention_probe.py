@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernel_bench import HBM_BYTES_PER_S, LLAMA3_8B, Bench, graph_round_robin_us  # noqa: E402
+from kernel_bench import HBM_BYTES_PER_S, LLAMA3_8B, Bench, graph_round_robin_us, markdown_table  # noqa: E402
 
 from pensieve.engine import profiling  # noqa: E402
 from pensieve.kernels.attention import choose_config, paged_attention_triton  # noqa: E402
@@ -137,10 +137,7 @@ def main() -> None:
         (args.out / "decode_probe.json").write_text(json.dumps(rows, indent=1))
         keys = ["name", "default", "splits", "warps", "block_n", "stages", "graph_us", "hbm_fraction",
                 "paged_attention_kernel_us", "merge_splits_kernel_us", "rel_err_vs_unsplit", "error"]
-        lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-        for r in rows:
-            lines.append("| " + " | ".join(f"{r[k]:.4g}" if isinstance(r.get(k), float) else str(r.get(k, ""))
-                                           for k in keys) + " |")
+        lines = markdown_table(rows, keys)
         (args.out / "decode_probe.md").write_text("\n".join(lines) + "\n")
         print("\n".join(lines))
 

@@ -234,6 +234,13 @@ case "$N" in
       # 8B engine's issue-2 rows and HF generate_batch on the final code)
       timeout 200 python3 benchmarks/prefill_probe.py --out "$RUNS/prefill-probe" 2>&1 | grep -v "^{"; pack
       timeout 330 python3 benchmarks/engine_bench.py --models llama-3.1-8b --hf --swap-variants "" --out "$RUNS/engine" ;;
+  39) # (stop 15) the prefill kernel's tile addresses made loop-invariant (per-tile 64-bit row multiplies were 11% more
+      # instructions per iteration than the dense kernel's, SASS compiled on the CPU): its CUDA tests, the probe again
+      # (ours and the dense kernel at each launch configuration, and new turns over cached context), then the kernel bench
+      PENSIEVE_TEST_DEVICE=cuda timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels tests/model/test_models_gpu.py \
+        2>&1 | tail -8 | tee "$OUT/gpu_tests.txt"
+      timeout 240 python3 benchmarks/prefill_probe.py --out "$RUNS/prefill-probe" 2>&1 | grep -v "^{"; pack
+      timeout 150 python3 benchmarks/kernel_bench.py --sections prefill,decode --out "$RUNS/kernels" 2>&1 | grep -v "^[|{]" ;;
   6)  # the engine in its own process vs on a thread of the benchmark's process, same workload and rate
       timeout 260 $MT $GQA --systems tiered --rates 22 --out "$RUNS/gqa10-tiered-thread"
       timeout 290 $MT $GQA --systems tiered --rates 22 --engine-process --out "$RUNS/gqa10-tiered-process" ;;

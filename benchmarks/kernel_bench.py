@@ -653,11 +653,14 @@ class Bench:
             keys = [k for k in rows[0] if k not in ("section", "device")]
             for r in rows[1:]:
                 keys += [k for k in r if k not in keys and k not in ("section", "device")]
-            lines += [f"## {section}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-            for r in rows:
-                lines.append("| " + " | ".join(_fmt(r.get(k, "")) for k in keys) + " |")
-            lines.append("")
+            lines += [f"## {section}", "", *markdown_table(rows, keys), ""]
         return "\n".join(lines)
+
+
+def markdown_table(rows: list[dict[str, Any]], keys: list[str]) -> list[str]:
+    """The lines of a markdown table of rows under keys (a row without a key leaves its cell empty)."""
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    return lines + ["| " + " | ".join(_fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
 
 
 def _fmt(x: Any) -> str:

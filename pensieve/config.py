@@ -45,6 +45,10 @@ class CacheConfig:
     conversation_ttl: float | None = None  # seconds an idle named conversation is kept
     persist_path: str | None = None        # load the cache from here at start, save it here at shutdown
 
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:

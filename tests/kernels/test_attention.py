@@ -71,6 +71,28 @@ def test_multi_tile_queries_and_groups(k_nd: bool) -> None:
     _check(out, q, cache, meta, 0.2, torch.float32)
 
 
+@pytest.mark.parametrize("block_size,block_n", [(4, 16), (64, 16), (32, 32)])
+def test_pages_smaller_and_larger_than_a_tile(block_size: int, block_n: int) -> None:
+    """A tile's page offsets are loop-invariant: a tile spanning several pages, a tile inside one
+    page (at an offset that moves with the tile) and one page per tile all read the right KV."""
+    num_blocks = 64 if block_size == 4 else 12
+    meta = make_batch(MIXED, block_size, num_blocks)
+    cache = random_cache(num_blocks, block_size, 2, 32, torch.float32)
+    q = random_q(meta.positions.shape[0], 4, 32, torch.float32)
+    for k_nd in (False, True):
+        config = LaunchConfig(block_m=16, block_q=8, block_n=block_n, num_splits=1, num_warps=4, num_stages=1, k_nd=k_nd)
+        _check(triton_attention(q, cache, meta, 0.2, config=config), q, cache, meta, 0.2, torch.float32)
+
+
+def test_block_size_must_be_a_power_of_two() -> None:
+    from pensieve.config import CacheConfig
+
+    assert CacheConfig(block_size=32).block_size == 32
+    for bad in (0, 12, 48):
+        with pytest.raises(ValueError, match="power of two"):
+            CacheConfig(block_size=bad)
+
+
 def test_register_cap_keeps_answers() -> None:
     """A register cap (the prefill lever for two programs per SM) changes no answer; on a GPU the cap
     is compiled in, and a tight one spills rather than miscomputes."""

@@ -241,6 +241,12 @@ case "$N" in
         2>&1 | tail -8 | tee "$OUT/gpu_tests.txt"
       timeout 240 python3 benchmarks/prefill_probe.py --out "$RUNS/prefill-probe" 2>&1 | grep -v "^{"; pack
       timeout 150 python3 benchmarks/kernel_bench.py --sections prefill,decode --out "$RUNS/kernels" 2>&1 | grep -v "^[|{]" ;;
+  40) # (stop 15) case 39 found kernel_bench and the probe had timed the gather path (their metadata never said "suffix"):
+      # ours as the engine runs a prefill (new K/V from the layer, no paged loop without context), with the scan lookup,
+      # with the empty paged loops, and gathered, at each launch configuration; the CUDA tests with room to finish
+      PENSIEVE_TEST_DEVICE=cuda timeout 270 python3 -m pytest -q -p no:cacheprovider tests/kernels tests/model/test_models_gpu.py \
+        2>&1 | tail -8 | tee "$OUT/gpu_tests.txt"
+      timeout 300 python3 benchmarks/prefill_probe.py --out "$RUNS/prefill-probe" 2>&1 | grep -v "^{" | tail -5 ;;
   6)  # the engine in its own process vs on a thread of the benchmark's process, same workload and rate
       timeout 260 $MT $GQA --systems tiered --rates 22 --out "$RUNS/gqa10-tiered-thread"
       timeout 290 $MT $GQA --systems tiered --rates 22 --engine-process --out "$RUNS/gqa10-tiered-process" ;;

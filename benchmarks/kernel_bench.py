@@ -152,6 +152,10 @@ def build_meta(
         max_query_len=max(len(p) for _, p in seqs),
         max_seq_len=max_seq_len or max(s for s, _ in seqs),
         decode_only=all(len(p) == 1 for _, p in seqs),
+        # as the runner sets them: the new tokens' own K/V are read from the layer's tensors (when
+        # passed) only if every sequence's new positions are its last ones
+        new_tokens_are_suffix=all(p == list(range(s - len(p), s)) for s, p in seqs),
+        has_context=any(s > len(p) for s, p in seqs),
     )
 
 

@@ -13,6 +13,7 @@ turn over a cached conversation (new tokens over context), the prefill Pensieve 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -28,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernel_bench import LLAMA3_8B, Bench, Shape, bench_ms, markdown_table, rel_err  # noqa: E402
 
 from pensieve.kernels.attention import LaunchConfig, paged_attention_triton  # noqa: E402
+from pensieve.model.metadata import AttentionMetadata  # noqa: E402
 
 _LOG2E = 1.4426950408889634
 
@@ -90,14 +92,25 @@ def dense_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 
 
 # (block_m, block_n, warps, stages, maxnreg): ours' default, then the usual Hopper flash-attention tiles
-CONFIGS = [(128, 64, 8, 2, 128), (128, 128, 8, 3, None), (128, 64, 8, 3, None), (64, 64, 4, 3, None),
-           (128, 128, 8, 2, None), (64, 128, 4, 2, None)]
+CONFIGS = [(128, 64, 8, 2, 128), (128, 128, 8, 3, None), (64, 64, 4, 3, None), (128, 128, 8, 2, None)]
 SHAPES = [(1, 4096), (4, 1024), (4, 2048), (2, 8192), (8, 2048), (4, 4096)]
 CTX_SHAPES = [(1, 2048, 2048), (4, 512, 1536), (8, 256, 1792)]   # a new turn over a cached conversation
 
 
 def ours_config(block_m: int, block_n: int, warps: int, stages: int, maxnreg: int | None, group: int) -> LaunchConfig:
     return LaunchConfig(block_m, block_m // group, block_n, 1, warps, stages, k_nd=True, maxnreg=maxnreg)
+
+
+def ours_variants(meta: AttentionMetadata, launch: LaunchConfig):
+    """(kind, metadata, launch) of each way ours can run the batch: as the engine runs a suffix prefill
+    (new K/V from the layer's tensors, no paged loop without context), with the tile -> sequence
+    lookup by counting, with the paged loops compiled in though empty, and every position gathered
+    through the block table (how a recompute runs)."""
+    yield "ours", meta, launch
+    yield "ours_scan", meta, dataclasses.replace(launch, scan_seq=True)
+    if not meta.has_context:
+        yield "ours_ctxloops", dataclasses.replace(meta, has_context=True), launch
+    yield "gather", dataclasses.replace(meta, new_tokens_are_suffix=False), launch
 
 
 def probe(bench: Bench, rows: list[dict]) -> None:
@@ -114,6 +127,17 @@ def probe(bench: Bench, rows: list[dict]) -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
+    def run_ours(name: str, meta, cache, q, k, v, flops: float, sdpa: float | None, ref: torch.Tensor) -> None:
+        add(name, "ours_default", bench_ms(lambda: paged_attention_triton(q, cache, meta, scale, k=k, v=v)),
+            flops, sdpa, rel_err(paged_attention_triton(q, cache, meta, scale, k=k, v=v), ref))
+        for cfg in CONFIGS:
+            for kind, m, launch in ours_variants(meta, ours_config(*cfg, group)):
+                call = lambda: paged_attention_triton(q, cache, m, scale, launch, k, v)  # noqa: E731
+                try:
+                    add(name, kind, bench_ms(call), flops, sdpa, rel_err(call(), ref), **fields_of(cfg))
+                except Exception as exc:  # out of shared memory or registers: record and go on
+                    rows.append(dict(shape=name, kind=kind, **fields_of(cfg), error=repr(exc)[:160]))
+
     for batch, length in SHAPES:
         flops = bench.prefill_flops(batch, length, 0, LLAMA3_8B)
         name = f"{batch}x{length}"
@@ -121,20 +145,13 @@ def probe(bench: Bench, rows: list[dict]) -> None:
         sdpa = bench_ms(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale))
         ref = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
         add(name, "sdpa", sdpa, flops, sdpa, 0.0)
-        out = paged_attention_triton(q, cache, meta, scale, k=k, v=v)
-        add(name, "ours_default", bench_ms(lambda: paged_attention_triton(q, cache, meta, scale, k=k, v=v)),
-            flops, sdpa, rel_err(out, ref.transpose(1, 2).reshape_as(out)))
+        run_ours(name, meta, cache, q, k, v, flops, sdpa, ref.transpose(1, 2).reshape(q.shape))
         for cfg in CONFIGS:
-            launch = ours_config(*cfg, group)
-            for kind, call, expect in (
-                    ("dense", lambda: dense_causal(qs, ks, vs, scale, *cfg), ref),
-                    ("ours", lambda: paged_attention_triton(q, cache, meta, scale, launch, k, v),
-                     ref.transpose(1, 2).reshape(q.shape))):
-                try:
-                    out = call()
-                    add(name, kind, bench_ms(call), flops, sdpa, rel_err(out, expect), **fields_of(cfg))
-                except Exception as exc:  # out of shared memory or registers: record and go on
-                    rows.append(dict(shape=name, kind=kind, **fields_of(cfg), error=repr(exc)[:160]))
+            try:
+                add(name, "dense", bench_ms(lambda: dense_causal(qs, ks, vs, scale, *cfg)), flops, sdpa,
+                    rel_err(dense_causal(qs, ks, vs, scale, *cfg), ref), **fields_of(cfg))
+            except Exception as exc:
+                rows.append(dict(shape=name, kind="dense", **fields_of(cfg), error=repr(exc)[:160]))
         del meta, cache, q, k, v, qs, ks, vs, ref
         # Ours with one KV head per q head: the same work without packing 4 heads into a tile's rows
         meta, cache, q, k, v, _ = bench.prefill_case(batch, length, mha)
@@ -142,21 +159,11 @@ def probe(bench: Bench, rows: list[dict]) -> None:
             sdpa, None)
         del meta, cache, q, k, v
         torch.cuda.empty_cache()
-    for batch, length, ctx in CTX_SHAPES:   # no SDPA here: ours against itself, checked against the default
+    for batch, length, ctx in CTX_SHAPES:   # no SDPA here: ours against itself, checked against the gather path
         flops = bench.prefill_flops(batch, length, ctx, LLAMA3_8B)
-        name = f"{batch}x{length}+ctx{ctx}"
         meta, cache, q, k, v, _ = bench.prefill_case(batch, length, LLAMA3_8B, ctx)
-        ref = paged_attention_triton(q, cache, meta, scale, k=k, v=v)
-        add(name, "ours_default", bench_ms(lambda: paged_attention_triton(q, cache, meta, scale, k=k, v=v)),
-            flops, None, 0.0)
-        for cfg in CONFIGS:
-            launch = ours_config(*cfg, group)
-            try:
-                out = paged_attention_triton(q, cache, meta, scale, launch, k, v)
-                add(name, "ours", bench_ms(lambda: paged_attention_triton(q, cache, meta, scale, launch, k, v)),
-                    flops, None, rel_err(out, ref), **fields_of(cfg))
-            except Exception as exc:
-                rows.append(dict(shape=name, kind="ours", **fields_of(cfg), error=repr(exc)[:160]))
+        ref = paged_attention_triton(q, cache, dataclasses.replace(meta, new_tokens_are_suffix=False), scale)
+        run_ours(f"{batch}x{length}+ctx{ctx}", meta, cache, q, k, v, flops, None, ref)
         del meta, cache, q, k, v
         torch.cuda.empty_cache()
 

@@ -1,6 +1,7 @@
 """Instructions per KV tile of the attention kernel, compiled for the H100 (sm_90) on any machine.
 
     python benchmarks/sass_loops.py                # prefill launch, beside the dense reference kernel
+    python benchmarks/sass_loops.py --context      # prefill of a new turn over cached context
     python benchmarks/sass_loops.py --decode       # a decode launch (64 splits)
 
 Triton ships ptxas and cuobjdump, so a kernel compiles to SASS without a GPU. Each loop of the
@@ -62,7 +63,7 @@ def loops(sass: str) -> list[tuple[int, collections.Counter]]:
     return [f for f in found if f[1]["HGMMA"] or f[1]["HMMA"]]       # the KV-tile loops
 
 
-def paged_sass(decode: bool, block_n: int, warps: int, stages: int, maxnreg: int | None):
+def paged_sass(decode: bool, block_n: int, warps: int, stages: int, maxnreg: int | None, context: bool = False):
     from pensieve.kernels import attention
 
     pointers = ["out", "q", "kv_cache", "block_tables", "positions", "query_start_loc", "seq_lens", "part_acc",
@@ -74,7 +75,7 @@ def paged_sass(decode: bool, block_n: int, warps: int, stages: int, maxnreg: int
     signature = {p: types.get(p, "*bf16") for p in pointers} | dict(qk_scale="fp32", num_seqs="i32")
     signature |= {s: "i32" for s in strides}
     splits = 64 if decode else 1
-    constexprs = dict(NEW_KV=not decode, GROUP=4, GROUP_PAD=4, BLOCK_Q=1 if decode else 32,
+    constexprs = dict(NEW_KV=not decode, CTX=decode or context, SCAN=False, GROUP=4, GROUP_PAD=4, BLOCK_Q=1 if decode else 32,
                       BLOCK_M=16 if decode else 128, BLOCK_N=block_n, BLOCK_SIZE=16, HEAD_DIM=128, D_PAD=128,
                       NUM_SPLITS=splits, DECODE=decode, PRECISION="tf32", K_ND=not decode,
                       PDL_WAIT=decode, PDL_TRIGGER=decode)
@@ -100,14 +101,16 @@ def main() -> None:
     parser.add_argument("--warps", type=int)
     parser.add_argument("--stages", type=int, default=2)
     parser.add_argument("--maxnreg", type=int)
+    parser.add_argument("--context", action="store_true", help="prefill over cached context (the paged loops too)")
     args = parser.parse_args()
     os.environ.pop("TRITON_INTERPRET", None)
     if args.decode:
         block_n, warps, maxnreg = args.block_n or 32, args.warps or 4, args.maxnreg
         kernels = {"paged decode": paged_sass(True, block_n, warps, args.stages, maxnreg)}
     else:
-        block_n, warps, maxnreg = args.block_n or 64, args.warps or 8, args.maxnreg or 128
-        kernels = {"paged prefill": paged_sass(False, block_n, warps, args.stages, maxnreg),
+        block_n, warps = args.block_n or 64, args.warps or 8
+        maxnreg = 128 if args.maxnreg is None else (args.maxnreg or None)   # --maxnreg 0: no cap
+        kernels = {"paged prefill": paged_sass(False, block_n, warps, args.stages, maxnreg, args.context),
                    "dense reference": dense_sass(block_n, warps, args.stages, maxnreg)}
     print("| kernel | loop | instructions | " + " | ".join(COLUMNS) + " |")
     print("|---|---|---|" + "---|" * len(COLUMNS))

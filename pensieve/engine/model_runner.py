@@ -200,7 +200,7 @@ class ModelRunner:
             seq_lens=put(seq_lens, torch.int32), block_tables=put(table, torch.int32),
             slot_mapping=put(slots, torch.int64), block_size=self.block_size,
             max_query_len=int(max_q), max_seq_len=int(seq_lens.max()), decode_only=decode_only,
-            new_tokens_are_suffix=suffix, wait_for_layer=wait)
+            new_tokens_are_suffix=suffix, has_context=bool((seq_lens > np.diff(qsl)).any()), wait_for_layer=wait)
 
     def _prepare(self, plan: StepPlan, wait, as_rows: bool,
                  with_ids: bool = True) -> tuple[torch.Tensor | None, AttentionMetadata, torch.Tensor]:

@@ -50,6 +50,18 @@ def _find_seq(query_start_loc, num_seqs, pid, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
+def _scan_seq(query_start_loc, num_seqs, pid, BLOCK_Q: tl.constexpr):
+    # The same sequence, counted: how many sequences' first tiles are <= pid, 64 sequences per load,
+    # so up to 64 sequences cost one load instead of a binary search's chain of dependent ones.
+    count = tl.program_id(0) * 0
+    for c in range(0, num_seqs, 64):
+        b = c + tl.arange(0, 64)
+        first = tl.load(query_start_loc + b, mask=b < num_seqs, other=0) // BLOCK_Q + b
+        count += tl.sum(((first <= pid) & (b < num_seqs)).to(tl.int32), 0)
+    return count - 1
+
+
+@triton.jit
 def _online_softmax(
     acc, m_i, l_i, q, k, v, visible, qk_scale,
     MASKED: tl.constexpr, PRECISION: tl.constexpr,
@@ -157,6 +169,8 @@ def _paged_attention_kernel(
     stride_cb, stride_ckv, stride_cs, stride_ch,
     stride_bt, stride_knt, stride_knh, stride_vnt, stride_vnh,
     NEW_KV: tl.constexpr,                   # new tokens' K/V from k_new / v_new instead of the cache
+    CTX: tl.constexpr,                      # some sequence has cached context (else no paged loop, NEW_KV only)
+    SCAN: tl.constexpr,                     # tile -> sequence by counting, not binary search
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     NUM_SPLITS: tl.constexpr, DECODE: tl.constexpr, PRECISION: tl.constexpr, K_ND: tl.constexpr,
@@ -181,7 +195,10 @@ def _paged_attention_kernel(
         q_lo = pid
         q_end = pid + 1
     else:
-        seq = _find_seq(query_start_loc, num_seqs, pid, BLOCK_Q)
+        if SCAN:
+            seq = _scan_seq(query_start_loc, num_seqs, pid, BLOCK_Q)
+        else:
+            seq = _find_seq(query_start_loc, num_seqs, pid, BLOCK_Q)
         seq_first = tl.load(query_start_loc + seq)
         q_lo = seq_first + (pid - (seq_first // BLOCK_Q + seq)) * BLOCK_Q
         q_end = tl.load(query_start_loc + seq + 1)
@@ -231,23 +248,24 @@ def _paged_attention_kernel(
     # Address parts that no tile changes, computed once (int32: a page or a tile of rows spans far
     # less than 2^31 elements). Recomputing 64-bit row offsets per tile cost 11% more instructions
     # in the prefill loop than a dense kernel's (SASS, stop 15).
-    kv_head = kv_cache + kvh * stride_ch
-    in_page = (offs_n % BLOCK_SIZE) * stride_cs                          # [N]
-    if K_ND:
-        k_offs = in_page[:, None] + offs_d[None, :]
-    else:
-        k_offs = in_page[None, :] + offs_d[:, None]
-    v_offs = in_page[:, None] + stride_ckv + offs_d[None, :]
-    for tile in range(t_lo, t_full):
-        acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q_tile, q_pos, qk_scale, kv_head, bt_row, tile, kv_end, k_offs, v_offs,
-            stride_cb, stride_cs, offs_d, offs_n,
-            BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, False, PRECISION, K_ND)
-    for tile in range(t_full, t_hi):
-        acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q_tile, q_pos, qk_scale, kv_head, bt_row, tile, kv_end, k_offs, v_offs,
-            stride_cb, stride_cs, offs_d, offs_n,
-            BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, True, PRECISION, K_ND)
+    if CTX:
+        kv_head = kv_cache + kvh * stride_ch
+        in_page = (offs_n % BLOCK_SIZE) * stride_cs                      # [N]
+        if K_ND:
+            k_offs = in_page[:, None] + offs_d[None, :]
+        else:
+            k_offs = in_page[None, :] + offs_d[:, None]
+        v_offs = in_page[:, None] + stride_ckv + offs_d[None, :]
+        for tile in range(t_lo, t_full):
+            acc, m_i, l_i = _attend_tile(
+                acc, m_i, l_i, q_tile, q_pos, qk_scale, kv_head, bt_row, tile, kv_end, k_offs, v_offs,
+                stride_cb, stride_cs, offs_d, offs_n,
+                BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, False, PRECISION, K_ND)
+        for tile in range(t_full, t_hi):
+            acc, m_i, l_i = _attend_tile(
+                acc, m_i, l_i, q_tile, q_pos, qk_scale, kv_head, bt_row, tile, kv_end, k_offs, v_offs,
+                stride_cb, stride_cs, offs_d, offs_n,
+                BLOCK_N, BLOCK_SIZE, HEAD_DIM, D_PAD, True, PRECISION, K_ND)
     if NEW_KV:
         # New-token tiles start at the sequence's first row; those ending at or before the
         # program's first query row need no mask.
@@ -322,6 +340,7 @@ class LaunchConfig:
     # letting the store trigger it early measured slower, stop 13).
     pdl_merge: bool = False
     pdl_attention: bool = False
+    scan_seq: bool = False   # (stop 15 lever, under measurement) tile -> sequence by counting
 
 
 def choose_config(
@@ -451,7 +470,7 @@ def paged_attention_triton(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         meta.block_tables.stride(0), *k_strides, *v_strides,
-        NEW_KV=new_kv, GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=config.block_q, BLOCK_M=config.block_m,
+        NEW_KV=new_kv, CTX=not new_kv or meta.has_context, SCAN=config.scan_seq, GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=config.block_q, BLOCK_M=config.block_m,
         BLOCK_N=config.block_n, BLOCK_SIZE=block_size, HEAD_DIM=head_dim, D_PAD=d_pad,
         NUM_SPLITS=splits, DECODE=decode, PRECISION=precision, K_ND=config.k_nd,
         PDL_WAIT=pdl_attention, PDL_TRIGGER=pdl_merge,
@@ -497,7 +516,8 @@ def warm_up_attention(kv_cache: torch.Tensor, num_heads: int, dtype: torch.dtype
             q, k, v = qkv.split([num_heads, num_kv_heads, num_kv_heads], dim=1)
             paged_attention_triton(q, kv_cache, meta, 1.0)                # new K/V from the cache (recompute)
             paged_attention_triton(q, kv_cache, meta, 1.0, k=k, v=v)      # new K/V from the layer's own
-            launches += 2
+            paged_attention_triton(q, kv_cache, replace(meta, has_context=False), 1.0, k=k, v=v)   # and no context
+            launches += 3
     torch.cuda.synchronize(device)
     return launches
 

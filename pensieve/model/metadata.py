@@ -32,6 +32,9 @@ class AttentionMetadata:
     # Every sequence's new tokens are its last positions, seq_len - q_len .. seq_len - 1 (no recomputed
     # prefix split from a new turn): attention may then read them from the layer's own K/V.
     new_tokens_are_suffix: bool = False
+    # Some sequence has KV positions before its new tokens (cached context). False lets a prefill of
+    # suffixes skip the paged-cache loops of attention altogether.
+    has_context: bool = True
     # Called before layer l reads the cache: waits (on the device, via an event)
     # until layer l's swapped-in blocks have arrived. None when nothing is swapped in.
     wait_for_layer: Callable[[int], None] | None = None

@@ -73,6 +73,7 @@ def make_batch(
         max_seq_len=max(lens),
         decode_only=all(len(p) == 1 for _, p in seqs),
         new_tokens_are_suffix=all(p == list(range(n - len(p), n)) for n, p in seqs),
+        has_context=any(n > len(p) for n, p in seqs),
     )
 
 

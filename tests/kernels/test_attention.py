@@ -150,6 +150,35 @@ def test_new_kv_from_layer_tensors(num_heads: int, num_kv_heads: int, head_dim: 
                                atol=TOL[dtype], rtol=TOL[dtype])
 
 
+def test_prefill_without_context_skips_the_cache() -> None:
+    """A batch of whole prompts (no sequence has cached context) runs without the paged loops: its
+    answer comes from the layer's K/V alone (the cache is poisoned), and equals the reference."""
+    meta = make_batch([(20, list(range(20))), (7, list(range(7))), (33, list(range(33))), (1, [0])],
+                      BLOCK_SIZE, NUM_BLOCKS)
+    assert meta.new_tokens_are_suffix and not meta.has_context
+    cache = random_cache(NUM_BLOCKS, BLOCK_SIZE, 2, 32, torch.float32)
+    q = random_q(meta.positions.shape[0], 8, 32, torch.float32)
+    k, v = _new_kv_from_cache(cache, meta, 32)
+    config = LaunchConfig(block_m=32, block_q=8, block_n=16, num_splits=1, num_warps=4, num_stages=1, k_nd=True)
+    out = run_kernel(paged_attention_triton, q, cache, meta, 0.2, config, k, v)
+    _check(out, q, cache, meta, 0.2, torch.float32)
+    poisoned = run_kernel(paged_attention_triton, q, torch.full_like(cache, 1e4), meta, 0.2, config, k, v)
+    torch.testing.assert_close(poisoned, out)
+
+
+def test_scan_seq_finds_the_same_sequences() -> None:
+    """The tile -> sequence lookup by counting gives the binary search's answer, over more than one
+    64-sequence chunk."""
+    seqs = [(n % 5 + 1, list(range(n % 5 + 1))) for n in range(70)] + MIXED
+    meta = make_batch(seqs, BLOCK_SIZE, 128)
+    cache = random_cache(128, BLOCK_SIZE, 2, 32, torch.float32)
+    q = random_q(meta.positions.shape[0], 4, 32, torch.float32)
+    config = LaunchConfig(block_m=16, block_q=8, block_n=16, num_splits=1, num_warps=4, num_stages=1)
+    out = triton_attention(q, cache, meta, 0.2, config=dataclasses.replace(config, scan_seq=True))
+    torch.testing.assert_close(out, triton_attention(q, cache, meta, 0.2, config=config), atol=0, rtol=0)
+    _check(out, q, cache, meta, 0.2, torch.float32)
+
+
 def test_new_kv_ignored_unless_suffix() -> None:
     """A batch with a recomputed prefix apart from its new turn reads every position from the
     cache even when K/V are passed: poisoned K/V would otherwise show in the output."""

@@ -247,6 +247,19 @@ case "$N" in
       PENSIEVE_TEST_DEVICE=cuda timeout 270 python3 -m pytest -q -p no:cacheprovider tests/kernels tests/model/test_models_gpu.py \
         2>&1 | tail -8 | tee "$OUT/gpu_tests.txt"
       timeout 300 python3 benchmarks/prefill_probe.py --out "$RUNS/prefill-probe" 2>&1 | grep -v "^{" | tail -5 ;;
+  41) # (stop 15) the final prefill code (loop-invariant tile addresses, no paged loop without context, 64-row tiles for
+      # small batches of whole prompts): the CUDA tests of everything attention touches, the kernel bench's tables
+      # against SDPA and the HBM roofline, then the 8B engine's prefill and batch-1 decode
+      PENSIEVE_TEST_DEVICE=cuda timeout 290 python3 -m pytest -q -p no:cacheprovider tests/kernels tests/model/test_models_gpu.py \
+        tests/engine/test_conversation_cache.py tests/engine/test_async_scheduling.py 2>&1 | tail -8 | tee "$OUT/gpu_tests.txt"
+      timeout 120 python3 benchmarks/kernel_bench.py --sections prefill,decode --out "$RUNS/kernels" 2>&1 | grep -v "^[|{]"; pack
+      timeout 170 python3 benchmarks/engine_bench.py --models llama-3.1-8b --decode-batches 1 --swap-variants "" \
+        --out "$RUNS/engine" 2>&1 | grep -v "^{" ;;
+  42) # (stop 15) the probe on the final code (a second machine for the launch rule), then case 36's second half: OPT-13B
+      # (the paper's MHA model) decode at two contexts
+      timeout 200 python3 benchmarks/prefill_probe.py --out "$RUNS/prefill-probe" 2>&1 | grep -v "^{" | tail -3; pack
+      timeout 280 python3 benchmarks/engine_bench.py --models opt-13b --skip-prefill --decode-batches 1,8,32 \
+        --decode-ctx 128,1024 --swap-variants "" --out "$RUNS/engine-opt-13b" 2>&1 | grep -v "^{" ;;
   6)  # the engine in its own process vs on a thread of the benchmark's process, same workload and rate
       timeout 260 $MT $GQA --systems tiered --rates 22 --out "$RUNS/gqa10-tiered-thread"
       timeout 290 $MT $GQA --systems tiered --rates 22 --engine-process --out "$RUNS/gqa10-tiered-process" ;;

@@ -103,11 +103,10 @@ def ours_config(block_m: int, block_n: int, warps: int, stages: int, maxnreg: in
 
 def ours_variants(meta: AttentionMetadata, launch: LaunchConfig):
     """(kind, metadata, launch) of each way ours can run the batch: as the engine runs a suffix prefill
-    (new K/V from the layer's tensors, no paged loop without context), with the tile -> sequence
-    lookup by counting, with the paged loops compiled in though empty, and every position gathered
-    through the block table (how a recompute runs)."""
+    (new K/V from the layer's tensors, no paged loop without context), with the paged loops compiled
+    in though empty, and every position gathered through the block table (how a recompute runs).
+    (Stop 15 also tried finding a tile's sequence by counting instead of binary search: no change.)"""
     yield "ours", meta, launch
-    yield "ours_scan", meta, dataclasses.replace(launch, scan_seq=True)
     if not meta.has_context:
         yield "ours_ctxloops", dataclasses.replace(meta, has_context=True), launch
     yield "gather", dataclasses.replace(meta, new_tokens_are_suffix=False), launch

@@ -50,18 +50,6 @@ def _find_seq(query_start_loc, num_seqs, pid, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
-def _scan_seq(query_start_loc, num_seqs, pid, BLOCK_Q: tl.constexpr):
-    # The same sequence, counted: how many sequences' first tiles are <= pid, 64 sequences per load,
-    # so up to 64 sequences cost one load instead of a binary search's chain of dependent ones.
-    count = tl.program_id(0) * 0
-    for c in range(0, num_seqs, 64):
-        b = c + tl.arange(0, 64)
-        first = tl.load(query_start_loc + b, mask=b < num_seqs, other=0) // BLOCK_Q + b
-        count += tl.sum(((first <= pid) & (b < num_seqs)).to(tl.int32), 0)
-    return count - 1
-
-
-@triton.jit
 def _online_softmax(
     acc, m_i, l_i, q, k, v, visible, qk_scale,
     MASKED: tl.constexpr, PRECISION: tl.constexpr,
@@ -170,7 +158,6 @@ def _paged_attention_kernel(
     stride_bt, stride_knt, stride_knh, stride_vnt, stride_vnh,
     NEW_KV: tl.constexpr,                   # new tokens' K/V from k_new / v_new instead of the cache
     CTX: tl.constexpr,                      # some sequence has cached context (else no paged loop, NEW_KV only)
-    SCAN: tl.constexpr,                     # tile -> sequence by counting, not binary search
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     NUM_SPLITS: tl.constexpr, DECODE: tl.constexpr, PRECISION: tl.constexpr, K_ND: tl.constexpr,
@@ -195,10 +182,7 @@ def _paged_attention_kernel(
         q_lo = pid
         q_end = pid + 1
     else:
-        if SCAN:
-            seq = _scan_seq(query_start_loc, num_seqs, pid, BLOCK_Q)
-        else:
-            seq = _find_seq(query_start_loc, num_seqs, pid, BLOCK_Q)
+        seq = _find_seq(query_start_loc, num_seqs, pid, BLOCK_Q)
         seq_first = tl.load(query_start_loc + seq)
         q_lo = seq_first + (pid - (seq_first // BLOCK_Q + seq)) * BLOCK_Q
         q_end = tl.load(query_start_loc + seq + 1)
@@ -340,12 +324,12 @@ class LaunchConfig:
     # letting the store trigger it early measured slower, stop 13).
     pdl_merge: bool = False
     pdl_attention: bool = False
-    scan_seq: bool = False   # (stop 15 lever, under measurement) tile -> sequence by counting
 
 
 def choose_config(
     num_seqs: int, max_query_len: int, max_seq_len: int, num_kv_heads: int, group: int,
     head_dim: int, decode_only: bool, on_gpu: bool, num_sms: int = 132, elem_bytes: int = 2,
+    prompt_tokens: int | None = None,
 ) -> LaunchConfig:
     """Tile sizes from host ints only (so a decode launch is graph-capturable). elem_bytes: 4 for
     float32 (tests), whose KV tiles are twice as large: at most 64 positions and 2 stages on a GPU.
@@ -355,6 +339,11 @@ def choose_config(
     to fit shared memory). Uncapped 128 x 128 tiles take 255 registers and 165 KB: one program per
     SM, tensor pipe 38% busy (Nsight Compute, stop 12). The cap made 4 x 1024 and 4 x 2048 tokens
     17% and 14% faster and 1 x 4096 2% slower (Llama-3-8B heads, H100, `kernels/stop12/`).
+    prompt_tokens: the batch is whole prompts (no cached context, new K/V from the layer) of this
+    many tokens. Below 2^18 tokens x query heads (8192 tokens of Llama-3-8B) such a batch has too
+    few 128-row programs to balance the causal triangle's uneven work over the SMs; 64-row tiles,
+    4 warps and 3 stages (two programs per SM) ran 1 x 4096 13% and 4 x 1024 7% faster, and lost
+    at 8 x 2048, 2 x 8192, 4 x 4096 and over cached context (stop 15, `kernels/stop15/prefill_probe*.md`).
     Decode: tiles of >= 16 rows (every tl.dot side >= 16), split over KV until about four programs
     per SM are busy (not below 64 positions per split), 2 stages; programmatic dependent launches at
     8+ splits.
@@ -378,6 +367,8 @@ def choose_config(
         rows = max(16, triton.next_power_of_2(max(1, max_query_len)) * group_pad)
         block_m = max(group_pad, min(big, rows), 16)
         if block_m >= 128 and d_pad <= 128:
+            if prompt_tokens is not None and prompt_tokens * num_kv_heads * group < SMALL_PROMPT_WORK:
+                return _fit(LaunchConfig(64, 64 // group_pad, 64, 1, 4, 3, k_nd=True), on_gpu, elem_bytes)
             return _fit(LaunchConfig(block_m, block_m // group_pad, 64, 1, 8, 2, k_nd=True, maxnreg=128),
                         on_gpu, elem_bytes)
         block_n = 128 if d_pad <= 128 else 32
@@ -389,6 +380,9 @@ def choose_config(
         num_warps, num_stages, k_nd = 4, 1, False
     return _fit(LaunchConfig(block_m, block_m // group_pad, block_n, 1, num_warps, num_stages, k_nd), on_gpu, elem_bytes)
 
+
+# Tokens x query heads under which a batch of whole prompts takes 64-row tiles (choose_config).
+SMALL_PROMPT_WORK = 1 << 18
 
 # NUM_SPLITS is a compile-time constant: powers of two keep decode to these compiled variants, all of
 # which the model runner compiles at start-up (warm_up_attention).
@@ -434,10 +428,15 @@ def paged_attention_triton(
     if T == 0 or num_seqs == 0:
         return out
     on_gpu = q.is_cuda
+    # New tokens' K/V from the layer's tensors: the same values the store wrote, read without the
+    # block table. (Measured no faster than the gather on the H100, stop 12, nor were TMA loads.)
+    new_kv = (k is not None and v is not None and not meta.decode_only and meta.new_tokens_are_suffix
+              and k.dtype == v.dtype == kv_cache.dtype)
     if config is None:
         sms = device_sms(q) if on_gpu else 132
         config = choose_config(num_seqs, meta.max_query_len, meta.max_seq_len, num_kv_heads, group,
-                               head_dim, meta.decode_only, on_gpu, sms, kv_cache.element_size())
+                               head_dim, meta.decode_only, on_gpu, sms, kv_cache.element_size(),
+                               prompt_tokens=T if new_kv and not meta.has_context else None)
     group_pad = triton.next_power_of_2(group)
     d_pad = triton.next_power_of_2(head_dim)
     decode = meta.decode_only and config.block_q == 1
@@ -452,10 +451,7 @@ def paged_attention_triton(
         part_ml = torch.empty((T, num_heads, splits, 2), dtype=torch.float32, device=q.device)
     else:
         part_acc = part_ml = out  # never touched
-    # New tokens' K/V from the layer's tensors: the same values the store wrote, read without the
-    # block table. (Measured no faster than the gather on the H100, stop 12, nor were TMA loads.)
-    new_kv = (k is not None and v is not None and not decode and meta.new_tokens_are_suffix
-              and k.dtype == v.dtype == kv_cache.dtype)
+    new_kv = new_kv and not decode
     k_new, v_new = (k, v) if new_kv else (q, q)   # unread unless NEW_KV
     k_strides = (k.stride(0), k.stride(1)) if new_kv else (0, 0)
     v_strides = (v.stride(0), v.stride(1)) if new_kv else (0, 0)
@@ -470,7 +466,8 @@ def paged_attention_triton(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         meta.block_tables.stride(0), *k_strides, *v_strides,
-        NEW_KV=new_kv, CTX=not new_kv or meta.has_context, SCAN=config.scan_seq, GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=config.block_q, BLOCK_M=config.block_m,
+        NEW_KV=new_kv, CTX=not new_kv or meta.has_context,
+        GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=config.block_q, BLOCK_M=config.block_m,
         BLOCK_N=config.block_n, BLOCK_SIZE=block_size, HEAD_DIM=head_dim, D_PAD=d_pad,
         NUM_SPLITS=splits, DECODE=decode, PRECISION=precision, K_ND=config.k_nd,
         PDL_WAIT=pdl_attention, PDL_TRIGGER=pdl_merge,
@@ -510,14 +507,18 @@ def warm_up_attention(kv_cache: torch.Tensor, num_heads: int, dtype: torch.dtype
         for q_len in (2, 4, 8, 16, 32, 64, 128):  # prefill tile sizes: block_m grows with the query length
             if q_len * group_pad > 128 and q_len > 2:
                 break
-            meta = _tiny_meta(num_seqs, q_len, block_size, device)
+            meta = _tiny_meta(num_seqs, q_len, block_size, device)        # whole prompts: no context
             # q, k, v as views of one projection, as the model passes them (same strides)
             qkv = torch.randn(num_seqs * q_len, num_heads + 2 * num_kv_heads, head_dim, dtype=dtype, device=device)
             q, k, v = qkv.split([num_heads, num_kv_heads, num_kv_heads], dim=1)
             paged_attention_triton(q, kv_cache, meta, 1.0)                # new K/V from the cache (recompute)
-            paged_attention_triton(q, kv_cache, meta, 1.0, k=k, v=v)      # new K/V from the layer's own
-            paged_attention_triton(q, kv_cache, replace(meta, has_context=False), 1.0, k=k, v=v)   # and no context
-            launches += 3
+            paged_attention_triton(q, kv_cache, replace(meta, has_context=True), 1.0, k=k, v=v)  # a new turn
+            paged_attention_triton(q, kv_cache, meta, 1.0, k=k, v=v)      # a small batch of prompts
+            # and a large one, whose launch may differ (choose_config's prompt_tokens)
+            large = choose_config(num_seqs, q_len, q_len, num_kv_heads, group, head_dim, False, True,
+                                  elem_bytes=kv_cache.element_size(), prompt_tokens=1 << 30)
+            paged_attention_triton(q, kv_cache, meta, 1.0, large, k=k, v=v)
+            launches += 4
     torch.cuda.synchronize(device)
     return launches
 
@@ -532,4 +533,4 @@ def _tiny_meta(num_seqs: int, q_len: int, block_size: int, device: torch.device)
         block_tables=torch.zeros(num_seqs, triton.cdiv(q_len, block_size), dtype=torch.int32, device=device),
         slot_mapping=torch.full((num_seqs * q_len,), -1, dtype=torch.int64, device=device),
         block_size=block_size, max_query_len=q_len, max_seq_len=q_len, decode_only=q_len == 1,
-        new_tokens_are_suffix=True)
+        new_tokens_are_suffix=True, has_context=False)

@@ -166,19 +166,6 @@ def test_prefill_without_context_skips_the_cache() -> None:
     torch.testing.assert_close(poisoned, out)
 
 
-def test_scan_seq_finds_the_same_sequences() -> None:
-    """The tile -> sequence lookup by counting gives the binary search's answer, over more than one
-    64-sequence chunk."""
-    seqs = [(n % 5 + 1, list(range(n % 5 + 1))) for n in range(70)] + MIXED
-    meta = make_batch(seqs, BLOCK_SIZE, 128)
-    cache = random_cache(128, BLOCK_SIZE, 2, 32, torch.float32)
-    q = random_q(meta.positions.shape[0], 4, 32, torch.float32)
-    config = LaunchConfig(block_m=16, block_q=8, block_n=16, num_splits=1, num_warps=4, num_stages=1)
-    out = triton_attention(q, cache, meta, 0.2, config=dataclasses.replace(config, scan_seq=True))
-    torch.testing.assert_close(out, triton_attention(q, cache, meta, 0.2, config=config), atol=0, rtol=0)
-    _check(out, q, cache, meta, 0.2, torch.float32)
-
-
 def test_new_kv_ignored_unless_suffix() -> None:
     """A batch with a recomputed prefix apart from its new turn reads every position from the
     cache even when K/V are passed: poisoned K/V would otherwise show in the output."""
@@ -284,6 +271,21 @@ def test_gpu_config_tiles_compile_on_h100() -> None:
                 assert c.block_m >= 16 and c.block_n >= 16 and c.block_m % c.block_q == 0
                 assert c.block_m >= triton_next_pow2(group) * c.block_q or decode
                 assert c.num_splits >= 1 and (c.num_splits == 1 or decode)
+
+
+def test_gpu_prefill_tiles_follow_the_batch() -> None:
+    """A small batch of whole prompts takes 64-row tiles with 3 stages; a large one, or any prefill
+    over cached context (prompt_tokens None), the 128-row tiles capped for two programs per SM."""
+    from pensieve.kernels.attention import SMALL_PROMPT_WORK
+
+    def pick(tokens):
+        return choose_config(4, 1024, 1024, 8, 4, 128, False, on_gpu=True, prompt_tokens=tokens)
+
+    small, large, context = pick(4096), pick(SMALL_PROMPT_WORK // 32), pick(None)
+    assert (small.block_m, small.block_q, small.num_warps, small.num_stages, small.maxnreg) == (64, 16, 4, 3, None)
+    assert large == context and (context.block_m, context.num_stages, context.maxnreg) == (128, 2, 128)
+    # short prompts keep their own small tiles either way
+    assert choose_config(4, 8, 8, 8, 4, 128, False, on_gpu=True, prompt_tokens=32).block_m == 32
 
 
 def triton_next_pow2(x: int) -> int:

@@ -20,8 +20,8 @@
 # Stop 12 ran 18-23 (issue 2's kernels; 18: copy engines for deferred swap-ins, no gain). Stop 13 ran 25-28 and 30
 # (issue 2's kernels and engine), 14 and 29 (the headline on its final code) and 8 (async scheduling in serving). Stop 14
 # ran 31-35 and 37 (the small-batch linear: sweeps, engine and serving A/B, the headline; a tiered point with its
-# checkpoint build takes up to ~250 s, give it 330). Owed next, in order: 36 (the engine's issue-2 rows and HF on the
-# final code, OPT-13B decode), 4 (ablations after the ahead-of-time swap-out change), 6.
+# checkpoint build takes up to ~250 s, give it 330). Stop 15 ran 38-44 (issue 2's prefill kernel; 38 and 42 did case
+# 36's rows). Owed next: 4 (ablations after the ahead-of-time swap-out change), 6.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 OUT=${OUT:-benchmarks/results}
@@ -260,6 +260,16 @@ case "$N" in
       timeout 200 python3 benchmarks/prefill_probe.py --out "$RUNS/prefill-probe" 2>&1 | grep -v "^{" | tail -3; pack
       timeout 280 python3 benchmarks/engine_bench.py --models opt-13b --skip-prefill --decode-batches 1,8,32 \
         --decode-ctx 128,1024 --swap-variants "" --out "$RUNS/engine-opt-13b" 2>&1 | grep -v "^{" ;;
+  43) # (stop 15) the headline pair on the final prefill kernel, one machine: tiered at 26 conv/s, stateless at 22 (stateless
+      # is mostly prefill, so it gains most from the kernel)
+      date +%T; timeout 330 $MT $GQA --systems tiered --rates 26 --out "$RUNS/gqa10-tiered"; date +%T; pack
+      timeout 200 $MT $GQA --systems stateless --rates 22 --out "$RUNS/gqa10-stateless"; date +%T ;;
+  44) # (stop 15) the CUDA tests of the final code (the suffix-flag test now on the FLOP-estimated Cost(l)), then the
+      # GPU-only cache at 22 conv/s beside case 43
+      PENSIEVE_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q -p no:cacheprovider tests/kernels tests/model/test_models_gpu.py \
+        tests/engine/test_conversation_cache.py tests/engine/test_async_scheduling.py tests/engine/test_sampler.py 2>&1 \
+        | tail -8 | tee "$OUT/gpu_tests.txt"
+      timeout 250 $MT $GQA --systems gpu --rates 22 --out "$RUNS/gqa10-gpu" ;;
   6)  # the engine in its own process vs on a thread of the benchmark's process, same workload and rate
       timeout 260 $MT $GQA --systems tiered --rates 22 --out "$RUNS/gqa10-tiered-thread"
       timeout 290 $MT $GQA --systems tiered --rates 22 --engine-process --out "$RUNS/gqa10-tiered-process" ;;

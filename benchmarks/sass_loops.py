@@ -8,12 +8,14 @@ Triton ships ptxas and cuobjdump, so a kernel compiles to SASS without a GPU. Ea
 SASS (a backward branch) is one KV-tile loop of the source; its instruction mix says what a tile
 costs beside the matrix products, so an addressing change can be judged before any device time
 (stop 15: per-tile 64-bit row multiplies made the prefill loop 11% longer than the dense kernel's).
-Also prints registers, stack (spills) and shared memory per program.
+Also prints registers, stack (spills) and shared memory per program. Run it without
+TRITON_INTERPRET: under the interpreter Triton's kernels are not compilable objects.
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import json
 import os
 import re
 import subprocess
@@ -75,7 +77,7 @@ def paged_sass(decode: bool, block_n: int, warps: int, stages: int, maxnreg: int
     signature = {p: types.get(p, "*bf16") for p in pointers} | dict(qk_scale="fp32", num_seqs="i32")
     signature |= {s: "i32" for s in strides}
     splits = 64 if decode else 1
-    constexprs = dict(NEW_KV=not decode, CTX=decode or context, SCAN=False, GROUP=4, GROUP_PAD=4, BLOCK_Q=1 if decode else 32,
+    constexprs = dict(NEW_KV=not decode, CTX=decode or context, GROUP=4, GROUP_PAD=4, BLOCK_Q=1 if decode else 32,
                       BLOCK_M=16 if decode else 128, BLOCK_N=block_n, BLOCK_SIZE=16, HEAD_DIM=128, D_PAD=128,
                       NUM_SPLITS=splits, DECODE=decode, PRECISION="tf32", K_ND=not decode,
                       PDL_WAIT=decode, PDL_TRIGGER=decode)
@@ -102,8 +104,8 @@ def main() -> None:
     parser.add_argument("--stages", type=int, default=2)
     parser.add_argument("--maxnreg", type=int)
     parser.add_argument("--context", action="store_true", help="prefill over cached context (the paged loops too)")
+    parser.add_argument("--json", action="store_true", help="print {kernel: {loops, usage}} as JSON instead")
     args = parser.parse_args()
-    os.environ.pop("TRITON_INTERPRET", None)
     if args.decode:
         block_n, warps, maxnreg = args.block_n or 32, args.warps or 4, args.maxnreg
         kernels = {"paged decode": paged_sass(True, block_n, warps, args.stages, maxnreg)}
@@ -112,6 +114,10 @@ def main() -> None:
         maxnreg = 128 if args.maxnreg is None else (args.maxnreg or None)   # --maxnreg 0: no cap
         kernels = {"paged prefill": paged_sass(False, block_n, warps, args.stages, maxnreg, args.context),
                    "dense reference": dense_sass(block_n, warps, args.stages, maxnreg)}
+    if args.json:
+        print(json.dumps({name: {"loops": [[n, dict(ops)] for n, ops in loops(sass)], "usage": usage}
+                          for name, (sass, usage) in kernels.items()}))
+        return
     print("| kernel | loop | instructions | " + " | ".join(COLUMNS) + " |")
     print("|---|---|---|" + "---|" * len(COLUMNS))
     for name, (sass, usage) in kernels.items():

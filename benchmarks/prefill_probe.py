@@ -167,14 +167,42 @@ def probe(bench: Bench, rows: list[dict]) -> None:
         torch.cuda.empty_cache()
 
 
+RULE_HEADS = [Shape("llama2-13b-gqa10", 40, 10, 128), Shape("mha-32", 32, 32, 128), Shape("group-8", 32, 4, 128)]
+RULE_SHAPES = [(1, 2048), (1, 4096), (4, 1024), (8, 1024), (4, 2048)]
+
+
+def rule_check(bench: Bench, rows: list[dict]) -> None:
+    """choose_config's small-prompt launch (64-row tiles) against the default 128-row one for other
+    head layouts than the Llama-3-8B heads it was measured on: GQA with 40 / 10 heads, MHA, groups of 8."""
+    import torch.nn.functional as F
+
+    for shape in RULE_HEADS:
+        group_pad = 1 << (shape.num_heads // shape.num_kv_heads - 1).bit_length()
+        scale = 1.0 / math.sqrt(shape.head_dim)
+        for batch, length in RULE_SHAPES:
+            flops = bench.prefill_flops(batch, length, 0, shape)
+            meta, cache, q, k, v, (qs, ks, vs) = bench.prefill_case(batch, length, shape)
+            sdpa = bench_ms(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale))
+            name = f"{shape.name} {batch}x{length}"
+            for kind, cfg in (("auto", None), ("small", ours_config(64, 64, 4, 3, None, group_pad)),
+                              ("large", ours_config(128, 64, 8, 2, 128, group_pad))):
+                ms = bench_ms(lambda: paged_attention_triton(q, cache, meta, scale, cfg, k, v))
+                row = dict(shape=name, kind=kind, ms=ms, ratio_vs_sdpa=ms / sdpa, tflops=flops / ms / 1e9)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            del meta, cache, q, k, v, qs, ks, vs
+            torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--rule", action="store_true", help="only the small-prompt launch rule on other head layouts")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     try:
-        probe(Bench(torch.device("cuda"), quick=True), rows)
+        (rule_check if args.rule else probe)(Bench(torch.device("cuda"), quick=True), rows)
     finally:
         (args.out / "prefill_probe.json").write_text(json.dumps(rows, indent=1))
         keys = ["shape", "kind", "block_m", "block_n", "warps", "stages", "maxnreg", "ms", "ratio_vs_sdpa",

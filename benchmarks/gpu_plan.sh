@@ -20,7 +20,7 @@
 # Stop 12 ran 18-23 (issue 2's kernels; 18: copy engines for deferred swap-ins, no gain). Stop 13 ran 25-28 and 30
 # (issue 2's kernels and engine), 14 and 29 (the headline on its final code) and 8 (async scheduling in serving). Stop 14
 # ran 31-35 and 37 (the small-batch linear: sweeps, engine and serving A/B, the headline; a tiered point with its
-# checkpoint build takes up to ~250 s, give it 330). Stop 15 ran 38-45 (issue 2's prefill kernel; 38 and 42 did case
+# checkpoint build takes up to ~250 s, give it 330). Stop 15 ran 38-46 (issue 2's prefill kernel; 38 and 42 did case
 # 36's rows). Owed next: 4 (ablations after the ahead-of-time swap-out change), 6.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -275,6 +275,9 @@ case "$N" in
       timeout 240 python3 benchmarks/prefill_probe.py --rule --out "$RUNS/prefill-rule" 2>&1 | grep -v "^{" | tail -3; pack
       timeout 240 python3 benchmarks/engine_bench.py --models llama-2-13b-gqa10 --decode-batches 1 --swap-variants "" \
         --out "$RUNS/engine-13b-gqa10" 2>&1 | grep -v "^{" ;;
+  46) # (stop 15) the small-prompt launch on MHA heads (32/32 and Llama-2-13B's 40/40) past the threshold, where call 8
+      # found it still 4-9% faster, and over cached context
+      timeout 300 python3 benchmarks/prefill_probe.py --rule-mha --out "$RUNS/prefill-rule-mha" 2>&1 | grep -v "^{" | tail -3 ;;
   6)  # the engine in its own process vs on a thread of the benchmark's process, same workload and rate
       timeout 260 $MT $GQA --systems tiered --rates 22 --out "$RUNS/gqa10-tiered-thread"
       timeout 290 $MT $GQA --systems tiered --rates 22 --engine-process --out "$RUNS/gqa10-tiered-process" ;;

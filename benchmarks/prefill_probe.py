@@ -169,28 +169,36 @@ def probe(bench: Bench, rows: list[dict]) -> None:
 
 RULE_HEADS = [Shape("llama2-13b-gqa10", 40, 10, 128), Shape("mha-32", 32, 32, 128), Shape("group-8", 32, 4, 128)]
 RULE_SHAPES = [(1, 2048), (1, 4096), (4, 1024), (8, 1024), (4, 2048)]
+# MHA past the threshold (stop 15 call 8: the 64-row launch still won at 8192 tokens), and over cached context
+MHA_HEADS = [Shape("mha-32", 32, 32, 128), Shape("llama-2-13b", 40, 40, 128)]
+MHA_SHAPES = [(8, 1024, 0), (4, 2048, 0), (1, 8192, 0), (16, 1024, 0), (4, 4096, 0), (2, 8192, 0),
+              (1, 2048, 2048), (4, 512, 1536)]
 
 
-def rule_check(bench: Bench, rows: list[dict]) -> None:
-    """choose_config's small-prompt launch (64-row tiles) against the default 128-row one for other
-    head layouts than the Llama-3-8B heads it was measured on: GQA with 40 / 10 heads, MHA, groups of 8."""
+def rule_check(bench: Bench, rows: list[dict], heads: list[Shape], shapes: list[tuple[int, int, int]]) -> None:
+    """choose_config's small-prompt launch (64-row tiles) against the default 128-row one on other head
+    layouts than the Llama-3-8B heads it was measured on. `auto` is what choose_config picks."""
     import torch.nn.functional as F
 
-    for shape in RULE_HEADS:
+    for shape in heads:
         group_pad = 1 << (shape.num_heads // shape.num_kv_heads - 1).bit_length()
         scale = 1.0 / math.sqrt(shape.head_dim)
-        for batch, length in RULE_SHAPES:
-            flops = bench.prefill_flops(batch, length, 0, shape)
-            meta, cache, q, k, v, (qs, ks, vs) = bench.prefill_case(batch, length, shape)
-            sdpa = bench_ms(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale))
-            name = f"{shape.name} {batch}x{length}"
+        for batch, length, ctx in shapes:
+            flops = bench.prefill_flops(batch, length, ctx, shape)
+            meta, cache, q, k, v, dense = bench.prefill_case(batch, length, shape, ctx)
+            sdpa = None
+            if dense is not None:
+                qs, ks, vs = dense
+                sdpa = bench_ms(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale))
+            name = f"{shape.name} {batch}x{length}" + (f"+ctx{ctx}" if ctx else "")
             for kind, cfg in (("auto", None), ("small", ours_config(64, 64, 4, 3, None, group_pad)),
                               ("large", ours_config(128, 64, 8, 2, 128, group_pad))):
                 ms = bench_ms(lambda: paged_attention_triton(q, cache, meta, scale, cfg, k, v))
-                row = dict(shape=name, kind=kind, ms=ms, ratio_vs_sdpa=ms / sdpa, tflops=flops / ms / 1e9)
+                row = dict(shape=name, kind=kind, ms=ms, ratio_vs_sdpa=ms / sdpa if sdpa else None,
+                           tflops=flops / ms / 1e9)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-            del meta, cache, q, k, v, qs, ks, vs
+            del meta, cache, q, k, v, dense
             torch.cuda.empty_cache()
 
 
@@ -198,11 +206,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--rule", action="store_true", help="only the small-prompt launch rule on other head layouts")
+    parser.add_argument("--rule-mha", action="store_true", help="only the same for MHA past the threshold")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     try:
-        (rule_check if args.rule else probe)(Bench(torch.device("cuda"), quick=True), rows)
+        bench = Bench(torch.device("cuda"), quick=True)
+        if args.rule:
+            rule_check(bench, rows, RULE_HEADS, [(b, n, 0) for b, n in RULE_SHAPES])
+        elif args.rule_mha:
+            rule_check(bench, rows, MHA_HEADS, MHA_SHAPES)
+        else:
+            probe(bench, rows)
     finally:
         (args.out / "prefill_probe.json").write_text(json.dumps(rows, indent=1))
         keys = ["shape", "kind", "block_m", "block_n", "warps", "stages", "maxnreg", "ms", "ratio_vs_sdpa",

@@ -326,7 +326,8 @@ class LaunchConfig:
     pdl_attention: bool = False
 
 
-# Tokens x query heads under which a batch of whole prompts takes 64-row tiles (choose_config).
+# Tokens x query heads under which a batch of whole prompts takes 64-row tiles (choose_config);
+# twice that with one query head per KV head (MHA), whose tiles read four times the KV bytes.
 SMALL_PROMPT_WORK = 1 << 18
 
 def choose_config(
@@ -347,6 +348,8 @@ def choose_config(
     few 128-row programs to balance the causal triangle's uneven work over the SMs; 64-row tiles,
     4 warps and 3 stages (two programs per SM) ran 1 x 4096 13% and 4 x 1024 7% faster, and lost
     at 8 x 2048, 2 x 8192, 4 x 4096 and over cached context (stop 15, `kernels/stop15/prefill_probe*.md`).
+    MHA heads (32 / 32 and 40 / 40) still gained 4-9% at 8192 tokens and tied or lost at 16384
+    (`prefill_rule_mha_call9.md`): their threshold is twice as high.
     Decode: tiles of >= 16 rows (every tl.dot side >= 16), split over KV until about four programs
     per SM are busy (not below 64 positions per split), 2 stages; programmatic dependent launches at
     8+ splits.
@@ -370,7 +373,8 @@ def choose_config(
         rows = max(16, triton.next_power_of_2(max(1, max_query_len)) * group_pad)
         block_m = max(group_pad, min(big, rows), 16)
         if block_m >= 128 and d_pad <= 128:
-            if prompt_tokens is not None and prompt_tokens * num_kv_heads * group < SMALL_PROMPT_WORK:
+            small_work = SMALL_PROMPT_WORK * (2 if group == 1 else 1)
+            if prompt_tokens is not None and prompt_tokens * num_kv_heads * group < small_work:
                 return _fit(LaunchConfig(64, 64 // group_pad, 64, 1, 4, 3, k_nd=True), on_gpu, elem_bytes)
             return _fit(LaunchConfig(block_m, block_m // group_pad, 64, 1, 8, 2, k_nd=True, maxnreg=128),
                         on_gpu, elem_bytes)

@@ -286,6 +286,9 @@ def test_gpu_prefill_tiles_follow_the_batch() -> None:
     assert large == context and (context.block_m, context.num_stages, context.maxnreg) == (128, 2, 128)
     # short prompts keep their own small tiles either way
     assert choose_config(4, 8, 8, 8, 4, 128, False, on_gpu=True, prompt_tokens=32).block_m == 32
+    # MHA (40 / 40 heads): 64-row tiles up to twice the work, 8192 tokens here but not 16384
+    mha = [choose_config(8, 1024, 1024, 40, 1, 128, False, on_gpu=True, prompt_tokens=t).block_m for t in (8192, 16384)]
+    assert mha == [64, 128]
 
 
 def triton_next_pow2(x: int) -> int:

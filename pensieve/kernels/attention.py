@@ -348,7 +348,7 @@ def choose_config(
     few 128-row programs to balance the causal triangle's uneven work over the SMs; 64-row tiles,
     4 warps and 3 stages (two programs per SM) ran 1 x 4096 13% and 4 x 1024 7% faster, and lost
     at 8 x 2048, 2 x 8192, 4 x 4096 and over cached context (stop 15, `kernels/stop15/prefill_probe*.md`).
-    MHA heads (32 / 32 and 40 / 40) still gained 2-9% at 8192 tokens, and at 16384 were within 2% or lost
+    MHA heads (32 / 32 and 40 / 40) still gained 2-9% at 8192 tokens; at 16384 they were within 2% or lost 3%
     (`prefill_rule_mha_call9.md`): their threshold is twice as high.
     Decode: tiles of >= 16 rows (every tl.dot side >= 16), split over KV until about four programs
     per SM are busy (not below 64 positions per split), 2 stages; programmatic dependent launches at

@@ -457,7 +457,6 @@ def paged_attention_triton(
         part_ml = torch.empty((T, num_heads, splits, 2), dtype=torch.float32, device=q.device)
     else:
         part_acc = part_ml = out  # never touched
-    new_kv = new_kv and not decode
     k_new, v_new = (k, v) if new_kv else (q, q)   # unread unless NEW_KV
     k_strides = (k.stride(0), k.stride(1)) if new_kv else (0, 0)
     v_strides = (v.stride(0), v.stride(1)) if new_kv else (0, 0)
@@ -519,12 +518,13 @@ def warm_up_attention(kv_cache: torch.Tensor, num_heads: int, dtype: torch.dtype
             q, k, v = qkv.split([num_heads, num_kv_heads, num_kv_heads], dim=1)
             paged_attention_triton(q, kv_cache, meta, 1.0)                # new K/V from the cache (recompute)
             paged_attention_triton(q, kv_cache, replace(meta, has_context=True), 1.0, k=k, v=v)  # a new turn
-            paged_attention_triton(q, kv_cache, meta, 1.0, k=k, v=v)      # a small batch of prompts
-            # and a large one, whose launch may differ (choose_config's prompt_tokens)
-            large = choose_config(num_seqs, q_len, q_len, num_kv_heads, group, head_dim, False, True,
-                                  elem_bytes=kv_cache.element_size(), prompt_tokens=1 << 30)
-            paged_attention_triton(q, kv_cache, meta, 1.0, large, k=k, v=v)
-            launches += 4
+            # whole prompts, no paged loops: a small batch's launch and a large one's (the default)
+            launch = functools.partial(choose_config, num_seqs, q_len, q_len, num_kv_heads, group, head_dim, False,
+                                       True, elem_bytes=kv_cache.element_size())
+            for config in {launch(prompt_tokens=num_seqs * q_len), launch()}:
+                paged_attention_triton(q, kv_cache, meta, 1.0, config, k=k, v=v)
+                launches += 1
+            launches += 2
     torch.cuda.synchronize(device)
     return launches
 

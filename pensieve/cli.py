@@ -12,9 +12,9 @@ from pensieve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerCon
 
 
 def _default_model() -> str:
-    from pensieve.demo import demo_model_path
+    from pensieve.demo import demo_gguf_path
 
-    return str(demo_model_path())
+    return str(demo_gguf_path())
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:

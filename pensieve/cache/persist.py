@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from pensieve.cache.manager import KVCacheManager
+from pensieve.model.gguf import fingerprint_files
 
 FORMAT = "pensieve-kv-v1"
 
@@ -31,7 +32,7 @@ def model_fingerprint(model_dir: str | Path, dtype: torch.dtype, block_size: int
     config = root / "config.json"
     if config.exists():
         h.update(config.read_bytes())
-    for f in sorted(list(root.glob("*.safetensors")) + list(root.glob("*.bin"))):
+    for f in fingerprint_files(root):
         size = f.stat().st_size
         h.update(f"{f.name}|{size}".encode())
         with open(f, "rb") as fh:

@@ -24,12 +24,11 @@ from concurrent.futures import Future
 from multiprocessing.connection import Connection
 from typing import Any
 
-from transformers import AutoTokenizer
-
 from pensieve.config import EngineConfig
 from pensieve.engine.llm_engine import EngineStats, LLMEngine
 from pensieve.engine.outputs import RequestOutput
 from pensieve.engine.streams import OutputStreams
+from pensieve.model.gguf import load_tokenizer
 from pensieve.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -137,7 +136,7 @@ class EngineProcess:
     def __init__(self, config: EngineConfig, start_timeout_s: float = 900.0) -> None:
         self.config = config
         self.model_name = config.model.model
-        self.tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer or config.model.model)
+        self.tokenizer = load_tokenizer(config.model.model, config.model.tokenizer)
         ctx = mp.get_context("spawn")
         cmd_recv, self._cmd_send = ctx.Pipe(duplex=False)
         self._res_recv, res_send = ctx.Pipe(duplex=False)

@@ -101,8 +101,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, preloaded: tuple | None = None) -> None:
         """preloaded: (model, hf_config, dtype) from an earlier `load_model`, so that a benchmark
         comparing cache modes loads the weights once (the model holds no per-engine state)."""
-        from transformers import AutoTokenizer
-
+        from pensieve.model.gguf import load_tokenizer
         from pensieve.model.loader import load_model, max_context_len, model_kv_spec
 
         self.config = config
@@ -112,7 +111,7 @@ class LLMEngine:
         model, hf_config, dtype = preloaded or load_model(mc.model, mc.dtype, self.device)
         self.loaded = (model, hf_config, dtype)
         self.hf_config = hf_config
-        self.tokenizer = AutoTokenizer.from_pretrained(mc.tokenizer or mc.model)
+        self.tokenizer = load_tokenizer(mc.model, mc.tokenizer)
         self.max_model_len = min(mc.max_model_len or max_context_len(hf_config), max_context_len(hf_config))
         eos = getattr(hf_config, "eos_token_id", None)
         eos_ids = [eos] if isinstance(eos, int) else list(eos or [])

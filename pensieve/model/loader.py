@@ -1,4 +1,4 @@
-"""Build a model from an HF checkpoint directory and stream its weights in.
+"""Build a model from an HF checkpoint directory or a GGUF file (model/gguf.py) and stream its weights in.
 
 dtype "auto": the checkpoint's dtype on CUDA (bfloat16 when it names none),
 but always float32 on the CPU: this CPU has no fast bf16/fp16 matrix multiply
@@ -25,6 +25,10 @@ _DTYPES = {
 }
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be served (missing, unsupported architecture or format); one line, no traceback."""
+
+
 @dataclass(frozen=True)
 class KVSpec:
     num_layers: int
@@ -44,7 +48,7 @@ def model_class(architecture: str) -> type[nn.Module]:
         "OPTForCausalLM": OPTForCausalLM,
     }
     if architecture not in classes:
-        raise ValueError(f"unsupported architecture {architecture!r}; supported: {sorted(classes)}")
+        raise CheckpointError(f"unsupported architecture {architecture!r}; supported: {sorted(classes)}")
     return classes[architecture]
 
 
@@ -116,15 +120,36 @@ def iter_weights(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def resolve_model_path(model_path: str) -> Path:
+    """A local directory or GGUF file; a name shaped like a Hub repo id ("org/name") is looked up on the Hub."""
     path = Path(model_path).expanduser()
     if path.exists():
         return path
+    if not _looks_like_repo_id(model_path):
+        raise CheckpointError(f"no such file or directory: {model_path}")
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(model_path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+    try:
+        local = snapshot_download(model_path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+    except Exception as exc:  # offline, unknown repo, gated: all mean the same to the user
+        raise CheckpointError(f"no such file or directory: {model_path} (nor a Hub model: {type(exc).__name__})") from None
+    return Path(local)
+
+
+def _looks_like_repo_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and not name.endswith(".gguf")
 
 
 def load_config(model_path: str | Path) -> Any:
+    from pensieve.model.gguf import is_gguf, load_gguf_config
+
+    if is_gguf(model_path):
+        return load_gguf_config(model_path)
+    path = Path(model_path)
+    if path.is_file():
+        raise CheckpointError(f"{path}: a checkpoint is a directory (config.json + weights) or a .gguf file")
+    if path.is_dir() and not (path / "config.json").exists():
+        raise CheckpointError(f"{path} has no config.json")
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(str(model_path))
@@ -134,19 +159,25 @@ def load_model(
     model_path: str | Path, dtype: str | torch.dtype, device: torch.device | str
 ) -> tuple[nn.Module, Any, torch.dtype]:
     """(model in eval mode on `device`, its HF config, the dtype chosen)."""
+    from pensieve.model.gguf import is_gguf, iter_gguf_weights
+
     path = resolve_model_path(str(model_path))
     device = torch.device(device)
     config = load_config(path)
     archs = getattr(config, "architectures", None) or []
     if not archs:
-        raise ValueError(f"{path}/config.json names no architecture")
+        raise CheckpointError(f"{path}/config.json names no architecture")
     torch_dtype = resolve_dtype(dtype, config, device)
     cls = model_class(archs[0])
     # Parameters are torch.empty (layers.py), so building straight on the device costs nothing.
     with torch.device(device):
         model = cls(config, torch_dtype)
     logger.info("loading %s (%s, %s) onto %s", path, archs[0], torch_dtype, device)
+    if is_gguf(path):  # dequantized to the serving dtype on the host, one tensor at a time
+        weights = iter_gguf_weights(path, config, torch_dtype)
+    else:
+        weights = iter_weights(path)
     with torch.no_grad():
-        model.load_weights(iter_weights(path))
+        model.load_weights(weights)
     model.eval()
     return model, config, torch_dtype

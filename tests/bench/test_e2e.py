@@ -1,4 +1,4 @@
-"""Tiny end-to-end runs: the in-process engine (direct and through the CLI) and the demo server over HTTP."""
+"""Tiny end-to-end runs: the in-process engine (direct and through the CLI) and a tiny-model server over HTTP."""
 from __future__ import annotations
 
 import argparse
@@ -69,11 +69,11 @@ def _check_turn_chain(rec: Recording) -> None:
     assert multi > 0, "the workload needs a multi-turn conversation"
 
 
-def test_engine_backend_runs_turns(demo_path):
+def test_engine_backend_runs_turns(tiny_path):
     from pensieve.config import CacheConfig, EngineConfig, ModelConfig
 
     async def main():
-        cfg = EngineConfig(model=ModelConfig(model=demo_path, dtype="float32", max_model_len=512),
+        cfg = EngineConfig(model=ModelConfig(model=tiny_path, dtype="float32", max_model_len=512),
                            cache=CacheConfig(num_gpu_blocks=64, num_cpu_blocks=64, cache_mode="tiered"), device="cpu")
         rec = Recording(EngineBackend("tiered", cfg))
         await rec.start()
@@ -112,8 +112,8 @@ def _bench_args(tmp_path, *extra: str) -> argparse.Namespace:
         "--bounds", "0.5,5", "--out", str(tmp_path), *extra])
 
 
-def test_cli_engine_systems_side_by_side(tmp_path, demo_path):
-    args = _bench_args(tmp_path, "--systems", "tiered,stateless", "--model", demo_path,
+def test_cli_engine_systems_side_by_side(tmp_path, tiny_path):
+    args = _bench_args(tmp_path, "--systems", "tiered,stateless", "--model", tiny_path,
                        "--profile-steps", "2", "--profile-after", "0")
     results = asyncio.run(bench_async(args))
     assert results["systems"] == ["tiered", "stateless"] and not results["errors"]
@@ -161,9 +161,9 @@ def test_parse_system_variants():
         parse_system("tiered-fast")
 
 
-def test_http_backend_against_demo_server(demo_server, demo_path):
+def test_http_backend_against_demo_server(tiny_server, tiny_path):
     async def main():
-        rec = Recording(HttpBackend("http", demo_server, tokenizer_path=demo_path))
+        rec = Recording(HttpBackend("http", tiny_server, tokenizer_path=tiny_path))
         await rec.start()
         try:
             before = await rec.stats()
@@ -190,8 +190,8 @@ def test_http_backend_against_demo_server(demo_server, demo_path):
         sum(r.prompt_tokens for r in run.records)
 
 
-def test_cli_http_chat_api(tmp_path, demo_server, demo_path):
-    args = _bench_args(tmp_path, "--systems", "http", "--url", demo_server, "--tokenizer", demo_path,
+def test_cli_http_chat_api(tmp_path, tiny_server, tiny_path):
+    args = _bench_args(tmp_path, "--systems", "http", "--url", tiny_server, "--tokenizer", tiny_path,
                        "--api", "chat", "--rates", "10")
     results = asyncio.run(bench_async(args))
     assert results["systems"] == ["http"] and not results["errors"]
@@ -199,11 +199,11 @@ def test_cli_http_chat_api(tmp_path, demo_server, demo_path):
     assert s["num_requests"] > 0 and s["num_errors"] == 0 and s["output_tokens"] > 0
 
 
-def test_transformers_backend_is_stateless_reference(demo_path):
+def test_transformers_backend_is_stateless_reference(tiny_path):
     from pensieve.bench.backends import TransformersBackend
 
     async def main():
-        rec = Recording(TransformersBackend("transformers", demo_path, dtype="float32", device="cpu",
+        rec = Recording(TransformersBackend("transformers", tiny_path, dtype="float32", device="cpu",
                                             num_kv_tokens=1024, page_size=16))
         await rec.start()
         try:
@@ -218,13 +218,13 @@ def test_transformers_backend_is_stateless_reference(demo_path):
     assert all(r.cached_tokens == 0 and r.ttft is not None and r.ttft <= r.e2e for r in run.records)
 
 
-def test_cli_real_dataset_file(tmp_path, demo_path):
+def test_cli_real_dataset_file(tmp_path, tiny_path):
     lines = [json.dumps({"id": str(i), "data": [f"question {i} about caches", "an answer of some words here",
                                                  f"follow up {i}", "short reply"]}) for i in range(4)]
     data = tmp_path / "ultrachat.jsonl"
     data.write_text("\n".join(lines) + "\n")
     # ... through an engine in its own process, as `serve --engine-process` runs it
-    args = _bench_args(tmp_path / "out", "--systems", "gpu", "--model", demo_path, "--dataset", "ultrachat",
+    args = _bench_args(tmp_path / "out", "--systems", "gpu", "--model", tiny_path, "--dataset", "ultrachat",
                        "--dataset-path", str(data), "--rates", "10,20", "--max-conversations", "2",
                        "--engine-process")
     results = asyncio.run(bench_async(args))

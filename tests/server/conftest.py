@@ -1,4 +1,5 @@
-"""One real server for the whole session: the demo model on CPU, small pools, two API keys.
+"""One real server for the whole session: the tiny random Llama on CPU (served under the name "demo"),
+small pools, two API keys.
 
 Uvicorn runs in a background thread (its own event loop); tests drive it over loopback with the
 openai client or httpx, and read `engine.stats()` directly to check that blocks come back.
@@ -54,12 +55,12 @@ class ServerHandle:
 @pytest.fixture(scope="session")
 def server() -> Iterator[ServerHandle]:
     from pensieve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-    from pensieve.demo import demo_model_path
+    from pensieve.model.tiny_llama import tiny_llama_path
     from pensieve.engine.async_engine import AsyncEngine
     from pensieve.server.app import build_app
     from pensieve.server.settings import ServerSettings
 
-    model = str(demo_model_path())
+    model = str(tiny_llama_path())
     config = EngineConfig(
         model=ModelConfig(model=model, dtype="float32", max_model_len=MAX_MODEL_LEN),
         cache=CacheConfig(num_gpu_blocks=256, num_cpu_blocks=256, cache_mode="tiered"),

@@ -14,13 +14,13 @@ from tests.server.conftest import ServerHandle
 @pytest.fixture(scope="module")
 def process_server() -> Iterator[ServerHandle]:
     from pensieve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-    from pensieve.demo import demo_model_path
+    from pensieve.model.tiny_llama import tiny_llama_path
     from pensieve.engine.engine_process import EngineProcess
     from pensieve.server.app import build_app
     from pensieve.server.settings import ServerSettings
 
     config = EngineConfig(
-        model=ModelConfig(model=str(demo_model_path()), dtype="float32", max_model_len=512),
+        model=ModelConfig(model=str(tiny_llama_path()), dtype="float32", max_model_len=512),
         cache=CacheConfig(num_gpu_blocks=256, num_cpu_blocks=256),
         scheduler=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=1024), device="cpu")
     engine = EngineProcess(config)
@@ -69,12 +69,12 @@ def test_a_dead_engine_process_fails_requests_and_health() -> None:
     """The engine process dies (OOM killer, driver fault): requests in flight and new ones fail with an
     error instead of hanging, and /health says 503 so a supervisor restarts the server."""
     from pensieve.config import CacheConfig, EngineConfig, ModelConfig
-    from pensieve.demo import demo_model_path
+    from pensieve.model.tiny_llama import tiny_llama_path
     from pensieve.engine.engine_process import EngineProcess
     from pensieve.server.app import build_app
     from pensieve.server.settings import ServerSettings
 
-    engine = EngineProcess(EngineConfig(model=ModelConfig(model=str(demo_model_path()), max_model_len=256),
+    engine = EngineProcess(EngineConfig(model=ModelConfig(model=str(tiny_llama_path()), max_model_len=256),
                                         cache=CacheConfig(num_gpu_blocks=64, num_cpu_blocks=64), device="cpu"))
     port = free_port()
     app = build_app(engine, ServerSettings(port=port, served_model_names=("demo",)))

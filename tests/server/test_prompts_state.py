@@ -21,9 +21,9 @@ REWRITING_TEMPLATE = (
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from pensieve.demo import demo_model_path
+    from pensieve.model.tiny_llama import tiny_llama_path
 
-    return AutoTokenizer.from_pretrained(str(demo_model_path()))
+    return AutoTokenizer.from_pretrained(str(tiny_llama_path()))
 
 
 def _turn(tokenizer, messages, reply_text: str, eos: bool):

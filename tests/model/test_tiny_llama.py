@@ -1,24 +1,24 @@
-"""The demo checkpoint: built once, atomically, and usable."""
+"""The tiny random Llama of the unit tests: built once, atomically, and usable."""
 from __future__ import annotations
 
 import time
 
 import torch
 
-from pensieve.demo import DEMO_VERSION, demo_model_path
+from pensieve.model.tiny_llama import TINY_LLAMA_VERSION, tiny_llama_path
 from pensieve.model.loader import load_model
 from tests.model.paged import PagedSeqs
 
 
-def test_demo_model_path(tmp_path, monkeypatch):
+def test_tiny_llama_path(tmp_path, monkeypatch):
     monkeypatch.setenv("PENSIEVE_CACHE_DIR", str(tmp_path))
     start = time.monotonic()
-    path = demo_model_path()
+    path = tiny_llama_path()
     assert time.monotonic() - start < 10
-    assert path == tmp_path / DEMO_VERSION
-    assert [p.name for p in tmp_path.iterdir()] == [DEMO_VERSION]  # no temp dir left behind
+    assert path == tmp_path / TINY_LLAMA_VERSION
+    assert [p.name for p in tmp_path.iterdir()] == [TINY_LLAMA_VERSION]  # no temp dir left behind
     stamp = (path / "config.json").stat().st_mtime_ns
-    assert demo_model_path() == path and (path / "config.json").stat().st_mtime_ns == stamp  # cached
+    assert tiny_llama_path() == path and (path / "config.json").stat().st_mtime_ns == stamp  # cached
 
     model, config, dtype = load_model(path, "auto", "cpu")
     assert dtype == torch.float32 and config.num_hidden_layers == 4 and config.hidden_size == 256

@@ -104,4 +104,4 @@ def test_answers_and_reuses_history_over_http(demo_server) -> None:
     # (the reply's last token, <|im_end|>, was sampled but never fed, so its KV is not there).
     history_tokens = first.usage.prompt_tokens + first.usage.completion_tokens - 1
     cached = second.usage.prompt_tokens_details.cached_tokens
-    assert cached == history_tokens // 16 * 16 > 0
+    assert cached >= history_tokens // 16 * 16 > 0

@@ -2,8 +2,8 @@
 (rotary, residual add + RMSNorm, SiLU-and-mul: `fused.py`) and the small-batch linear (`linear.py`),
 the last two dispatched from pensieve.model.layers.
 
-Each op dispatches to a Triton kernel on CUDA tensors and to a PyTorch
-reference elsewhere (set PENSIEVE_ATTENTION_BACKEND=triton to run the Triton
+Each op dispatches to a Triton kernel on CUDA tensors and to PyTorch
+elsewhere (kernels/reference.py) (set PENSIEVE_ATTENTION_BACKEND=triton to run the Triton
 kernels on the CPU under TRITON_INTERPRET=1, as the tests do).
 
 Contract (see pensieve.model.metadata.AttentionMetadata for the batch layout):
@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from pensieve.kernels.reference import copy_blocks_reference, paged_attention_reference, store_kv_reference
+from pensieve.kernels.reference import copy_blocks_reference, paged_attention_sdpa, store_kv_reference
 from pensieve.model.metadata import AttentionMetadata
 
 
@@ -93,7 +93,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMeta
         from pensieve.kernels.attention import paged_attention_triton
 
         return paged_attention_triton(q, kv_cache, meta, scale, k=k, v=v)
-    return paged_attention_reference(q, kv_cache, meta, scale)
+    return paged_attention_sdpa(q, kv_cache, meta, scale)
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:

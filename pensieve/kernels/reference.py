@@ -1,7 +1,14 @@
-"""PyTorch reference implementations of the kernels: the CPU path and the tests' oracle."""
+"""PyTorch implementations of the kernels: the tests' oracles, and the CPU path.
+
+`paged_attention_reference` spells the contract out (gather, repeat the KV heads, masked softmax) and is
+the oracle; the CPU serves with `paged_attention_sdpa`, which computes the same through PyTorch's fused
+CPU attention (no repeated KV heads, no [H, L, S] score tensors of its own) and takes a decode batch in
+one call.
+"""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from pensieve.model.metadata import AttentionMetadata
 
@@ -50,6 +57,46 @@ def paged_attention_reference(
         scores = scores.masked_fill(kv_pos > q_pos, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         out[q_lo:q_hi] = torch.einsum("hls,shd->lhd", probs, v).to(q.dtype)
+    return out
+
+
+def paged_attention_sdpa(
+    q: torch.Tensor,             # [T, Hq, D]
+    kv_cache: torch.Tensor,      # [NB, 2, bs, Hkv, D]
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:               # [T, Hq, D]
+    """paged_attention_reference's result through scaled_dot_product_attention (GQA without repeating KV)."""
+    T, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    if meta.decode_only:
+        # One query per sequence: gather every sequence's blocks up to the longest and mask the rest,
+        # so the whole batch is one attention call (per-sequence calls cost more than the padding).
+        num_seqs = meta.num_seqs
+        blocks = meta.block_tables[:, :-(-meta.max_seq_len // block_size)].reshape(-1).long()
+        # K and V gathered apart: each lands contiguous, so viewing it as [B, S, Hkv, D] copies nothing
+        k = kv_cache[:, 0].index_select(0, blocks).view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
+        v = kv_cache[:, 1].index_select(0, blocks).view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
+        kv_pos = torch.arange(k.shape[2], device=q.device)
+        mask = (kv_pos.view(1, -1) <= meta.positions.view(-1, 1)).view(num_seqs, 1, 1, -1)  # [B, 1, 1, S]
+        out = F.scaled_dot_product_attention(q.unsqueeze(2).to(k.dtype), k, v, attn_mask=mask, scale=scale,
+                                             enable_gqa=True)                           # [B, Hq, 1, D]
+        return out.squeeze(2).to(q.dtype)
+    out = torch.empty_like(q)
+    starts = meta.query_start_loc.tolist()
+    for b, seq_len in enumerate(meta.seq_lens.tolist()):
+        q_lo, q_hi = starts[b], starts[b + 1]
+        if q_hi == q_lo:
+            continue
+        num_blocks = -(-seq_len // block_size)
+        blocks = meta.block_tables[b, :num_blocks].long()
+        k = kv_cache[:, 0].index_select(0, blocks).view(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)
+        v = kv_cache[:, 1].index_select(0, blocks).view(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)
+        kv_pos = torch.arange(seq_len, device=q.device)
+        mask = kv_pos.view(1, -1) <= meta.positions[q_lo:q_hi].view(-1, 1)             # [L, S]
+        qs = q[q_lo:q_hi].transpose(0, 1).to(k.dtype)                                   # [Hq, L, D]
+        res = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[q_lo:q_hi] = res.transpose(0, 1).to(q.dtype)
     return out
 
 

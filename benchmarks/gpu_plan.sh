@@ -28,8 +28,8 @@ OUT=${OUT:-benchmarks/results}
 RUNS=$(mktemp -d)
 MT="python3 benchmarks/multiturn.py --no-progress"
 SCALED="--think-time 6 --output-mean 41 --input-mean 37.77 --duration 45 --time-limit 50 --warmup 20 --bounds 0.02,0.03,0.05,0.08,0.1,0.15"
-GQA="--checkpoint-dir /tmp/gqa --model-shape llama-2-13b-gqa10 $SCALED --gpu-kv-gb 8 --cpu-kv-gb 48"
-OPT="--checkpoint-dir /tmp/opt --model-shape opt-13b $SCALED --gpu-kv-gb ${OPT_GPU_KV_GB:-16} --cpu-kv-gb 64 --stop-above 0.15"
+GQA="--checkpoint-dir /tmp/gqa --model-shape llama-2-13b-gqa10 $SCALED --gpu-kv-gb 8 --kv-offloading-size 48"
+OPT="--checkpoint-dir /tmp/opt --model-shape opt-13b $SCALED --gpu-kv-gb ${OPT_GPU_KV_GB:-16} --kv-offloading-size 64 --stop-above 0.15"
 N=${1:-0}
 pack() { tar czf "$OUT/runs-$N.tgz" -C "$RUNS" . ; }
 async_check() {  # async scheduling on CUDA: its tests, then the decode steps with it off and on (A/B)
@@ -56,10 +56,10 @@ case "$N" in
   3)  # OPT-13B where the systems cross the bounds (3 and 6 conv/s crossed nothing), one system per call
       timeout 560 $MT $OPT --systems ${SYSTEM:-tiered} --rates ${RATES:-10,16,22} --out "$RUNS/opt-13b-${SYSTEM:-tiered}" ;;
   4)  # ablations where they can bite: a CPU tier smaller than the idle working set (drops), same rate
-      timeout 560 $MT ${GQA/--cpu-kv-gb 48/--cpu-kv-gb 8} --systems tiered,tiered-lru,tiered-noaot,tiered-nopipe \
+      timeout 560 $MT ${GQA/--kv-offloading-size 48/--kv-offloading-size 8} --systems tiered,tiered-lru,tiered-noaot,tiered-nopipe \
         --rates 18 --out "$RUNS/gqa10-ablations-cpu8" ;;
   5)  # today's common model
-      timeout 560 $MT --checkpoint-dir /tmp/pensieve-ckpt/llama-3.1-8b --model-shape llama-3.1-8b $SCALED --gpu-kv-gb 8 --cpu-kv-gb 48 \
+      timeout 560 $MT --checkpoint-dir /tmp/pensieve-ckpt/llama-3.1-8b --model-shape llama-3.1-8b $SCALED --gpu-kv-gb 8 --kv-offloading-size 48 \
         --systems tiered,stateless --rates 18,26 --out "$RUNS/llama-3.1-8b" ;;
   7)  # async scheduling alone
       async_check ;;

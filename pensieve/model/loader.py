@@ -16,6 +16,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from pensieve.errors import CheckpointError
+
 logger = logging.getLogger(__name__)
 
 _DTYPES = {
@@ -23,10 +25,6 @@ _DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
 }
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be served (missing, unsupported architecture or format); one line, no traceback."""
 
 
 @dataclass(frozen=True)

@@ -107,7 +107,7 @@ def _bench_args(tmp_path, *extra: str) -> argparse.Namespace:
     add_bench_arguments(parser)
     return parser.parse_args([
         "--rates", "5,20", "--max-conversations", "3", "--duration", "0", "--think-time", "0.01",
-        "--max-input-tokens", "8", "--max-output-tokens", "5", "--num-gpu-blocks", "64", "--num-cpu-blocks", "64",
+        "--max-input-tokens", "8", "--max-output-tokens", "5", "--num-gpu-blocks-override", "64", "--num-cpu-blocks", "64",
         "--max-model-len", "512", "--dtype", "float32", "--device", "cpu", "--no-progress", "--save-records",
         "--bounds", "0.5,5", "--out", str(tmp_path), *extra])
 
@@ -147,7 +147,7 @@ def test_parse_system_variants():
     assert s.overrides == () and dict(s.engine_overrides) == {"async_scheduling": False}
     parser = argparse.ArgumentParser()
     add_bench_arguments(parser)
-    args = parser.parse_args(["--async-scheduling", "on"])
+    args = parser.parse_args(["--async-scheduling"])
     budget = {"num_gpu_blocks": 64, "num_cpu_blocks": 32}
     assert engine_config(s, args, "m", budget).async_scheduling is False          # the suffix wins
     assert engine_config(parse_system("tiered"), args, "m", budget).async_scheduling is True

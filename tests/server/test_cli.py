@@ -16,7 +16,7 @@ from tests.loopback import free_port
 from tests.server.conftest import KEY_A, ServerHandle
 
 CLI = [sys.executable, "-m", "pensieve.cli"]
-SMALL_ENGINE = ["--device", "cpu", "--dtype", "float32", "--num-gpu-blocks", "64", "--num-cpu-blocks", "64",
+SMALL_ENGINE = ["--device", "cpu", "--dtype", "float32", "--num-gpu-blocks-override", "64", "--num-cpu-blocks", "64",
                 "--max-model-len", "256"]
 
 

@@ -23,7 +23,7 @@ class CacheConfig:
     cache_mode: CacheMode = "tiered"
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks: int | None = None      # overrides gpu_memory_utilization (tests force small pools)
-    cpu_cache_gb: float | None = None      # None: a share of host memory (see cache.kv_pool.default_cpu_cache_bytes)
+    cpu_cache_gb: float | None = None      # GiB; None: a share of host memory (cache.kv_pool.default_cpu_cache_bytes)
     num_cpu_blocks: int | None = None      # overrides cpu_cache_gb
     eviction_policy: EvictionPolicyName = "retention"
     profile_recompute_cost: bool = True    # on a GPU, time Cost(l) at start-up (the paper's offline profile)

@@ -66,9 +66,14 @@ _DTYPE_BYTES = {"float32": 4, "float": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "
 
 
 def kv_bytes_per_token(model_path: str | Path, dtype: str = "auto", device: str = "cuda") -> int:
-    """K and V bytes of one token over all layers, read from the checkpoint's config.json.
+    """K and V bytes of one token over all layers, read from the checkpoint's config (config.json or GGUF).
     dtype "auto": float32 on the CPU, else the checkpoint's torch_dtype (bf16 if unset)."""
-    cfg = json.loads((Path(model_path) / "config.json").read_text())
+    if str(model_path).endswith(".gguf"):
+        from pensieve.model.loader import load_config
+
+        cfg = load_config(model_path).to_dict()
+    else:
+        cfg = json.loads((Path(model_path) / "config.json").read_text())
     cfg = cfg.get("text_config", cfg)
     layers = int(cfg["num_hidden_layers"])
     heads = int(cfg["num_attention_heads"])
@@ -271,14 +276,14 @@ class HttpBackend(Backend):
                 mml = _extra(m, "max_model_len")
                 self.max_model_len = int(mml) if mml else None
                 root = _extra(m, "root")
-                if self.tokenizer_path is None and isinstance(root, str) and Path(root).is_dir():
-                    self.tokenizer_path = root
+                if self.tokenizer_path is None and isinstance(root, str) and Path(root).exists():
+                    self.tokenizer_path = root   # a checkpoint directory or .gguf on this machine
         if self.tokenizer_path is None and Path(str(self.model)).is_dir():
             self.tokenizer_path = str(self.model)
         if self.tokenizer_path is not None:
-            from transformers import AutoTokenizer
+            from pensieve.model.gguf import load_tokenizer
 
-            self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+            self.tokenizer = load_tokenizer(self.tokenizer_path)
         self.device = "remote"
 
     def _usage_into(self, res: TurnResult, usage: Any) -> None:
@@ -419,7 +424,7 @@ class TransformersBackend(Backend):
     async def start(self) -> None:
         import torch
         import transformers
-        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+        from transformers import AutoModelForCausalLM, GenerationConfig
 
         self.version = transformers.__version__
         try:
@@ -437,11 +442,14 @@ class TransformersBackend(Backend):
             torch_dtype = torch.float32 if device == "cpu" else torch.bfloat16
         else:
             torch_dtype = getattr(torch, self.dtype)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        from pensieve.model.gguf import load_tokenizer, pretrained_args
+
+        self.tokenizer = load_tokenizer(self.model_path)
+        name, gguf = pretrained_args(self.model_path)   # a .gguf: transformers dequantizes it itself
         try:
-            model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch_dtype)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, **gguf)
         except TypeError:
-            model = AutoModelForCausalLM.from_pretrained(self.model_path, torch_dtype=torch_dtype)
+            model = AutoModelForCausalLM.from_pretrained(name, torch_dtype=torch_dtype, **gguf)
         self.model = model.to(device).eval()
         self.max_model_len = getattr(model.config, "max_position_embeddings", None)
         if not hasattr(self.model, "init_continuous_batching"):

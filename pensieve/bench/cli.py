@@ -143,10 +143,12 @@ def device_name(device: str) -> str:
 
 def kv_budget(args: argparse.Namespace, model_path: str, device: str) -> dict[str, Any]:
     """num_gpu_blocks / num_cpu_blocks from the GiB budgets and the model's KV bytes per token."""
-    try:
-        per_token = kv_bytes_per_token(model_path, args.dtype, device)
-    except (OSError, KeyError, ValueError):
-        per_token = None
+    per_token = None
+    if args.gpu_kv_gb is not None or args.kv_offloading_size is not None:  # (reading a GGUF's config takes seconds)
+        try:
+            per_token = kv_bytes_per_token(model_path, args.dtype, device)
+        except (OSError, KeyError, ValueError):
+            pass
     gpu_blocks = args.num_gpu_blocks_override
     if gpu_blocks is None and args.gpu_kv_gb is not None and per_token:
         gpu_blocks = blocks_for_budget(args.gpu_kv_gb, per_token, args.block_size)
@@ -304,6 +306,10 @@ async def bench_async(args: argparse.Namespace, extra: dict[str, Any] | None = N
         raise ValueError("need at least one system and one rate")
     local = any(s.kind != "http" for s in specs)
     model_path = _model_path(args) if local or args.model else None
+    if model_path is not None:
+        from pensieve.model.loader import resolve_model_path
+
+        resolve_model_path(model_path)  # a wrong path fails here, in one line, not once per system
     device = _resolve_device(args.device)
     budget = kv_budget(args, model_path, device) if model_path else {}
     source: ConversationSource | None = None

@@ -46,8 +46,10 @@ def markdown_summary(results: Mapping[str, Any]) -> str:
     if wl:
         lines.append("Workload: " + ", ".join(f"{k}={v}" for k, v in wl.items() if not isinstance(v, (dict, list))))
         lines.append("")
+    # the two cache tiers: GPU and CPU memory on a GPU; on a CPU both live in host memory
+    first, second = ("tier-1", "tier-2") if results.get("device") == "cpu" else ("GPU", "CPU")
     lines += ["| system | rate (conv/s) | req/s | out tok/s | norm lat mean (s/tok) | norm lat P90 | TTFT mean (s) "
-              "| TTFT P90 | TPOT mean | GPU hit | CPU hit | recomputed tok | swap out/in blocks | errors |",
+              f"| TTFT P90 | TPOT mean | {first} hit | {second} hit | recomputed tok | swap out/in blocks | errors |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for system in results["systems"]:
         for p in results["points"].get(system, []):

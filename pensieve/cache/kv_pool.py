@@ -26,7 +26,7 @@ def block_bytes(spec: KVSpecLike, block_size: int, dtype: torch.dtype) -> int:
 
 def default_cpu_cache_bytes() -> int:
     """The most the CPU tier takes by default: 40% of available host memory, at most 64 GB
-    (the runner also caps it at twice the GPU tier; --cpu-cache-gb sets any size)."""
+    (the runner also caps it at twice the GPU tier; --kv-offloading-size sets any size)."""
     try:
         with open("/proc/meminfo") as f:
             info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}

@@ -13,11 +13,17 @@ Prompt = str | dict[str, Any]
 
 
 class LLM:
-    def __init__(self, model: str, *, device: str = "auto", dtype: str = "auto", block_size: int = 16,
+    """`LLM()` runs the demo model (pensieve/demo.py); `LLM(path)` an HF checkpoint directory or a .gguf file."""
+
+    def __init__(self, model: str | None = None, *, device: str = "auto", dtype: str = "auto", block_size: int = 16,
                  gpu_memory_utilization: float = 0.9, num_gpu_blocks: int | None = None,
                  max_model_len: int | None = None, cache_mode: str = "tiered", num_cpu_blocks: int | None = None,
                  cpu_cache_gb: float | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 4096,
                  enforce_eager: bool = False, seed: int = 0, tokenizer: str | None = None, **cache_kwargs: Any) -> None:
+        if model is None:
+            from pensieve.demo import demo_gguf_path
+
+            model = str(demo_gguf_path())
         config = EngineConfig(
             model=ModelConfig(model=model, dtype=dtype, max_model_len=max_model_len, tokenizer=tokenizer, seed=seed),
             cache=CacheConfig(block_size=block_size, cache_mode=cache_mode, gpu_memory_utilization=gpu_memory_utilization,

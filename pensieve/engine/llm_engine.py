@@ -158,8 +158,9 @@ class LLMEngine:
                                  else self.device.type == "cuda")
         self._inflight: _Step | None = None   # a decode step launched, its tokens not read yet
         self._last_resolved = 0.0             # perf_counter() when the last step's outputs were made
-        log.info("engine ready: %s on %s, %d GPU blocks, %d CPU blocks, mode=%s", mc.model, self.device,
-                 self.runner.num_gpu_blocks, self.runner.num_cpu_blocks, config.cache.cache_mode)
+        first, second = ("GPU", "CPU") if self.device.type == "cuda" else ("tier-1", "tier-2 (host)")
+        log.info("engine ready: %s on %s, %d %s KV blocks, %d %s KV blocks, mode=%s", mc.model, self.device,
+                 self.runner.num_gpu_blocks, first, self.runner.num_cpu_blocks, second, config.cache.cache_mode)
 
     # ------------------------------------------------------------ requests
     def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -341,7 +342,8 @@ class LLMEngine:
         if seconds > SLOW_STEP_S:
             self._slow_steps += 1
             t = plan.transfers
-            log.warning("slow step %.3f s (%s): %d tokens in %d chunks, %d swap-in / %d swap-out / %d evict blocks",
+            # a GPU step this long is an anomaly worth a warning; on a CPU most steps take that long
+            log.log(logging.WARNING if self.device.type == "cuda" else logging.DEBUG, "slow step %.3f s (%s): %d tokens in %d chunks, %d swap-in / %d swap-out / %d evict blocks",
                         seconds, path, plan.num_tokens, len(plan.chunks), len(t.swap_in), len(t.swap_out),
                         len(t.evict_out))
 

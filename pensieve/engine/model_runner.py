@@ -152,7 +152,7 @@ class ModelRunner:
             return cache.num_cpu_blocks
         per_block = block_bytes(self.kv_spec, self.block_size, self.dtype)
         if cache.cpu_cache_gb is not None:
-            return int(cache.cpu_cache_gb * 1e9 // per_block)
+            return int(cache.cpu_cache_gb * (1 << 30) // per_block)  # GiB, as vLLM's --kv-offloading-size
         # default: twice the GPU tier, within a share of host memory (pinning is paid at start-up)
         budget = min(default_cpu_cache_bytes(), 2 * self.num_gpu_blocks * per_block)
         if not self.on_cuda:

@@ -55,6 +55,11 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
             return JSONResponse({"status": "engine stopped"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
+    @app.get("/version")
+    async def version() -> JSONResponse:
+        # as vLLM answers it (its multi-turn benchmark client asks before it starts)
+        return JSONResponse({"version": __version__})
+
     @app.get("/v1/models", dependencies=[Depends(authenticate)])
     async def models(request: Request) -> JSONResponse:
         st = get_state(request)

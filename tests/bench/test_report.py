@@ -36,6 +36,7 @@ def test_write_report(tmp_path):
     rows = [line for line in md.splitlines() if line.startswith("| tiered |") or line.startswith("| stateless |")]
     assert len(rows) == 4                                        # one per (system, rate)
     assert any(line.startswith("| mean | 0.1 |") for line in md.splitlines())
+    assert "GPU" not in md and "| tier-1 hit | tier-2 hit |" in md   # a CPU run has no GPU tier to name
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads(paths["records"].read_text().splitlines()[0])["point"] == "tiered@0.5"
     with pytest.raises(ValueError, match="lack"):

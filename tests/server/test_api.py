@@ -15,6 +15,13 @@ def test_health_and_models(server: ServerHandle) -> None:
     assert models.data[0].model_extra["max_model_len"] == MAX_MODEL_LEN
 
 
+def test_version_as_vllm_answers_it(server: ServerHandle) -> None:
+    from pensieve import __version__
+
+    resp = httpx.get(f"{server.base_url}/version")  # open, like vLLM's
+    assert resp.status_code == 200 and resp.json() == {"version": __version__}
+
+
 def test_chat_non_streaming_usage(server: ServerHandle) -> None:
     resp = server.client().chat.completions.create(model="demo", messages=HELLO, max_tokens=8, temperature=0,
                                                    extra_body={"ignore_eos": True})

@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--time-scale", type=float, default=1.0,
                    help="multiply the think time, --gpu-kv-gb and --kv-offloading-size by this (keeps the cache pressure of a "
                         "shorter run; explicit --num-*-blocks are not scaled)")
-    g.add_argument("--quick", action="store_true", help="CPU smoke run: demo model, 4 conversations, tiny turns")
+    g.add_argument("--quick", action="store_true", help="CPU smoke run: the tiny random Llama, 4 conversations, tiny turns")
     parser.set_defaults(systems="tiered,gpu,stateless", think_time=60.0, out=None)
     return parser
 
@@ -79,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
             args.device = "cpu"
         if "--dtype" not in given:
             args.dtype = "float32"
+        if args.model is None:  # a smoke run of the engine: the tiny random Llama loads in a second
+            from pensieve.model.tiny_llama import tiny_llama_path
+
+            args.model = str(tiny_llama_path())
     elif args.model_shape:
         args.model = build_checkpoint(args.model_shape, args.checkpoint_dir, args.checkpoint_dtype)
         if args.gpu_kv_gb is None and args.num_gpu_blocks_override is None:

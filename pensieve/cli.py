@@ -215,7 +215,10 @@ def serve(args: argparse.Namespace) -> int:
     # cancels the rest (which aborts them in the engine), then runs the app's lifespan shutdown.
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            timeout_graceful_shutdown=args.shutdown_timeout))
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn raises the SIGINT it handled again once shut down (as uvicorn.run)
+        pass
     return 0
 
 

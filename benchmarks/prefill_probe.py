@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernel_bench import LLAMA3_8B, Bench, Shape, bench_ms, markdown_table, rel_err  # noqa: E402
 
 from pensieve.kernels.attention import LaunchConfig, paged_attention_triton  # noqa: E402
-from pensieve.model.metadata import AttentionMetadata  # noqa: E402
+from pensieve.kernels.metadata import AttentionMetadata  # noqa: E402
 
 _LOG2E = 1.4426950408889634
 

@@ -57,8 +57,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
                           cpu_cache_gb=args.cpu_cache_gb, num_cpu_blocks=args.num_cpu_blocks,
                           eviction_policy=args.eviction_policy, conversation_ttl=args.conversation_ttl,
                           persist_path=args.kv_cache_path),
-        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                                  max_waiting=args.max_waiting),
+        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
         device=args.device, enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling)
 
 

@@ -1,9 +1,11 @@
-"""Tensor parallelism on the CPU: ranks are processes talking over gloo, as NCCL ranks do on GPUs.
+"""Tensor parallelism: on the CPU the ranks are processes talking over gloo, as NCCL ranks do on GPUs.
 
 Greedy tokens under TP equal TP=1's token for token (float32), with the sampled tokens' logprobs within
 a tolerance (the all-reduce sums in another order); the two-tier cache under TP, with pools small enough
 to force swaps and drops, equals stateless serving; a rank that dies ends the engine with an error
-naming it, never a hang.
+naming it, never a hang. With PENSIEVE_TEST_DEVICE=cuda the same tests run on GPUs (NCCL, CUDA graphs
+with the all-reduce captured, the copy streams of every rank); a test needing more GPUs than visible
+is skipped.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import signal
 import time
 
 import pytest
+import torch
 
 from pensieve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from pensieve.distributed.executor import RankFailure
@@ -20,15 +23,18 @@ from pensieve.sampling_params import SamplingParams
 from tests.engine.workload import converse, run_all
 
 LOGPROB_TOL = 1e-4
+DEVICE = os.environ.get("PENSIEVE_TEST_DEVICE", "cpu")
 
 
 def make_engine(path, tp: int, mode: str = "stateless", gpu: int = 256, cpu: int = 0, **kw) -> LLMEngine:
+    if DEVICE == "cuda" and torch.cuda.device_count() < tp:
+        pytest.skip(f"needs {tp} GPUs")
     return LLMEngine(EngineConfig(
         model=ModelConfig(model=str(path), max_model_len=256),
         cache=CacheConfig(block_size=4, cache_mode=mode, num_gpu_blocks=gpu, num_cpu_blocks=cpu,
                           swap_out_watermark=0.5),
         scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=48),
-        device="cpu", enforce_eager=True, tensor_parallel_size=tp, **kw))
+        device=DEVICE, enforce_eager=DEVICE == "cpu", tensor_parallel_size=tp, **kw))
 
 
 def reference(path) -> tuple[dict, dict]:
@@ -61,6 +67,8 @@ def test_two_ranks_tiered_equal_one_rank_stateless(tiny_checkpoint, variant):
         s = engine.stats()
         assert s.swapped_in_blocks > 0 and s.dropped_blocks > 0 and s.steps_overlapped > 0
         assert s.rank_messages > 0 and s.rank_message_seconds > 0
+        if DEVICE == "cuda":   # decode steps replayed CUDA graphs with the all-reduces inside
+            assert s.steps_graph > 0
         engine.check_integrity()
     finally:
         engine.shutdown()

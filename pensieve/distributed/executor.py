@@ -143,6 +143,11 @@ class TensorParallelExecutor:
     def failure(self) -> str | None:
         return self._failure
 
+    @property
+    def rank_processes(self) -> list[mp.Process]:
+        """The processes of ranks 1..N-1, in rank order."""
+        return list(self._workers)
+
     # ------------------------------------------------------------ the executor protocol
     def launch(self, step: StepInput, sample: Seq[Sequence] | None = None,
                input_ids: torch.Tensor | None = None) -> LaunchedStep:

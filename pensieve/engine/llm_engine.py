@@ -69,6 +69,9 @@ class EngineStats:
     slow_steps: int = 0
     # decode steps scheduled and launched while the step before them still ran (async scheduling)
     steps_overlapped: int = 0
+    # tensor parallelism: messages rank 0 sent the other ranks (one per step) and the seconds they took
+    rank_messages: int = 0
+    rank_message_seconds: float = 0.0
 
 
 SLOW_STEP_S = 0.25   # a step this long is logged with what it held
@@ -492,6 +495,7 @@ class LLMEngine:
     # ------------------------------------------------------------ visibility
     def stats(self) -> EngineStats:
         c = self.kv.counters
+        messages, message_seconds = self.executor.message_stats()
         return EngineStats(
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             gpu_blocks_total=self.kv.num_gpu_blocks, gpu_blocks_used=self.kv.num_used_gpu,
@@ -505,4 +509,4 @@ class LLMEngine:
             **{f"steps_{k}": n for k, n in self._step_counts.items()},
             **{f"step_seconds_{k}": t for k, t in self._step_seconds.items()},
             **{f"step_gpu_seconds_{k}": t for k, t in self._step_gpu_seconds.items()}, slow_steps=self._slow_steps,
-            steps_overlapped=self._overlapped)
+            steps_overlapped=self._overlapped, rank_messages=messages, rank_message_seconds=message_seconds)

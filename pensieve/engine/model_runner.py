@@ -105,6 +105,10 @@ class ModelRunner:
     def shutdown(self) -> None:
         """Nothing to stop with one GPU (the executor protocol's last call)."""
 
+    def message_stats(self) -> tuple[int, float]:
+        """Messages sent to other ranks and the seconds they took: none with one GPU."""
+        return 0, 0.0
+
     @property
     def max_graph_rows(self) -> int:
         """The largest batch a decode CUDA graph takes (0: no graphs)."""

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import random
 
 import pytest
 
@@ -11,6 +10,7 @@ from pensieve.engine import llm_engine, model_runner
 from pensieve.engine.llm_engine import LLMEngine
 from pensieve.model.random_checkpoint import make_random_checkpoint
 from pensieve.sampling_params import SamplingParams
+from tests.engine.workload import converse, run_all
 
 BS = 4
 # The same tests exercise the CUDA path (Triton kernels, copy stream, events, graphs) on a GPU machine.
@@ -30,34 +30,6 @@ def make_engine(path, mode: str, num_gpu_blocks: int, num_cpu_blocks: int = 0, m
                           num_cpu_blocks=num_cpu_blocks, **cache_kw),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=48),
         device=DEVICE, enforce_eager=DEVICE == "cpu", async_scheduling=async_scheduling))
-
-
-def run_all(engine: LLMEngine) -> dict:
-    done = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-    return done
-
-
-def converse(engine: LLMEngine, num_convs: int = 6, num_turns: int = 4, seed: int = 0) -> dict:
-    """Interleaved multi-turn chats; each turn appends the reply and new user tokens to the history."""
-    rng = random.Random(seed)
-    vocab = engine.hf_config.vocab_size
-    histories = {f"conv{i}": [rng.randrange(10, vocab) for _ in range(rng.randrange(3, 12))] for i in range(num_convs)}
-    results = {}
-    for turn in range(num_turns):
-        for cid, hist in histories.items():
-            params = SamplingParams(temperature=0.0, max_tokens=rng.randrange(3, 8), ignore_eos=True)
-            engine.add_request(f"{cid}-t{turn}", hist, params, conversation_id=cid)
-        done = run_all(engine)
-        for cid in histories:
-            out = done[f"{cid}-t{turn}"]
-            results[(cid, turn)] = (out.outputs[0].token_ids, out.cache)
-            histories[cid] = hist_next = out.prompt_token_ids + out.outputs[0].token_ids
-            histories[cid] = hist_next + [rng.randrange(10, vocab) for _ in range(rng.randrange(1, 10))]
-    return results
 
 
 @pytest.fixture(scope="module")

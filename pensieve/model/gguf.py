@@ -124,8 +124,14 @@ def load_tokenizer(model: str | Path, tokenizer: str | Path | None = None) -> An
 
     from pensieve.model.loader import resolve_model_path
 
-    name, kwargs = pretrained_args(resolve_model_path(str(tokenizer or model)))
-    return AutoTokenizer.from_pretrained(name, **kwargs)
+    path = resolve_model_path(str(tokenizer or model))
+    name, kwargs = pretrained_args(path)
+    if not kwargs:
+        return AutoTokenizer.from_pretrained(name)
+    try:
+        return AutoTokenizer.from_pretrained(name, **kwargs)
+    except (ValueError, KeyError, NotImplementedError) as exc:  # a GGUF whose metadata holds no usable tokenizer
+        raise CheckpointError(f"cannot load the tokenizer of {path}: {_first_line(exc)}") from None
 
 
 def fingerprint_files(model_path: str | Path) -> list[Path]:

@@ -29,6 +29,12 @@ def write_gguf(path: Path, arch: str = "llama", qtype: "gguf.GGMLQuantizationTyp
     writer.add_head_count_kv(2)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_vocab_size(16)
+    writer.add_tokenizer_model("gpt2")   # a byte-level BPE vocabulary: the 16 letters a..p
+    writer.add_token_list([chr(ord("a") + i) for i in range(16)])
+    writer.add_token_types([1] * 16)
+    writer.add_token_scores([0.0] * 16)
+    writer.add_token_merges([])
+    writer.add_eos_token_id(0)
     if qtype is None:
         writer.add_tensor("token_embd.weight", np.full((16, 32), fill, dtype=np.float32))
     else:
@@ -72,6 +78,15 @@ def test_cli_reports_a_bad_gguf_in_one_line(tmp_path: Path, capsys: pytest.Captu
     path = write_gguf(tmp_path / "q81.gguf", qtype=gguf.GGMLQuantizationType.Q8_1)
     assert main(["chat", str(path), "--device", "cpu"]) == 2
     assert capsys.readouterr().err == f"pensieve chat: error: {path}: unsupported GGUF quantization type(s) Q8_1\n"
+    bare = tmp_path / "bare.gguf"
+    writer = gguf.GGUFWriter(str(bare), "llama")   # no tokenizer in its metadata
+    writer.add_block_count(1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    assert main(["chat", str(bare), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"pensieve chat: error: ") and err.count("\n") == 1, err
 
 
 def test_kv_cache_fingerprint_identifies_the_gguf(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import os
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -116,13 +117,27 @@ class RemoteBackend:
         await self.client.close()
 
 
+async def _read_line() -> str:
+    """One line of stdin, read on a daemon thread: a Ctrl-C at the prompt ends the chat at once (a thread of
+    the loop's default executor, blocked in readline, would keep asyncio.run from returning)."""
+    loop = asyncio.get_running_loop()
+    line: asyncio.Future[str] = loop.create_future()
+
+    def read() -> None:
+        text = sys.stdin.readline()
+        loop.call_soon_threadsafe(lambda: line.done() or line.set_result(text))
+
+    threading.Thread(target=read, name="chat-stdin", daemon=True).start()
+    return await line
+
+
 async def chat_loop(backend: ChatBackend, system: str | None, out: Any = sys.stdout) -> int:
     messages: list[Message] = [{"role": "system", "content": system}] if system else []
     print(f"Chatting with {backend.name}. /exit or Ctrl-D quits.", file=out, flush=True)
     try:
         while True:
             print("you> ", end="", file=out, flush=True)
-            line = await asyncio.to_thread(sys.stdin.readline)
+            line = await _read_line()
             if not line:  # EOF
                 print(file=out)
                 break

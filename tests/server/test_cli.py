@@ -225,3 +225,21 @@ def test_port_in_use_fails_before_loading(tiny_model: str) -> None:
                               text=True, timeout=120)
     _one_line_error(proc, f"pensieve serve: error: cannot listen on 127.0.0.1:{port}: Address already in use")
     assert "loading" not in proc.stderr and time.monotonic() - start < 60
+
+
+def test_chat_ctrl_c_at_the_prompt_quits(tiny_model: str) -> None:
+    proc = subprocess.Popen(CLI + ["chat", tiny_model, *SMALL_ENGINE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        seen = ""
+        while "you> " not in seen:  # the engine is up and the prompt waits on stdin (left open)
+            char = proc.stdout.read(1)
+            assert char, proc.stderr.read()
+            seen += char
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 130
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -165,6 +165,7 @@ def load_model(
     rank's shard of the model, read from its slices of the checkpoint (a GGUF's whole tensors: each rank
     dequantizes the file and keeps its slices)."""
     from pensieve.model.gguf import is_gguf, iter_gguf_weights
+    from pensieve.model.layers import use_cpu_weight_layout
 
     path = resolve_model_path(str(model_path))
     device = torch.device(device)
@@ -184,5 +185,7 @@ def load_model(
         weights = iter_weights(path)
     with torch.no_grad():
         model.load_weights(weights)
+    if device.type == "cpu":
+        use_cpu_weight_layout(model)
     model.eval()
     return model, config, torch_dtype

@@ -63,7 +63,8 @@ def test_tied_embeddings(tiny_checkpoint, model_pair):
     _, ours, config = model_pair("llama-tied-mha-bias")
     with safe_open(str(tiny_checkpoint("llama-tied-mha-bias") / "model.safetensors"), "pt") as f:
         assert not any(k.startswith("lm_head") for k in f.keys())
-    assert ours.lm_head is None
+    # tied: the logits are the embedding's (on a CPU through a copy laid out for the GEMM, layers.py)
+    assert ours.lm_head is None or torch.equal(ours.lm_head.weight, ours.model.embed_tokens.weight)
     hidden = torch.randn(3, config.hidden_size)
     torch.testing.assert_close(ours.compute_logits(hidden), hidden @ ours.model.embed_tokens.weight.T)
     _, untied, _ = model_pair("llama")
@@ -126,3 +127,13 @@ def test_linear_rope_scaling():
     torch.testing.assert_close(scaled.cos_sin[0:64:4], plain.cos_sin, atol=1e-5, rtol=0)
     with pytest.raises(NotImplementedError):
         RotaryEmbedding(16, 64, theta, {"rope_type": "dynamic", "factor": 2.0})
+
+
+def test_cpu_linears_use_the_row_major_transpose(tiny_checkpoint, model_pair):
+    """On a CPU every linear's weight is the [out, in] view of an [in, out] row-major matrix (the faster
+    GEMM at decode batch sizes); the values, and so the logits, are the checkpoint's (the tests above)."""
+    from pensieve.model.layers import Linear
+
+    _, ours, _ = model_pair("llama")
+    linears = [m for m in ours.modules() if isinstance(m, Linear)]
+    assert linears and all(m.weight.stride() == (1, m.weight.shape[0]) for m in linears)

@@ -83,6 +83,9 @@ def _add_serve(sub: Any) -> None:
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     s.add_argument("--engine-process", action="store_true",
                    help="step the engine in a process of its own (no GIL shared with the HTTP server)")
+    from pensieve.replicas.cli import add_replica_serve_arguments
+
+    add_replica_serve_arguments(s)
 
 
 def _add_chat(sub: Any) -> None:
@@ -118,7 +121,8 @@ def serve(args: argparse.Namespace) -> int:
         api_keys=parse_api_keys(args.api_key, os.environ.get("PENSIEVE_API_KEY")),
         served_model_names=_served_names(args), max_waiting=args.max_waiting,
         max_stored_responses=args.max_stored_responses, conversation_ttl=args.conversation_ttl,
-        shutdown_timeout_s=args.shutdown_timeout)
+        shutdown_timeout_s=args.shutdown_timeout, replica_name=args.replica_name,
+        kv_events_endpoint=args.kv_events_endpoint)
     if args.engine_process:
         from pensieve.engine.engine_process import EngineProcess
 
@@ -147,6 +151,9 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
     _add_chat(sub)
+    from pensieve.replicas.cli import add_serve_replicas
+
+    add_serve_replicas(sub)
     bench = sub.add_parser("bench", help="multi-turn serving benchmark")
     if with_bench:
         try:
@@ -167,6 +174,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pensieve.chat import run_chat
 
         return run_chat(args)
+    if args.command == "serve-replicas":
+        from pensieve.replicas.cli import run_serve_replicas
+
+        return run_serve_replicas(args)
     if getattr(args, "bench_missing", None):
         print(f"pensieve bench is not available: {args.bench_missing}", file=sys.stderr)
         return 2

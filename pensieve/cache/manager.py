@@ -343,6 +343,10 @@ class KVCacheManager:
                 out.append((key, "gpu", b, int(self.g_pos[b]), float(self.g_last[b])))
         return out
 
+    def tier_keys(self) -> tuple[list[BlockKey], list[BlockKey]]:
+        """The content keys each tier holds (GPU, CPU): what a KV event publisher announces."""
+        return list(self.g_index), list(self.c_index)
+
     def num_free(self, tier: str) -> int:
         return len(self.c_free) if tier == "cpu" else len(self.g_free)
 

@@ -34,7 +34,7 @@ from pensieve.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
-_CALLS = ("delete_conversation", "check_integrity")   # engine methods callers may run and wait for
+_CALLS = ("delete_conversation", "check_integrity", "cached_block_keys")   # engine methods callers may run and wait for
 
 
 # ------------------------------------------------------------------ the child process
@@ -242,6 +242,9 @@ class EngineProcess:
 
     def check_integrity(self) -> None:
         self._call("call", "check_integrity", ()).result()
+
+    def cached_block_keys(self) -> tuple[list[bytes], list[bytes]]:
+        return self._call("call", "cached_block_keys", ()).result()
 
     def stats(self) -> EngineStats:
         return self._stats

@@ -221,6 +221,10 @@ class LLMEngine:
     def delete_conversation(self, conversation_id: str) -> bool:
         return self.kv.delete_conversation(conversation_id)
 
+    def cached_block_keys(self) -> tuple[list[bytes], list[bytes]]:
+        """Content keys cached in the GPU and the CPU tier (a KV event publisher diffs them)."""
+        return self.kv.tier_keys()
+
     # ------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
         """One engine iteration; returns the outputs of the steps whose tokens were read back.

@@ -11,10 +11,10 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from pensieve import __version__
-from pensieve.server import openai_api, responses_api
+from pensieve.server import openai_api, responses_api, routing_api
 from pensieve.server.conversations import ConversationRegistry, ResponseStore
 from pensieve.server.errors import install_error_handlers
-from pensieve.server.metrics import MetricsMiddleware, ServerMetrics
+from pensieve.server.metrics import GatewayCollector, MetricsMiddleware, ServerMetrics
 from pensieve.server.runtime import ServerState, authenticate, get_state
 from pensieve.server.settings import ServerSettings
 
@@ -23,6 +23,8 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
     """An app serving `engine` (an AsyncEngine). The app owns it: its shutdown runs at the app's end."""
     settings = settings or ServerSettings()
     metrics = ServerMetrics(engine.stats)
+    cache_config = getattr(getattr(engine, "config", None), "cache", None)
+    metrics.registry.register(GatewayCollector(engine.stats, getattr(cache_config, "block_size", None)))
     state = ServerState(
         engine=engine, settings=settings, metrics=metrics,
         responses=ResponseStore(settings.max_stored_responses),
@@ -33,7 +35,15 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if settings.kv_events_endpoint:
+            from pensieve.server.kv_events import KVEventPublisher
+
+            state.kv_events = KVEventPublisher(settings.kv_events_endpoint, engine.config.cache.block_size,
+                                               engine.cached_block_keys)
+            state.kv_events.start()
         yield
+        if state.kv_events is not None:
+            await state.kv_events.close()
         # Uvicorn has stopped accepting and cancelled what outlived its grace period; abort any
         # request still registered so the engine frees its blocks, then stop the engine loop.
         for request_id in list(state.in_flight):
@@ -45,8 +55,11 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
     app.state.pensieve = state
     install_error_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    if settings.replica_name:
+        app.add_middleware(routing_api.ReplicaHeader, name=settings.replica_name)
     app.include_router(openai_api.router)
     app.include_router(responses_api.router)
+    app.include_router(routing_api.router)
 
     @app.get("/health")
     async def health() -> JSONResponse:

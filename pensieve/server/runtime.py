@@ -36,6 +36,7 @@ class ServerState:
     conversations: ConversationRegistry
     model_names: tuple[str, ...]
     in_flight: set[str] = field(default_factory=set)
+    kv_events: Any = None                        # KVEventPublisher when the replica publishes KV events
 
 
 def get_state(request: Request) -> ServerState:
@@ -129,6 +130,8 @@ class EngineCall:
                     metrics.itl.observe((now - last_time) / max(count - num_tokens, 1))
                 last_time, num_tokens = now, count
             self.finished = out.finished
+            if out.finished and self._state.kv_events is not None:  # the tokens of the blocks it cached
+                self._state.kv_events.learn(list(out.prompt_token_ids) + list(out.outputs[0].token_ids))
             yield out
 
 

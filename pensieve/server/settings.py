@@ -15,6 +15,9 @@ class ServerSettings:
     max_stored_responses: int = 10_000          # Responses API store; the least recently used are forgotten
     conversation_ttl: float | None = None       # seconds an idle named conversation is remembered
     shutdown_timeout_s: float = 5.0             # in-flight requests get this long, then they are cancelled
+    # serving as one of several replicas (docs/REPLICAS.md)
+    replica_name: str | None = None             # sent back as the x-pensieve-replica header
+    kv_events_endpoint: str | None = None       # ZMQ endpoint to publish KV cache events on, e.g. tcp://*:5557
 
     def __post_init__(self) -> None:
         if self.max_waiting < 0:

@@ -110,6 +110,8 @@ def _served_names(args: argparse.Namespace) -> tuple[str, ...]:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from pensieve.replicas.cli import replica_settings
+
     from pensieve.engine.async_engine import AsyncEngine
     from pensieve.server.app import build_app
     from pensieve.server.settings import ServerSettings
@@ -121,8 +123,7 @@ def serve(args: argparse.Namespace) -> int:
         api_keys=parse_api_keys(args.api_key, os.environ.get("PENSIEVE_API_KEY")),
         served_model_names=_served_names(args), max_waiting=args.max_waiting,
         max_stored_responses=args.max_stored_responses, conversation_ttl=args.conversation_ttl,
-        shutdown_timeout_s=args.shutdown_timeout, replica_name=args.replica_name,
-        kv_events_endpoint=args.kv_events_endpoint)
+        shutdown_timeout_s=args.shutdown_timeout, **replica_settings(args))
     if args.engine_process:
         from pensieve.engine.engine_process import EngineProcess
 

@@ -19,9 +19,27 @@ must name its session in an X-Session-ID header from its first turn (docs/REPLIC
 
 def add_replica_serve_arguments(group: Any) -> None:
     """`pensieve serve` flags of a replica in a replicated deployment."""
-    group.add_argument("--replica-name", default=None, help="name sent back in the x-pensieve-replica header")
+    group.add_argument("--replica-name", default=None,
+                       help="this replica's name ([A-Za-z0-9_-]): in the x-pensieve-replica header and its response ids")
+    group.add_argument("--replica-peers", default=None,
+                       help="the other replicas, NAME=URL,...: turns continuing their responses are forwarded there")
     group.add_argument("--kv-events-endpoint", default=None,
                        help="publish KV cache events (vLLM's format, ZMQ PUB) here, e.g. tcp://127.0.0.1:5600")
+
+
+def replica_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """ServerSettings fields from the replica flags of `pensieve serve`."""
+    name = args.replica_name
+    if name is not None and (not name or not all(c.isalnum() or c in "_-" for c in name)):
+        raise SystemExit(f"--replica-name must be letters, digits, _ or -: {name!r}")
+    peers = []
+    for item in (args.replica_peers or "").split(","):
+        if item.strip():
+            peer, sep, url = item.partition("=")
+            if not sep or not url.startswith(("http://", "https://")):
+                raise SystemExit(f"--replica-peers takes NAME=http://HOST:PORT items, got {item!r}")
+            peers.append((peer.strip(), url.strip().rstrip("/")))
+    return {"replica_name": name, "replica_peers": tuple(peers), "kv_events_endpoint": args.kv_events_endpoint}
 
 
 def add_serve_replicas(sub: Any) -> None:
@@ -34,8 +52,9 @@ def add_serve_replicas(sub: Any) -> None:
     p.add_argument("--replica-port", type=int, default=8100, help="replica i listens on this port + i")
     p.add_argument("--kv-events-port", type=int, default=5600, help="replica i publishes KV events on this port + i")
     p.add_argument("--router-metrics-port", type=int, default=29000, help="the router's own Prometheus port")
-    p.add_argument("--policy", choices=POLICIES, default="kv_aware",
-                   help="vllm-router policy (kv_aware: by the replicas' KV events, sticky per X-Session-ID)")
+    p.add_argument("--policy", choices=POLICIES, default="cache_aware",
+                   help="vllm-router policy: cache_aware (by the longest prefix of the request's tokens; default), "
+                        "kv_aware (by the replicas' KV events, sticky per X-Session-ID), others for comparison")
     p.add_argument("--session-ttl", type=int, default=3600, help="seconds an idle session stays on its replica")
     p.add_argument("--log-dir", default=None, help="where each process's log goes (default: a temporary directory)")
     p.add_argument("serve_args", nargs=argparse.REMAINDER,

@@ -33,7 +33,7 @@ class Worker:
 
 @dataclass(frozen=True)
 class RouterConfig:
-    policy: str = "kv_aware"
+    policy: str = "cache_aware"
     host: str = "127.0.0.1"
     port: int = 8000
     metrics_port: int = 29000
@@ -142,16 +142,22 @@ class Deployment:
                              f"{self.num_replicas * self.gpus_per_replica} GPUs; this host has {len(gpus)}")
         host = self.router.host
         try:
-            for i in range(self.num_replicas):
-                port, events = self.replica_port + i, self.kv_events_port + i
+            events = self.router.policy == "kv_aware"   # the only policy that reads KV events
+            urls = {f"replica-{i}": f"http://{host}:{self.replica_port + i}" for i in range(self.num_replicas)}
+            for i, (name, url) in enumerate(urls.items()):
                 env = dict(os.environ)
                 if gpus:  # one GPU group per replica; without GPUs every replica runs on the CPU
                     env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[i * self.gpus_per_replica:(i + 1) * self.gpus_per_replica])
+                peers = ",".join(f"{n}={u}" for n, u in urls.items() if n != name)
                 cmd = [sys.executable, "-m", "pensieve.cli", "serve", *self.serve_args, "--host", host,
-                       "--port", str(port), "--replica-name", f"replica-{i}",
-                       "--kv-events-endpoint", f"tcp://{host}:{events}"]
-                self.procs.append(self._spawn(cmd, f"replica-{i}", env))
-                self.workers.append(Worker(f"http://{host}:{port}", f"tcp://{host}:{events}"))
+                       "--port", url.rsplit(":", 1)[1], "--replica-name", name]
+                if peers:
+                    cmd += ["--replica-peers", peers]
+                kv_events = f"tcp://{host}:{self.kv_events_port + i}" if events else None
+                if kv_events:
+                    cmd += ["--kv-events-endpoint", kv_events]
+                self.procs.append(self._spawn(cmd, name, env))
+                self.workers.append(Worker(url, kv_events))
             for i, (w, proc) in enumerate(zip(self.workers, self.procs)):
                 wait_http_ok(w.url + "/health", self.startup_timeout_s, proc, self._log(f"replica-{i}"))
             self.router_proc = self._spawn(router_command(self.workers, self.router), "router", dict(os.environ))

@@ -113,7 +113,7 @@ class KVEventPublisher:
     """Binds a ZMQ PUB socket and publishes the ledger's diffs of the engine's cache, on the server's loop."""
 
     def __init__(self, endpoint: str, block_size: int, cached_keys: Callable[[], tuple[list, list]],
-                 interval_s: float = 0.2, resync_s: float = 30.0, topic: str = "") -> None:
+                 interval_s: float = 0.5, resync_s: float = 30.0, topic: str = "") -> None:
         import zmq  # optional dependency: only replicas that publish events need it
 
         self.ledger = BlockLedger(block_size)
@@ -127,9 +127,13 @@ class KVEventPublisher:
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.bind(endpoint)
         self._task: asyncio.Task | None = None
+        self._wake: asyncio.Event | None = None
 
     def learn(self, token_ids: Sequence[int]) -> None:
+        """A finished request's tokens; its blocks are announced at once (the client's next turn follows soon)."""
         self.ledger.learn(token_ids)
+        if self._wake is not None:
+            self._wake.set()
 
     def publish(self, events: list[Event]) -> None:
         import msgpack
@@ -149,7 +153,11 @@ class KVEventPublisher:
         last_resync = time.monotonic()
         failing = False
         while True:
-            await asyncio.sleep(self._interval_s)
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._interval_s)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
             try:
                 await self.poll_once()
                 if time.monotonic() - last_resync >= self._resync_s:
@@ -162,6 +170,7 @@ class KVEventPublisher:
                 failing = True
 
     def start(self) -> None:
+        self._wake = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self.run(), name="pensieve-kv-events")
 
     async def close(self) -> None:

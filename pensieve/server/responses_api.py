@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response
 
 from pensieve.engine.outputs import RequestOutput
 from pensieve.sampling_params import SamplingParams
+from pensieve.server import peers
 from pensieve.server.conversations import Owner, StoredResponse, new_id
 from pensieve.server.errors import APIError, error_body
 from pensieve.server.formatting import responses_usage, sse
@@ -73,9 +74,10 @@ async def create_response(body: ResponsesRequest, request: Request, owner: Owner
     new_messages = _new_messages(body)
     if body.previous_response_id is not None:
         prev = state.responses.get(body.previous_response_id, owner)
-        if prev is None:
-            raise APIError(404, f"Response '{body.previous_response_id}' not found",
-                           param="previous_response_id", code="response_not_found")
+        if prev is None:  # stored by another replica of a deployment? it continues the chain
+            return await peers.from_owner(request, state.settings, body.previous_response_id, APIError(
+                404, f"Response '{body.previous_response_id}' not found", param="previous_response_id",
+                code="response_not_found"))
         history, conv_name = prev.messages, prev.conversation_id
         prompt_ids = append_turn_ids(tokenizer, history, prev.token_ids, prev.token_ids[prev.reply_start:],
                                      new_messages)
@@ -91,7 +93,7 @@ async def create_response(body: ResponsesRequest, request: Request, owner: Owner
     except ValueError as exc:
         raise APIError(400, str(exc), code="invalid_value") from exc
 
-    response_id = new_id("resp")
+    response_id = peers.new_response_id(state.settings)
     item_id = _item_id(response_id)
     echoed = {"instructions": body.instructions, "previous_response_id": body.previous_response_id,
               "store": body.store, "temperature": body.temperature, "top_p": body.top_p,
@@ -167,16 +169,20 @@ async def create_response(body: ResponsesRequest, request: Request, owner: Owner
 
 @router.get("/v1/responses/{response_id}")
 async def get_response(response_id: str, request: Request, owner: Owner = Depends(authenticate)) -> Response:
-    stored = get_state(request).responses.get(response_id, owner)
+    state = get_state(request)
+    stored = state.responses.get(response_id, owner)
     if stored is None:
-        raise APIError(404, f"Response '{response_id}' not found", param="response_id", code="response_not_found")
+        return await peers.from_owner(request, state.settings, response_id, APIError(
+            404, f"Response '{response_id}' not found", param="response_id", code="response_not_found"))
     return JSONResponse(response_object(stored))
 
 
 @router.delete("/v1/responses/{response_id}")
 async def delete_response(response_id: str, request: Request, owner: Owner = Depends(authenticate)) -> Response:
-    if not get_state(request).responses.delete(response_id, owner):
-        raise APIError(404, f"Response '{response_id}' not found", param="response_id", code="response_not_found")
+    state = get_state(request)
+    if not state.responses.delete(response_id, owner):
+        return await peers.from_owner(request, state.settings, response_id, APIError(
+            404, f"Response '{response_id}' not found", param="response_id", code="response_not_found"))
     return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
 
 
@@ -186,8 +192,11 @@ async def delete_conversation(conversation_id: str, request: Request,
     """Frees the conversation's cached KV in both tiers; its stored responses stay readable."""
     state = get_state(request)
     conv = state.conversations.remove(owner, conversation_id)
-    if conv is None:
+    if conv is not None:
+        await asyncio.to_thread(state.engine.delete_conversation, conv.engine_id)  # waits for the engine thread
+    # its KV may be cached on other replicas too (turns that resend the history may land anywhere)
+    deleted_elsewhere = 200 in await peers.broadcast(request, state.settings)
+    if conv is None and not deleted_elsewhere:
         raise APIError(404, f"Conversation '{conversation_id}' not found", param="conversation_id",
                        code="conversation_not_found")
-    await asyncio.to_thread(state.engine.delete_conversation, conv.engine_id)  # waits for the engine thread
     return JSONResponse({"id": conversation_id, "object": "conversation.deleted", "deleted": True})

@@ -18,6 +18,7 @@ class ServerSettings:
     # serving as one of several replicas (docs/REPLICAS.md)
     replica_name: str | None = None             # sent back as the x-pensieve-replica header
     kv_events_endpoint: str | None = None       # ZMQ endpoint to publish KV cache events on, e.g. tcp://*:5557
+    replica_peers: tuple[tuple[str, str], ...] = ()   # (name, base URL) of the other replicas: stateful turns go there
 
     def __post_init__(self) -> None:
         if self.max_waiting < 0:

@@ -100,8 +100,9 @@ def run_serve_replicas(args: argparse.Namespace) -> int:
                 if i not in exited and proc.poll() is not None:
                     exited.add(i)
                     print(f"replica-{i} exited with {proc.returncode}; the router routes around it", file=sys.stderr)
-            if deployment.router_proc is not None and deployment.router_proc.poll() is not None:
-                print(f"the router exited with {deployment.router_proc.returncode}", file=sys.stderr)
+            router = deployment.router_process.proc if deployment.router_process else None
+            if router is not None and router.poll() is not None:
+                print(f"the router exited with {router.returncode}", file=sys.stderr)
                 return 1
             time.sleep(1.0)
     return 0

@@ -57,10 +57,10 @@ def router_command(workers: Sequence[Worker], cfg: RouterConfig) -> list[str]:
            "--prometheus-host", cfg.host, "--prometheus-port", str(cfg.metrics_port),
            "--health-check-interval-secs", str(cfg.health_interval_s), "--health-failure-threshold", "1",
            "--health-success-threshold", "1", "--health-check-timeout-secs", "2",
-           "--retry-max-retries", str(cfg.retries), "--retry-initial-backoff-ms", "200",
-           # a replica that failed is taken out by its health check; the breaker would also keep out one
-           # that only refused a few requests (e.g. 503 when its queue is full)
-           "--disable-circuit-breaker",
+           "--retry-max-retries", str(cfg.retries), "--retry-initial-backoff-ms", "100",
+           # the first failed request opens a replica's circuit: the next ones (and the retries) go to the others
+           # at once, not after the next health check; it closes when a request succeeds again after 5 s
+           "--cb-failure-threshold", "1", "--cb-success-threshold", "1", "--cb-timeout-duration-secs", "5",
            "--worker-startup-timeout-secs", "600", "--worker-startup-check-interval", "1",
            "--log-level", "warning"]
     if cfg.api_key:
@@ -103,6 +103,44 @@ def gpu_ids() -> list[str]:
     return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
 
 
+class RouterProcess:
+    """vllm-router in front of `workers`, as a child process; a context manager (logs to `log`)."""
+
+    def __init__(self, workers: Sequence[Worker], cfg: RouterConfig, log: Path) -> None:
+        self.workers, self.cfg, self.log = list(workers), cfg, log
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.cfg.host}:{self.cfg.port}"
+
+    def start(self, timeout_s: float = 60.0) -> RouterProcess:
+        with open(self.log, "wb") as out:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(router_command(self.workers, self.cfg), stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        try:
+            wait_http_ok(self.url + "/readiness", timeout_s, self.proc, self.log)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> RouterProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 @dataclass
 class Deployment:
     """Replica processes plus the router process; `stop()` (or leaving the `with` block) ends them all."""
@@ -117,7 +155,7 @@ class Deployment:
     startup_timeout_s: float = 900.0
     procs: list[subprocess.Popen] = field(default_factory=list, init=False)
     workers: list[Worker] = field(default_factory=list, init=False)
-    router_proc: subprocess.Popen | None = field(default=None, init=False)
+    router_process: RouterProcess | None = field(default=None, init=False)
 
     def _log(self, name: str) -> Path:
         assert self.log_dir is not None
@@ -160,8 +198,7 @@ class Deployment:
                 self.workers.append(Worker(url, kv_events))
             for i, (w, proc) in enumerate(zip(self.workers, self.procs)):
                 wait_http_ok(w.url + "/health", self.startup_timeout_s, proc, self._log(f"replica-{i}"))
-            self.router_proc = self._spawn(router_command(self.workers, self.router), "router", dict(os.environ))
-            wait_http_ok(f"http://{host}:{self.router.port}/readiness", 60, self.router_proc, self._log("router"))
+            self.router_process = RouterProcess(self.workers, self.router, self._log("router")).start()
         except BaseException:
             self.stop()
             raise
@@ -178,16 +215,17 @@ class Deployment:
 
     def stop(self) -> None:
         """Router first (no new requests reach a stopping replica), then the replicas, gracefully, then by force."""
-        for group in ([self.router_proc] if self.router_proc else [], self.procs):
-            for proc in group:
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-            for proc in group:
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        if self.router_process is not None:
+            self.router_process.stop()
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
     def __enter__(self) -> Deployment:
         return self.start()

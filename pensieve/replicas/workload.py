@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +51,8 @@ class TurnRecord:
     replica: str | None = None       # x-pensieve-replica of the answer
     text: str = ""
     error: str | None = None
+    started: float = 0.0             # time.monotonic() when the request was sent and when its answer came
+    finished: float = 0.0
 
 
 def _message(rng: random.Random, n: int) -> str:
@@ -71,6 +74,7 @@ async def _one_conversation(client: Any, model: str, kind: str, index: int, cfg:
         await asyncio.sleep(rng.uniform(*cfg.think_s) if turn else rng.random() * 0.05)
         for attempt in range(2):                   # a client retries a failed turn once
             async with slots:
+                started = time.monotonic()
                 try:
                     if kind == "response":
                         kw = {"previous_response_id": previous} if previous else {}
@@ -92,11 +96,14 @@ async def _one_conversation(client: Any, model: str, kind: str, index: int, cfg:
                         text, usage = resp.choices[0].message.content or "", resp.usage
                         prompt, cached = usage.prompt_tokens, usage.prompt_tokens_details.cached_tokens
                     rec = TurnRecord(kind, index, turn, raw.status_code, prompt, cached,
-                                     raw.headers.get("x-pensieve-replica"), text)
+                                     raw.headers.get("x-pensieve-replica"), text,
+                                     started=started, finished=time.monotonic())
                 except openai.APIStatusError as exc:
-                    rec = TurnRecord(kind, index, turn, exc.status_code, error=str(exc)[:300])
+                    rec = TurnRecord(kind, index, turn, exc.status_code, error=str(exc)[:300], started=started,
+                                     finished=time.monotonic())
                 except openai.APIConnectionError as exc:
-                    rec = TurnRecord(kind, index, turn, 0, error=str(exc)[:300])
+                    rec = TurnRecord(kind, index, turn, 0, error=str(exc)[:300], started=started,
+                                     finished=time.monotonic())
             out.append(rec)
             if on_turn is not None:
                 on_turn(rec)

@@ -18,6 +18,7 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.background import BackgroundTask
 
+from pensieve.server.errors import APIError
 from pensieve.server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -49,13 +50,16 @@ def _headers(request: Request, settings: ServerSettings) -> dict[str, str]:
     return headers
 
 
-async def from_owner(request: Request, settings: ServerSettings, response_id: str, not_found: Exception) -> Response:
+async def from_owner(request: Request, settings: ServerSettings, response_id: str, not_found: APIError) -> Response:
     """The answer of the replica that stored `response_id` to this request; raises `not_found` when that is
-    this replica, no peer, or a peer that does not answer (it died with the state the request needs)."""
+    this replica or no peer, and a 404 that says so when that replica does not answer (its state died with it)."""
     peer = owner_url(settings, response_id, request)
     if peer is None:
         raise not_found
-    return await forward(request, settings, peer, not_found)
+    gone = APIError(404, f"{not_found.message}: it was stored by replica {response_id.rsplit('.', 1)[1]}, "
+                         "which does not answer; resend the conversation's history to continue",
+                    param=not_found.param, code=not_found.code)
+    return await forward(request, settings, peer, gone)
 
 
 async def forward(request: Request, settings: ServerSettings, peer: str, not_found: Exception) -> Response:

@@ -35,8 +35,9 @@ def demo_weights() -> tuple:
 
 
 @contextmanager
-def replicas(weights: tuple, n: int, *, kv_events: bool = False, blocks: int = 1024) -> Iterator[list[Replica]]:
-    """n fresh replicas (empty caches) named replica-0.., each knowing the others as peers."""
+def replicas(weights: tuple, n: int, *, kv_events: bool = False, blocks: int = 1024,
+             extra_peers: tuple[tuple[str, str], ...] = ()) -> Iterator[list[Replica]]:
+    """n fresh replicas (empty caches) named replica-0.., each knowing the others (and `extra_peers`) as peers."""
     from pensieve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
     from pensieve.demo import demo_model_path
     from pensieve.engine.async_engine import AsyncEngine
@@ -55,7 +56,7 @@ def replicas(weights: tuple, n: int, *, kv_events: bool = False, blocks: int = 1
                 scheduler=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=2048), device="cpu"),
                 preloaded=weights)
             events = f"tcp://127.0.0.1:{free_port()}" if kv_events else None
-            peers = tuple((m, u) for m, u in zip(names, urls) if m != name)
+            peers = tuple((m, u) for m, u in zip(names, urls) if m != name) + extra_peers
             app = build_app(engine, ServerSettings(port=port, served_model_names=("demo",), replica_name=name,
                                                    replica_peers=peers, kv_events_endpoint=events))
             stack.enter_context(serve_in_thread(app, port))

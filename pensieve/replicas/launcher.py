@@ -151,6 +151,7 @@ class Deployment:
     replica_port: int = 8100              # replica i listens on replica_port + i
     kv_events_port: int = 5600            # replica i publishes KV events on kv_events_port + i
     gpus_per_replica: int = 1
+    forward_stateful: bool = True         # replicas forward a turn continuing a peer's response to that peer
     log_dir: Path | None = None
     startup_timeout_s: float = 900.0
     procs: list[subprocess.Popen] = field(default_factory=list, init=False)
@@ -189,7 +190,7 @@ class Deployment:
                 peers = ",".join(f"{n}={u}" for n, u in urls.items() if n != name)
                 cmd = [sys.executable, "-m", "pensieve.cli", "serve", *self.serve_args, "--host", host,
                        "--port", url.rsplit(":", 1)[1], "--replica-name", name]
-                if peers:
+                if peers and self.forward_stateful:
                     cmd += ["--replica-peers", peers]
                 kv_events = f"tcp://{host}:{self.kv_events_port + i}" if events else None
                 if kv_events:

@@ -145,16 +145,26 @@ def answers(records: Sequence[TurnRecord]) -> dict[tuple[str, int, int], str]:
     return {(r.kind, r.conversation, r.turn): r.text for r in records if r.error is None}
 
 
+def served_by(rec: TurnRecord) -> str | None:
+    """The replica that answered (a forwarded turn names it first, then the replica that forwarded it)."""
+    return rec.replica.split(",")[0].strip() if rec.replica else None
+
+
 def summary(records: Sequence[TurnRecord], kinds: Sequence[str] = KINDS) -> dict[str, dict[str, Any]]:
-    """Per kind: the later turns' cached share, the turns answered, and the failed ones by status."""
+    """Per kind: the later turns' cached share, the turns answered, the failed ones by status, the replicas
+    that answered and the share of the turns the busiest one answered (1/N is even, 1.0 one replica)."""
     out: dict[str, dict[str, Any]] = {}
     for kind in kinds:
         rows = [r for r in records if r.kind == kind]
         failed: dict[str, int] = {}
+        served: dict[str, int] = {}
         for r in rows:
             if r.error is not None:
                 failed[str(r.status)] = failed.get(str(r.status), 0) + 1
-        replicas = {r.replica for r in rows if r.replica}
-        out[kind] = {"cached_share": round(cached_share(records, kind), 4), "turns": len(rows) - sum(failed.values()),
-                     "failed": failed, "replicas": sorted(replicas)}
+            elif (name := served_by(r)) is not None:
+                served[name] = served.get(name, 0) + 1
+        answered = len(rows) - sum(failed.values())
+        out[kind] = {"cached_share": round(cached_share(records, kind), 4), "turns": answered, "failed": failed,
+                     "replicas": sorted(served),
+                     "busiest_replica_share": round(max(served.values()) / answered, 3) if served else None}
     return out

@@ -33,8 +33,10 @@ def test_affinity_keeps_the_cache_of_one_replica(demo_weights: tuple, tmp_path: 
         base = cached_share(alone, kind)
         assert base > 0.5, (kind, base)   # the conversations do reuse their history on one replica
         assert cached_share(routed, kind) >= 0.9 * base, (kind, report)
-    # the requests were spread: every replica served every kind
-    assert all(len(report["cache_aware"][k]["replicas"]) >= 3 for k in ("history", "conversation"))
+    # the conversations were spread, not all kept on one replica (as a session hash does with keyless clients)
+    for kind in KINDS:
+        assert len(report["cache_aware"][kind]["replicas"]) == 3
+        assert report["cache_aware"][kind]["busiest_replica_share"] <= 0.7, report["cache_aware"][kind]
     # round-robin loses the resent histories (a turn lands where its history is with probability 1/3)
     assert cached_share(spread, "history") < 0.6 * cached_share(alone, "history")
     assert answers(routed) == answers(alone)

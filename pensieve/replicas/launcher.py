@@ -182,13 +182,15 @@ class Deployment:
         host = self.router.host
         try:
             events = self.router.policy == "kv_aware"   # the only policy that reads KV events
+            quiet = [] if any(a.split("=")[0] == "--log-level" for a in self.serve_args) else ["--log-level", "warning"]
             urls = {f"replica-{i}": f"http://{host}:{self.replica_port + i}" for i in range(self.num_replicas)}
             for i, (name, url) in enumerate(urls.items()):
                 env = dict(os.environ)
                 if gpus:  # one GPU group per replica; without GPUs every replica runs on the CPU
                     env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[i * self.gpus_per_replica:(i + 1) * self.gpus_per_replica])
                 peers = ",".join(f"{n}={u}" for n, u in urls.items() if n != name)
-                cmd = [sys.executable, "-m", "pensieve.cli", "serve", *self.serve_args, "--host", host,
+                # warnings only, unless asked: the router's health check would log an access line a second
+                cmd = [sys.executable, "-m", "pensieve.cli", "serve", *self.serve_args, *quiet, "--host", host,
                        "--port", url.rsplit(":", 1)[1], "--replica-name", name]
                 if peers and self.forward_stateful:
                     cmd += ["--replica-peers", peers]

@@ -334,7 +334,7 @@ class KVCacheManager:
 
     def tier_keys(self) -> tuple[list[BlockKey], list[BlockKey]]:
         """The content keys each tier holds (GPU, CPU): what a KV event publisher announces."""
-        return list(self.g_index), list(self.c_index)
+        return list(self.gpu.index), list(self.cpu.index)
 
     def num_free(self, tier: str) -> int:
         return self.cpu.num_free if tier == "cpu" else self.gpu.num_free

@@ -112,9 +112,8 @@ def _served_names(args: argparse.Namespace) -> tuple[str, ...]:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from pensieve.replicas.cli import replica_settings
-
     from pensieve.engine.async_engine import AsyncEngine
+    from pensieve.replicas.cli import replica_settings
     from pensieve.server.app import build_app
     from pensieve.server.settings import ServerSettings
 

@@ -365,7 +365,7 @@ def materialize(conv: Conversation, encode: Encode, max_context: int, max_input_
         reply = len(encode(t.reply_text)) if t.reply_text is not None else t.reply_len
         if max_output_tokens is not None:
             reply = min(reply, max_output_tokens)
-        turns.append(Turn(reply_len=max(1, reply), user_text=text, user_token_ids=tuple(ids)))
+        turns.append(Turn(reply_len=max(1, reply), user_text=text, user_token_ids=tuple(ids), reply_text=t.reply_text))
     return cap_context(replace(conv, turns=tuple(turns)), max_context, encode)
 
 
@@ -406,8 +406,8 @@ def generate_synthetic(spec: SyntheticSpec, num_conversations: int, vocab_ids: S
         if max_output_tokens is not None:
             outs = np.minimum(outs, max_output_tokens)
         turns = tuple(
-            Turn(reply_len=int(outs[t]), user_token_ids=(prefix if t == 0 else ()) + tuple(
-                int(x) for x in rng.choice(vocab, size=int(ins[t]))))
+            Turn(reply_len=int(outs[t]), user_token_ids=((prefix if t == 0 else ()) + tuple(
+                int(x) for x in rng.choice(vocab, size=int(ins[t]))))[:max_input_tokens])
             for t in range(k)
         )
         conv = cap_context(Conversation(conv_id=f"{id_prefix}-{seed}-{c}", turns=turns), max_context)

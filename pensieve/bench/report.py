@@ -78,7 +78,8 @@ def _turn_tables(results: Mapping[str, Any], several_seeds: bool) -> list[str]:
         pts = [p for p in results["points"].get(system, []) if p["summary"].get("by_turn", {}).get("buckets")]
         if not pts:
             continue
-        labels = list(dict.fromkeys(b for p in pts for b in p["summary"]["by_turn"]["buckets"]))
+        labels = sorted({b for p in pts for b in p["summary"]["by_turn"]["buckets"]},
+                        key=lambda b: int(b.rstrip("+").split("-")[0]))
         out += [f"{system}: cache hit rate and TTFT mean / P90 (s) by turn number, per point (rate conv/s).", "",
                 "| turn | " + " | ".join(_point_label(p, several_seeds) for p in pts) + " |",
                 "|---|" + "---|" * len(pts)]

@@ -65,31 +65,32 @@ def redact_sensitive_namespace(namespace, fields):
 
 
 # ------------------------------------------------------------------------------------------ conversations
-def fit_text(tokenizer: Any, target: int, text: str | None, filler_ids: list[int]) -> str:
-    """A text the tokenizer counts as `target` tokens: a prefix of `text` (or of the filler ids, repeated),
-    trimmed until decode -> encode round-trips to exactly that length where it can (a few tries; otherwise
-    the nearest length found)."""
+FILLER = ("the cache keeps each conversation between turns so a new turn costs little more than its new "
+          "tokens while the history stays in memory and the reply streams back one token at a time ")
+
+
+def fit_text(tokenizer: Any, target: int, text: str | None) -> str:
+    """A text the tokenizer counts as `target` tokens: a prefix of `text` (extended with plain filler words when
+    it is shorter), cut where decode -> encode gives exactly `target` tokens (the nearest count otherwise:
+    a cut can merge with its neighbour)."""
     ids = tokenizer.encode(text, add_special_tokens=False) if text else []
+    filler = tokenizer.encode(FILLER, add_special_tokens=False)
     while len(ids) < target + 8:
-        ids = ids + filler_ids
+        ids = ids + filler
     best, best_err = "", None
-    cut = target
-    for _ in range(12):
-        cand = tokenizer.decode(ids[:max(1, cut)], skip_special_tokens=True)
-        n = len(tokenizer.encode(cand, add_special_tokens=False))
-        err = abs(n - target)
+    for cut in sorted(range(max(1, target - 8), target + 9), key=lambda c: abs(c - target)):
+        cand = tokenizer.decode(ids[:cut], skip_special_tokens=True)
+        err = abs(len(tokenizer.encode(cand, add_special_tokens=False)) - target)
         if best_err is None or err < best_err:
             best, best_err = cand, err
-        if n == target:
+        if err == 0:
             break
-        cut += target - n
     return best
 
 
-def client_conversations(convs: list[Conversation], tokenizer: Any, vocab: list[int]) -> list[dict[str, Any]]:
+def client_conversations(convs: list[Conversation], tokenizer: Any) -> list[dict[str, Any]]:
     """Our conversations in the client's input format: user / assistant pairs only (a leading system message
     joins the first user message), the assistant message sized to the turn's reply length."""
-    filler = [vocab[(37 * i + 11) % len(vocab)] for i in range(256)]
     out = []
     for conv in convs:
         messages: list[dict[str, str]] = []
@@ -99,8 +100,7 @@ def client_conversations(convs: list[Conversation], tokenizer: Any, vocab: list[
             if i == 0 and conv.system:
                 user = f"{conv.system}\n\n{user}"
             messages.append({"role": "user", "content": user})
-            messages.append({"role": "assistant", "content": fit_text(tokenizer, turn.reply_len, turn.reply_text,
-                                                                      filler)})
+            messages.append({"role": "assistant", "content": fit_text(tokenizer, turn.reply_len, turn.reply_text)})
         out.append({"id": conv.conv_id, "messages": messages})
     return out
 
@@ -269,7 +269,7 @@ def write_conversations(args: argparse.Namespace, out: Path) -> tuple[Path, dict
     cfg = WorkloadConfig(rate=1.0, duration=None, max_conversations=args.num_conversations,
                          seed=point_seed(args.seed, 1.0))
     convs = source.for_point(cfg, "c")
-    data = client_conversations(convs, tokenizer, source.vocab)
+    data = client_conversations(convs, tokenizer)
     path = out / "conversations.json"
     path.write_text(json.dumps(data, ensure_ascii=False))
     turns = sum(len(c["messages"]) // 2 for c in data)

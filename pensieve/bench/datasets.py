@@ -231,8 +231,9 @@ def iter_json_array(f: IO[str], chunk_chars: int = 1 << 20, state: dict[str, boo
                 obj, end = decoder.raw_decode(buf, pos)
             except json.JSONDecodeError:
                 obj, end = None, -1
-            # a value that ends exactly at the buffer's end may continue in the next chunk (a number)
-            if end != -1 and (end < len(buf) or eof):
+            # a value must be followed by a delimiter: a number cut at the buffer's end ("2." of "2.5")
+            # parses as a shorter one, so read on until the delimiter is there
+            if end != -1 and (eof or (end < len(buf) and buf[end] in ",] \t\r\n")):
                 break
             if not more(max(chunk_chars, len(buf) - pos)):   # double what is read: a long record costs O(n)
                 if end != -1:

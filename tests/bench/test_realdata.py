@@ -58,7 +58,7 @@ def test_seeds_rates_for_and_the_views(tmp_path, demo_path):
              if k != "1" and b["prompt_tokens_mean"] >= 32]
     assert later and all(b["hit_rate"] > 0 for b in later)
     md = (tmp_path / "summary.md").read_text()
-    assert "seed 1" in md and ("Ratios per workload seed" in md or "Across seeds: no ratio" in md)
+    assert "| 10 s1 |" in md and ("Ratios per workload seed" in md or "Across seeds: no ratio" in md)
     assert "Running batch and GPU pool" in md and "by turn number" in md
 
 

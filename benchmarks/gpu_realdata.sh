@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Real conversations on one GPU, one device call per case (docs/BENCHMARKS.md, "Real ShareGPT and long
-# sessions: the runs"). Each case builds its random-weight checkpoint, runs, and leaves at most 5 files in $OUT
+# Real conversations on one GPU, one device call per case (docs/BENCHMARKS.md, "Real conversations:
+# the runs"). Each case builds its random-weight checkpoint, runs, and leaves at most 5 files in $OUT
 # (log, one summary per run, runs-CASE.tgz with every results.json / partial.json / plot), inside 9.5 minutes:
 # the in-process runs get a --wall-budget from what is left, so a run that would overrun skips points and
 # still writes its report.
@@ -17,8 +17,9 @@
 # RATES_GPU, SEEDS, GPU_KV_GB, RUNNING_KV_GB, CPU_KV_GB, TIME_SCALE, THINK, LONG_RATE, CALL_S (the call's
 # seconds, 570).
 set -uo pipefail
+case "${1:-}" in -h|--help|"") sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;; esac
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-CASE=${1:?usage: gpu_realdata.sh sharegpt|long}
+CASE=$1
 OUT=${OUT:-/tmp/gpu_realdata_out}
 mkdir -p "$OUT"
 RUNS=$(mktemp -d)

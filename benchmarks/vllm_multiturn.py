@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""vLLM's own multi-turn client against `pensieve serve`, beside our benchmark, on the same conversations.
+r"""vLLM's own multi-turn client against `pensieve serve`, beside our benchmark, on the same conversations.
 
     python benchmarks/vllm_multiturn.py --client third_party/vllm_multi_turn/benchmark_serving_multi_turn.py \
         --model CKPT --cache-modes tiered,stateless --dataset sharegpt --num-conversations 64 \
@@ -377,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # one mode failing must not lose the others
             entry["vllm_client"] = {"error": f"{type(exc).__name__}: {exc}"}
         _print_client(mode, entry["vllm_client"])
+        write_report(report, out)         # kept even if a later step runs out of time
         if args.ours_rate > 0:
             def ours_run(server: Server) -> dict[str, Any]:
                 extra = ["--systems", "http", "--url", server.url, "--api", "chat", "--tokenizer", args.model,
@@ -396,11 +397,15 @@ def main(argv: list[str] | None = None) -> int:
                 entry["ours"], _ = with_server(args, mode, out, "ours", ours_run)
             except Exception as exc:
                 entry["ours"] = {"error": f"{type(exc).__name__}: {exc}"}
-        (out / "vllm_client.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    (out / "vllm_client.md").write_text(markdown(report))
+        write_report(report, out)
     print((out / "vllm_client.md").read_text())
     ok = all(e.get("vllm_client", {}).get("returncode") == 0 for e in report["modes"].values())
     return 0 if ok else 1
+
+
+def write_report(report: dict[str, Any], out: Path) -> None:
+    (out / "vllm_client.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (out / "vllm_client.md").write_text(markdown(report))
 
 
 def _print_client(mode: str, res: dict[str, Any]) -> None:

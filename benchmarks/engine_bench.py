@@ -25,6 +25,7 @@ from pensieve.bench.backends import blocks_for_budget, kv_bytes_per_token  # noq
 from pensieve.cache.manager import TransferPlan  # noqa: E402
 from pensieve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig  # noqa: E402
 from pensieve.engine import profiling  # noqa: E402
+from pensieve.engine.batch import StepBatch, to_metadata  # noqa: E402
 from pensieve.engine.llm_engine import LLMEngine  # noqa: E402
 from pensieve.kernels import SMALL_BATCH_MAX_ROWS, small_batch_linear_enabled  # noqa: E402
 from pensieve.model.random_checkpoint import make_random_checkpoint  # noqa: E402
@@ -149,7 +150,7 @@ def bench_decode(engine: LLMEngine, batch: int, ctx: int, weight_bytes: int, kv_
     dt = timed()
     running = min(running, len(engine.scheduler.running))
     graph_ms = None
-    size = engine.runner._graph_size(batch)
+    size = engine.runner.graph_size(batch)
     if size is not None:  # the forward alone: replays the last step's inputs (rewrites the same KV)
         graph = engine.runner.graphs[size]
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -235,14 +236,17 @@ def bench_swap(engine: LLMEngine, num_tokens: int, variant: str = "dma") -> dict
     ctx_blocks = list(range(n_blocks))
     fresh = list(range(n_blocks, n_blocks + new // bs))
     positions = np.arange(num_tokens, num_tokens + new)
-    meta_args = dict(positions=positions, qsl=np.array([0, new]), seq_lens=np.array([num_tokens + new]),
-                     tables=[ctx_blocks + fresh],
-                     slots=np.array([fresh[(p - num_tokens) // bs] * bs + p % bs for p in positions]),
-                     max_q=new, decode_only=False)
+    slots = np.array([fresh[(p - num_tokens) // bs] * bs + p % bs for p in positions], np.int64)
+    batch = StepBatch(np.zeros(new, np.int64), positions.astype(np.int64), np.array([0, new], np.int32),
+                      np.array([num_tokens + new], np.int32), np.array([ctx_blocks + fresh], np.int32), slots,
+                      np.array([new - 1], np.int64), as_rows=False)
     ids = torch.randint(10, cfg.vocab_size - 10, (new,), device="cuda")
 
+    def upload(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(dtype).pin_memory().to("cuda", non_blocking=True)
+
     def forward(wait) -> None:
-        meta = runner._metadata(**meta_args, wait=wait)
+        meta = to_metadata(batch, bs, upload, wait)
         with torch.inference_mode():
             runner.model(ids, meta.positions, runner.kv_caches, meta)
 

@@ -43,7 +43,7 @@ from pensieve.kernels.reference import (  # noqa: E402
     store_kv_reference,
 )
 from pensieve.kernels.store import store_kv_triton  # noqa: E402
-from pensieve.model.metadata import AttentionMetadata  # noqa: E402
+from pensieve.kernels.metadata import AttentionMetadata  # noqa: E402
 
 HBM_BYTES_PER_S = 3.0e12      # H100 measured copy bandwidth (DESIGN.md §5)
 L2_DEFEAT_BYTES = 200 << 20   # decode timings rotate over this much KV: 4x the H100's 50 MB L2

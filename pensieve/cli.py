@@ -23,6 +23,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint directory (default: the built-in demo model)")
     g = parser.add_argument_group("engine")
     g.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="shard the model over this many GPUs (one process each; on a CPU, gloo processes)")
     g.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"))
     g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
     g.add_argument("--seed", type=int, default=0)
@@ -57,9 +59,9 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
                           cpu_cache_gb=args.cpu_cache_gb, num_cpu_blocks=args.num_cpu_blocks,
                           eviction_policy=args.eviction_policy, conversation_ttl=args.conversation_ttl,
                           persist_path=args.kv_cache_path),
-        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                                  max_waiting=args.max_waiting),
-        device=args.device, enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling)
+        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
+        device=args.device, enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling,
+        tensor_parallel_size=args.tensor_parallel_size)
 
 
 def parse_api_keys(values: Sequence[str] | None, env: str | None) -> tuple[str, ...]:

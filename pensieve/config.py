@@ -54,7 +54,6 @@ class CacheConfig:
 class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 4096
-    max_waiting: int = 4096                # more waiting requests than this are refused (server: 429/503)
 
 
 @dataclass(frozen=True)
@@ -63,6 +62,9 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     device: str = "auto"                  # auto | cuda | cpu
+    # Shard the model over this many GPUs of the host (one process each; rank 0 runs the engine).
+    # Each rank's two-tier cache holds its own KV heads. On a CPU the ranks talk over gloo (tests).
+    tensor_parallel_size: int = 1
     enforce_eager: bool = False           # disable CUDA graphs
     # Overlap the host's work with the GPU's: while decode step N runs, schedule and launch step N+1
     # (its tokens taken on the device from N's sampling) and only then read N's tokens back. Outputs
@@ -81,3 +83,7 @@ class EngineConfig:
     # win the GIL back, and a busy loop thread keeps it for up to this interval (Python's default is
     # 5 ms, a third of a 13B decode step). None leaves the interpreter's setting alone.
     gil_switch_interval_s: float | None = 0.001
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")

@@ -232,6 +232,16 @@ class KVTransfer:
             n += 1
         return n
 
+    def retire_swap_outs(self, num_groups: int) -> None:
+        """Tensor parallelism, ranks other than 0: rank 0's cache manager saw its oldest `num_groups`
+        swap-out groups land and may reuse their blocks from the next step on. This rank's copies of
+        those groups may still run: later work on both streams waits for them on the device."""
+        for _ in range(min(num_groups, len(self._swap_outs))):
+            done = self._swap_outs.popleft()
+            if done is not None:
+                torch.cuda.current_stream().wait_event(done)
+                self.stream.wait_event(done)
+
     def wait_swap_outs(self) -> int:
         """Block until every outstanding swap-out has landed (idle time, shutdown, checks)."""
         n = len(self._swap_outs)

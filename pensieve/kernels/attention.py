@@ -29,7 +29,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from pensieve.kernels import device_sms
-from pensieve.model.metadata import AttentionMetadata
+from pensieve.kernels.metadata import AttentionMetadata
 
 _LOG2E = 1.4426950408889634
 
@@ -423,10 +423,13 @@ def paged_attention_triton(
 ) -> torch.Tensor:               # [T, Hq, D]
     T, num_heads, head_dim = q.shape
     _, two, block_size, num_kv_heads, kv_dim = kv_cache.shape
-    assert two == 2 and kv_dim == head_dim and num_heads % num_kv_heads == 0
-    assert q.stride(2) == 1 and kv_cache.stride(4) == 1, "head_dim must be contiguous"
+    if not (two == 2 and kv_dim == head_dim and num_heads % num_kv_heads == 0):
+        raise ValueError("kernel launch contract violated: two == 2 and kv_dim == head_dim and num_heads % num_kv_heads == 0")
+    if not (q.stride(2) == 1 and kv_cache.stride(4) == 1):
+        raise ValueError("head_dim must be contiguous")
     # a power of two, so a KV tile lies inside one page or spans whole ones
-    assert block_size & (block_size - 1) == 0, "block_size must be a power of two"
+    if block_size & (block_size - 1):
+        raise ValueError("block_size must be a power of two")
     group = num_heads // num_kv_heads
     num_seqs = meta.num_seqs
     out = torch.empty_like(q)
@@ -450,7 +453,8 @@ def paged_attention_triton(
     if decode:
         grid = (num_seqs, num_kv_heads, splits)
     else:
-        assert splits == 1, "split-KV is for decode batches only"
+        if splits != 1:
+            raise ValueError("split-KV is for decode batches only")
         grid = (triton.cdiv(T, config.block_q) + num_seqs, num_kv_heads, 1)
     if splits > 1:
         part_acc = torch.empty((T, num_heads, splits, d_pad), dtype=torch.float32, device=q.device)

@@ -44,7 +44,8 @@ def rotary_inplace(
     positions: torch.Tensor,  # [T] int
 ) -> torch.Tensor:
     T, num_heads, head_dim = x.shape
-    assert x.stride(2) == 1 and cos_sin.stride(1) == 1 and head_dim % 2 == 0
+    if not (x.stride(2) == 1 and cos_sin.stride(1) == 1 and head_dim % 2 == 0):
+        raise ValueError("kernel launch contract violated: x.stride(2) == 1 and cos_sin.stride(1) == 1 and head_dim % 2 == 0")
     if T:
         half = head_dim // 2
         _rotary_kernel[(T,)](
@@ -81,7 +82,8 @@ def add_rms_norm(
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # norm(x + residual), x + residual (None without residual)
     T, dim = x.shape
-    assert x.stride(1) == 1 and weight.is_contiguous()
+    if not (x.stride(1) == 1 and weight.is_contiguous()):
+        raise ValueError("kernel launch contract violated: x.stride(1) == 1 and weight.is_contiguous()")
     out = torch.empty_like(x)
     new_residual = torch.empty_like(x) if residual is not None else None
     if T:
@@ -113,7 +115,8 @@ def _silu_and_mul_kernel(
 def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:  # [T, 2 * I] -> [T, I]
     T, two_inter = x.shape
     inter = two_inter // 2
-    assert x.stride(1) == 1
+    if x.stride(1) != 1:
+        raise ValueError("kernel launch contract violated: x.stride(1) == 1")
     out = torch.empty((T, inter), dtype=x.dtype, device=x.device)
     if T:
         block = 1024

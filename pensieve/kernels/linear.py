@@ -153,7 +153,8 @@ def small_batch_linear(
 ) -> torch.Tensor:                   # [M, N]
     m, k = x.shape
     n = weight.shape[0]
-    assert m <= MAX_ROWS and weight.shape[1] == k and x.stride(1) == 1 and weight.stride(1) == 1
+    if not (m <= MAX_ROWS and weight.shape[1] == k and x.stride(1) == 1 and weight.stride(1) == 1):
+        raise ValueError("kernel launch contract violated: m <= MAX_ROWS and weight.shape[1] == k and x.stride(1) == 1 and weight.stride(1) == 1")
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return y

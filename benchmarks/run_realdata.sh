@@ -38,7 +38,8 @@ case "$name" in
   ""|-h|--help|help) usage "$0"; exit 0 ;;
   sharegpt|long) ;;
   dry-run) DRY=1; name=${1:-}; [ "$name" = sharegpt ] || [ "$name" = long ] || {
-             echo "dry-run takes sharegpt or long" >&2; exit 2; } ;;
+             echo "dry-run takes sharegpt or long" >&2; exit 2; }
+           shift ;;
   *) echo "unknown subcommand: $name (see --help)" >&2; exit 2 ;;
 esac
 dir="$OUT/$name"
@@ -70,11 +71,19 @@ else
   CLIENT_N=(--num-conversations 32 --num-clients 8 --max-active-conversations 16 --max-num-requests 160)
 fi
 
+worst=0
+keep() {  # keep CMD...: run CMD, remember the worst exit status
+  "$@"
+  local rc=$?
+  [ "$rc" -gt "$worst" ] && worst=$rc
+  return 0
+}
+
 mt() {  # mt SECONDS DIR ARGS...: one multiturn.py run into DIR
   local seconds=$1 d=$2
   shift 2
   echo "[$(date +%T)] multiturn.py $* -> $d"
-  limit "$seconds" "$PYTHON" benchmarks/multiturn.py "$@" --out "$d"
+  keep limit "$seconds" "$PYTHON" benchmarks/multiturn.py "$@" --out "$d"
 }
 
 case "$name" in
@@ -96,14 +105,14 @@ case "$name" in
       OURS=(--ours-rate 0)
       [ "$(left)" -gt 230 ] && OURS=(--ours-rate "$LONG_RATE" --ours-think-time "$THINK_LONG" --ours-time-limit 40)
       echo "[$(date +%T)] vllm_multiturn.py -> $dir/vllm-client"
-      limit $(( $(left) - 10 )) "$PYTHON" benchmarks/vllm_multiturn.py --client "$CLIENT" --model "$CKPT8B" \
+      keep limit $(( $(left) - 10 )) "$PYTHON" benchmarks/vllm_multiturn.py --client "$CLIENT" --model "$CKPT8B" \
         "${DEV[@]}" --cache-modes tiered --dataset synthetic-long "${CLIP_B[@]}" "${CLIENT_N[@]}" "${SERVE_KV[@]}" \
         --client-timeout 120 --server-timeout 150 "${OURS[@]}" --out "$dir/vllm-client"
     else
       echo "[$(date +%T)] vLLM's client skipped (no $CLIENT, or $(left) s left)"
     fi ;;
 esac
-status=$?
+status=$worst
 echo "[$(date +%T)] $name done in $(( $(date +%s) - START )) s (exit $status): $dir"
 pack "$dir"
 exit $status

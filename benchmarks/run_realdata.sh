@@ -11,7 +11,7 @@
 #                   RATES_TIERED (24) and stateless at RATES_STATELESS (14) conv/s over SEEDS (0,1,2); then
 #                   the GPU-only cache at RATES_GPU (14), seed 0, if 150 s are left                    ~8-9 min
 #   long            the long-session preset (tens of turns, 10-30k-token histories), Llama-3.1-8B, think
-#                   time 2 s, 24 GiB of GPU KV and 64 GiB of CPU tier: tiered, gpu and stateless at
+#                   time 2 s, 24 GiB of GPU KV and 64 GiB of CPU tier: tiered, stateless, then gpu at
 #                   LONG_RATE (0.3) conv/s; then vLLM's client (VLLM_CLIENT, default
 #                   third_party/vllm_multi_turn/benchmark_serving_multi_turn.py) and ours against
 #                   `pensieve serve` (tiered) on 32 conversations of the same preset                   ~9 min
@@ -98,7 +98,7 @@ case "$name" in
     fi ;;
   long)
     mt $(( $(left) - 250 )) "$dir/systems" "${L8B[@]}" "${BOUNDS[@]}" --dataset synthetic-long "${CLIP_B[@]}" \
-      --think-time "$THINK_LONG" "${TIMES[@]}" "${KV_B[@]}" --systems tiered,gpu,stateless --rates "$LONG_RATE" \
+      --think-time "$THINK_LONG" "${TIMES[@]}" "${KV_B[@]}" --systems tiered,stateless,gpu --rates "$LONG_RATE" \
       --wall-budget $(( $(left) - 270 )) "$@"
     CLIENT=${VLLM_CLIENT:-third_party/vllm_multi_turn/benchmark_serving_multi_turn.py}
     if [ -f "$CLIENT" ] && [ "$(left)" -gt 120 ]; then

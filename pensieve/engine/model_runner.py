@@ -268,8 +268,8 @@ class ModelRunner:
     def _copy_to_host(self, out: SamplerOutput | None) -> SamplerOutput | None:
         """Queue the sampled tokens' copy to pinned host memory right behind the sampling. Read
         later with .tolist() on the device tensors, the copy would queue behind whatever was
-        launched meanwhile: with async scheduling, the whole next step (measured on the H100: the
-        host then waited a full step for each step's tokens and the GPU idled ~1 ms per step)."""
+        launched meanwhile: with async scheduling, the whole next step (the host then waited a full
+        step for each step's tokens: benchmarks/results/engine-tuning/stop10/engine.md)."""
         if out is None or not self.on_cuda:
             return out
 

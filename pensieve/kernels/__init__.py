@@ -50,8 +50,8 @@ def device_sms(t: torch.Tensor) -> int:
     return num_sms(t.device.index if t.device.index is not None else torch.cuda.current_device())
 
 
-# Up to 32 rows the small-batch kernel beat cuBLAS on every 8B/13B weight shape on the H100; at 64 rows
-# cuBLAS was faster on most (stop 14, `kernels/stop14/linear_sweep.md`).
+# Up to 32 rows the small-batch kernel beats cuBLAS on every 8B/13B weight shape on the H100; at 64 rows
+# cuBLAS is faster on most (benchmarks/results/kernels/stop14/linear_sweep.md).
 SMALL_BATCH_MAX_ROWS = 32
 
 

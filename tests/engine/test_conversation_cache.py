@@ -272,8 +272,8 @@ def test_suffix_flag_marks_exactly_the_batches_whose_new_tokens_end_each_sequenc
     kernel may read their K/V from the layer's tensors). A recomputed prefix sent with a new turn,
     a cached middle between them, must clear it."""
     # The FLOP estimate of Cost(l), not one timed on this GPU: eviction choices (and so whether a
-    # prefix is dropped at all) must not follow the machine's timings (on an H100 in stop 15 they
-    # dropped none, and the run never exercised the case this test is for).
+    # prefix is dropped at all) must not follow the machine's timings: on an H100 a timed Cost(l)
+    # dropped no prefix, so the case went untested (benchmarks/results/kernels/stop15/gpu_tests_call4.txt).
     engine = make_engine(checkpoint, "tiered", num_gpu_blocks=32, num_cpu_blocks=16, swap_out_watermark=0.5,
                          profile_recompute_cost=False)
     flags = []

@@ -203,7 +203,8 @@ def plot_latency(results: Mapping[str, Any], path: Path) -> None:
         ax.set_ylabel(f"{title} normalized latency (s/token)")
         ax.set_title(f"{title} normalized latency")
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:      # a run whose every point was skipped has no line
+            ax.legend()
     fig.suptitle(f"Pensieve multi-turn benchmark ({results.get('device', '?')})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

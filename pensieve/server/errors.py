@@ -5,6 +5,7 @@ OpenAI clients raise their usual typed exceptions (BadRequestError, NotFoundErro
 """
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -46,9 +47,17 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
     return {"error": {"message": message, "type": err_type, "param": param, "code": code}}
 
 
+class ErrorJSON(JSONResponse):
+    """An error body always renders: text echoed from a request (a lone surrogate, say) goes out
+    escaped (ensure_ascii) instead of failing to encode."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
+
+
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
+    return ErrorJSON(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, str]:
@@ -78,6 +87,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 413:  # FastAPI's body size limit (max_body_size)
+            return error_response(413, f"Request body too large: the limit is {app.max_body_size} bytes",
+                                  code="request_too_large")
         return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)

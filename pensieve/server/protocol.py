@@ -120,3 +120,4 @@ class ResponsesRequest(_Lenient):
     top_p: float | None = None
     stream: bool = False
     cache_salt: Text | None = Field(default=None, min_length=1, max_length=256)   # as SamplingFields
+    ignore_eos: bool = False                                                       # as SamplingFields

@@ -88,7 +88,7 @@ async def create_response(body: ResponsesRequest, request: Request, owner: Owner
                                     "max_output_tokens")
     given = {k: v for k, v in (("temperature", body.temperature), ("top_p", body.top_p)) if v is not None}
     try:
-        params = SamplingParams(max_tokens=max_tokens, **given)
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=body.ignore_eos, **given)
     except ValueError as exc:
         raise APIError(400, str(exc), code="invalid_value") from exc
 

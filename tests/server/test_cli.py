@@ -64,10 +64,10 @@ def test_chat_in_process_eof_quits() -> None:
     assert counts[1][0] >= 16 and counts[1][0] < counts[1][1]
 
 
-@pytest.mark.parametrize("engine_flags", [[], ["--engine-process"]], ids=["engine-thread", "engine-process"])
-def test_serve_then_sigint_with_a_stream_in_flight(engine_flags: list[str]) -> None:
+def test_serve_then_sigint_with_a_stream_in_flight() -> None:
+    """Ctrl-C; SIGTERM, with both engines and every kind of request, is test_shutdown.py's."""
     port = free_port()
-    proc = subprocess.Popen(CLI + ["serve", *SMALL_ENGINE, *engine_flags, "--port", str(port),
+    proc = subprocess.Popen(CLI + ["serve", *SMALL_ENGINE, "--port", str(port),
                                    "--shutdown-timeout", "1", "--log-level", "warning"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PENSIEVE_API_KEY": "env-key"})

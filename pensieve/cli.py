@@ -69,7 +69,7 @@ def parse_api_keys(values: Sequence[str] | None, env: str | None) -> tuple[str, 
 
 
 def _add_serve(sub: Any) -> None:
-    from pensieve.server.settings import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_WAITING
+    from pensieve.server.settings import DEFAULT_MAX_BODY_BYTES
 
     p = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
     add_engine_arguments(p)
@@ -80,9 +80,9 @@ def _add_serve(sub: Any) -> None:
                    help="required bearer key; repeat or comma-separate for several (env PENSIEVE_API_KEY)")
     s.add_argument("--served-model-name", nargs="+", default=None, help="model name(s) clients use")
     s.add_argument("--max-stored-responses", type=int, default=10_000)
-    s.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING,
-                   help="refuse new requests (503 + Retry-After) while this many wait beyond --max-num-seqs "
-                        "(default measured: docs/SECURITY.md)")
+    s.add_argument("--max-waiting", type=int, default=None,
+                   help="refuse new requests (503 + Retry-After) while this many wait beyond those running "
+                        "(default: --max-num-seqs; measured in docs/SECURITY.md)")
     s.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                    help="larger request bodies get 413 before they are read")
     s.add_argument("--metrics-require-auth", action="store_true",

@@ -13,7 +13,7 @@ from pensieve.engine.client import EngineClient
 from pensieve.server import openai_api, responses_api
 from pensieve.server.conversations import ConversationRegistry, ResponseStore
 from pensieve.server.errors import install_error_handlers
-from pensieve.server.limits import BodySizeLimit
+from pensieve.server.limits import AdmissionControl, BodySizeLimit
 from pensieve.server.metrics import MetricsMiddleware, ServerMetrics
 from pensieve.server.runtime import ServerState, authenticate, get_state
 from pensieve.server.settings import ServerSettings
@@ -47,6 +47,7 @@ def build_app(engine: EngineClient, settings: ServerSettings | None = None) -> F
     app.state.pensieve = state
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_body_bytes)
+    app.add_middleware(AdmissionControl, state=state)
     app.add_middleware(MetricsMiddleware, metrics=metrics)   # outermost: counts the 413s too
     app.include_router(openai_api.router)
     app.include_router(responses_api.router)

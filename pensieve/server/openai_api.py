@@ -17,7 +17,7 @@ from pensieve.server.formatting import DONE, chat_logprobs, chat_usage, completi
 from pensieve.server.prompts import chat_prompt_ids, encode, resolve_max_tokens, sampling_params
 from pensieve.server.protocol import ChatCompletionRequest, CompletionRequest
 from pensieve.server.runtime import (EngineCall, EventStream, ServerState, acquire_conversation, authenticate,
-                                     cache_salt_for, check_capacity, check_model, get_state, run_to_end)
+                                     cache_salt_for, check_model, get_state, run_to_end)
 
 router = APIRouter()
 
@@ -95,7 +95,6 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
                            owner: Owner = Depends(authenticate)) -> Response:
     state = get_state(request)
     check_model(state, body.model)
-    check_capacity(state)
     tokenizer = state.engine.tokenizer
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     prompt_ids = await state.off_loop(chat_prompt_ids, tokenizer, messages, state.engine.max_model_len)
@@ -146,7 +145,6 @@ def _completion_prompt(state: ServerState, prompt: Any) -> list[int]:
 async def completions(body: CompletionRequest, request: Request, owner: Owner = Depends(authenticate)) -> Response:
     state = get_state(request)
     check_model(state, body.model)
-    check_capacity(state)
     tokenizer = state.engine.tokenizer
     prompt_ids = await state.off_loop(_completion_prompt, state, body.prompt)
     max_tokens = resolve_max_tokens(len(prompt_ids), body.max_tokens, state.engine.max_model_len, "max_tokens")

@@ -22,7 +22,7 @@ from pensieve.server.formatting import responses_usage, sse
 from pensieve.server.prompts import append_turn_ids, chat_prompt_ids, resolve_max_tokens
 from pensieve.server.protocol import ResponsesRequest
 from pensieve.server.runtime import (EngineCall, EventStream, acquire_conversation, authenticate, cache_salt_for,
-                                     check_capacity, check_model, get_state, run_to_end)
+                                     check_model, get_state, run_to_end)
 
 router = APIRouter()
 
@@ -70,7 +70,6 @@ def _new_messages(body: ResponsesRequest) -> list[dict[str, str]]:
 async def create_response(body: ResponsesRequest, request: Request, owner: Owner = Depends(authenticate)) -> Response:
     state = get_state(request)
     check_model(state, body.model)
-    check_capacity(state)
     tokenizer, context = state.engine.tokenizer, state.engine.max_model_len
     new_messages = _new_messages(body)
     if body.previous_response_id is not None:

@@ -125,22 +125,6 @@ def check_model(state: ServerState, model: str) -> str:
     return model
 
 
-def check_capacity(state: ServerState) -> None:
-    """503 + Retry-After while shutting down, or while more requests wait than `max_waiting`. Waiting
-    is the larger of the engine's queue (a snapshot, one step old) and the requests in flight beyond
-    what the engine runs at once (exact at once: a burst counts before the engine has seen it)."""
-    retry = {"Retry-After": str(state.settings.retry_after_s)}
-    if state.drain.draining:
-        raise APIError(503, "The server is shutting down; retry the request", code="server_shutting_down",
-                       headers=retry)
-    limit = state.settings.max_waiting
-    waiting = max(state.engine.stats().num_waiting,
-                  len(state.in_flight) - state.engine.config.scheduler.max_num_seqs)
-    if waiting >= limit:
-        raise APIError(503, f"Server overloaded: {waiting} requests waiting (limit {limit}); retry later",
-                       code="overloaded", headers=retry)
-
-
 def acquire_conversation(state: ServerState, owner: Owner, name: str) -> Conversation:
     """Holds a named conversation for one request (409 if busy); forgets expired ones first."""
     expired = state.conversations.expire()

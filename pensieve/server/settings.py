@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DEFAULT_MAX_WAITING = 4096   # placeholder until measured
 DEFAULT_MAX_BODY_BYTES = 8 << 20   # 8 MiB: ~8x a 128k-token prompt sent as \u-escaped text
 
 
@@ -13,9 +12,10 @@ class ServerSettings:
     port: int = 8000
     api_keys: tuple[str, ...] = ()              # empty: no authentication
     served_model_names: tuple[str, ...] = ()    # empty: the engine's model_name
-    # refuse (503 + Retry-After) while this many requests wait beyond those the engine runs; the
-    # default is measured (docs/SECURITY.md): past it, latency grows and throughput does not
-    max_waiting: int = DEFAULT_MAX_WAITING
+    # refuse (503 + Retry-After) while this many requests wait beyond those the engine runs. None:
+    # as many as the engine runs at once (max_num_seqs), so a request waits about one request's time
+    # at most; past that latency grows and throughput does not (docs/SECURITY.md, measured)
+    max_waiting: int | None = None
     retry_after_s: int = 1                      # the Retry-After header of a 503
     max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES   # larger bodies get 413 before they are read
     metrics_require_auth: bool = False          # /metrics asks for an API key too
@@ -24,7 +24,7 @@ class ServerSettings:
     shutdown_timeout_s: float = 5.0             # in-flight requests get this long, then they end with an error
 
     def __post_init__(self) -> None:
-        if self.max_waiting < 0:
+        if self.max_waiting is not None and self.max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
         if self.max_stored_responses < 1:
             raise ValueError(f"max_stored_responses must be >= 1, got {self.max_stored_responses}")

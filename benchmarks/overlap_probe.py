@@ -135,7 +135,8 @@ def decode_profile(engine, batch: int = 8, ctx: int = 1024, rows: int = 30) -> s
     cfg = engine.hf_config
     params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
     for i in range(batch):
-        engine.add_request(f"prof{i}", torch.randint(10, cfg.vocab_size - 10, (ctx,)).tolist(), params)
+        engine.add_request(f"prof{i}", torch.randint(10, cfg.vocab_size - 10, (ctx,)).tolist(), params,
+                           stream=True)
     while engine.scheduler.waiting or any(s.pending and s.num_pending > 1 for s in engine.scheduler.running):
         engine.step()
     for _ in range(3):

@@ -37,8 +37,13 @@ def test_same_answers_and_surface_as_the_thread_engine(config):
         finally:
             await engine.shutdown()
 
-    want = asyncio.run(run(AsyncEngine(config)))
+    from pensieve.engine.client import EngineClient
+
+    thread_engine = AsyncEngine(config)
+    assert isinstance(thread_engine, EngineClient)   # the one surface the server uses
+    want = asyncio.run(run(thread_engine))
     process = EngineProcess(config)
+    assert isinstance(process, EngineClient)
     assert process.max_model_len == 128 and process.device == DEVICE and process.tokenizer is not None
 
     async def checks() -> dict:

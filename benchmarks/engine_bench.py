@@ -25,14 +25,17 @@ from pensieve.bench.backends import blocks_for_budget, kv_bytes_per_token  # noq
 from pensieve.cache.manager import TransferPlan  # noqa: E402
 from pensieve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig  # noqa: E402
 from pensieve.engine import profiling  # noqa: E402
+from pensieve.engine.batch import StepBatch, to_metadata  # noqa: E402
 from pensieve.engine.llm_engine import LLMEngine  # noqa: E402
 from pensieve.kernels import SMALL_BATCH_MAX_ROWS, small_batch_linear_enabled  # noqa: E402
 from pensieve.model.random_checkpoint import make_random_checkpoint  # noqa: E402
 from pensieve.sampling_params import SamplingParams  # noqa: E402
 
-PEAK_TFLOPS = 793.0     # measured bf16 GEMM on the H100 (DESIGN.md §5)
-HBM_TBPS = 3.0          # measured device copy bandwidth
-PCIE_GBPS = 54.0        # measured pinned host->device
+# The H100's measured floors (docs/BENCHMARKS.md quotes them): a decode step cannot beat weight bytes / HBM_TBPS,
+# a prefill 2 x params x tokens / PEAK_TFLOPS, a swap-in bytes / PCIE_GBPS.
+PEAK_TFLOPS = 793.0     # bf16 GEMM peak
+HBM_TBPS = 3.0          # device copy bandwidth
+PCIE_GBPS = 54.0        # pinned host->device
 
 
 def sync() -> None:
@@ -150,7 +153,7 @@ def bench_decode(engine: LLMEngine, batch: int, ctx: int, weight_bytes: int, kv_
     dt = timed()
     running = min(running, len(engine.scheduler.running))
     graph_ms = None
-    size = engine.runner._graph_size(batch)
+    size = engine.runner.graph_size(batch)
     if size is not None:  # the forward alone: replays the last step's inputs (rewrites the same KV)
         graph = engine.runner.graphs[size]
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -180,13 +183,15 @@ SWAP_VARIANTS = {  # name: (max DMA runs, copy-kernel programs)
     "kernel4": (0, 4),
 }
 # "kernel8-all" issues every layer's copy at the forward's first layer wait instead of two layers
-# ahead (DMA copies always go that way since stop 10: they hid 88-94% so, 63-89% interleaved)
+# ahead, as the engine issues DMA copies (they hide 88-94% so, 63-89% interleaved:
+# benchmarks/results/engine-tuning/stop10/engine.md)
 SWAP_VARIANTS["kernel8-all"] = SWAP_VARIANTS["kernel8"]
 
 
 def pinned_h2d_ceiling(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     """This host's pinned host-to-device bandwidth in GB/s: one 1 GiB copy, median of `repeats`. Hosts
-    differ: stop 11's swap-ins read 96% of 54 GB/s on one H100 machine and 65% on the next one."""
+    differ: one 4k-token swap-in read 96% of 54 GB/s on one H100 machine and 65% on another
+    (benchmarks/results/engine-tuning/stop11/engine.md, final-decode.md)."""
     src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     times = []
@@ -226,7 +231,8 @@ def bench_swap(engine: LLMEngine, num_tokens: int, variant: str = "dma") -> dict
 
     for _ in range(3):
         copy_only()
-    # median of 20: the mean of 10 (stops 7-11) read 41-52 GB/s for the same 4k copy on one host
+    # median of 20: means of 10 scattered over 65-96% of PCIe for the same 4k copy
+    # (benchmarks/results/HISTORY.md, Measurement pitfalls)
     copies = [copy_only() for _ in range(20)]
     copy_s = float(np.median(copies))
 
@@ -236,14 +242,17 @@ def bench_swap(engine: LLMEngine, num_tokens: int, variant: str = "dma") -> dict
     ctx_blocks = list(range(n_blocks))
     fresh = list(range(n_blocks, n_blocks + new // bs))
     positions = np.arange(num_tokens, num_tokens + new)
-    meta_args = dict(positions=positions, qsl=np.array([0, new]), seq_lens=np.array([num_tokens + new]),
-                     tables=[ctx_blocks + fresh],
-                     slots=np.array([fresh[(p - num_tokens) // bs] * bs + p % bs for p in positions]),
-                     max_q=new, decode_only=False)
+    slots = np.array([fresh[(p - num_tokens) // bs] * bs + p % bs for p in positions], np.int64)
+    batch = StepBatch(np.zeros(new, np.int64), positions.astype(np.int64), np.array([0, new], np.int32),
+                      np.array([num_tokens + new], np.int32), np.array([ctx_blocks + fresh], np.int32), slots,
+                      np.array([new - 1], np.int64), as_rows=False)
     ids = torch.randint(10, cfg.vocab_size - 10, (new,), device="cuda")
 
+    def upload(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(dtype).pin_memory().to("cuda", non_blocking=True)
+
     def forward(wait) -> None:
-        meta = runner._metadata(**meta_args, wait=wait)
+        meta = to_metadata(batch, bs, upload, wait)
         with torch.inference_mode():
             runner.model(ids, meta.positions, runner.kv_caches, meta)
 
@@ -266,9 +275,10 @@ def bench_swap(engine: LLMEngine, num_tokens: int, variant: str = "dma") -> dict
     for kind in ("forward", "pipelined", "serial"):
         step(kind)
     # Interleaved rounds, each pipelined step paired with the forward-only step next to it: a 1k-token
-    # copy (~3 ms) is smaller than the drift of a ~55 ms forward between batches (stop 10 read 0-94%
-    # "hidden" at 1k timing them batch after batch; stop 11, medians of 15 unpaired rounds, 36-89%).
-    # A round's forward varies by ~1-2 ms, so a short copy needs many rounds for its median to settle.
+    # copy (~3 ms) is smaller than the drift of a ~55 ms forward between batches (timed batch after
+    # batch the hidden share read 0-94% at 1k, unpaired medians 36-89%: benchmarks/results/HISTORY.md,
+    # Measurement pitfalls). A round's forward varies by ~1-2 ms, so a short copy needs many rounds for
+    # its median to settle.
     rounds = 150 if copy_s < 6e-3 else 30
     times: dict[str, list[float]] = {"forward": [], "pipelined": [], "serial": []}
     for _ in range(rounds):

@@ -6,6 +6,9 @@ or the in-process benchmark's) holds the GIL until the interpreter's switch inte
 hand-off, so each step can stall for up to that interval after the GPU is done.
 
     python benchmarks/gil_contention.py
+
+Prints a markdown table of the host overhead per step at three switch intervals, with the other thread busy
+and idle (seconds, no GPU). Results: docs/BENCHMARKS.md, "Host".
 """
 from __future__ import annotations
 

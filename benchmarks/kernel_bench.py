@@ -11,7 +11,7 @@ Sections (each runs on its own; a failure is recorded and the rest go on):
   prefill_regs tiles for two programs per SM, with register caps (not in the default list)
   sdpa_backends SDPA on 1 x 4096 under each backend (not in the default list)
   read_floor   the fastest plain read of the decode shapes' KV bytes, same timing (not in the default list)
-  decode_sweep the default decode against stop 12's rule and its PDL variants, graphs round-robin (not in the default list)
+  decode_sweep the default decode against the older split rule and its PDL variants, graphs round-robin (not in the default list)
   linear_sweep the decode step's linears at 1-64 rows: cuBLAS vs the small-batch Triton kernel (not in the default list)
   copy         host<->device block copies (one gather kernel over pinned memory) vs a per-block loop
 """
@@ -43,9 +43,9 @@ from pensieve.kernels.reference import (  # noqa: E402
     store_kv_reference,
 )
 from pensieve.kernels.store import store_kv_triton  # noqa: E402
-from pensieve.model.metadata import AttentionMetadata  # noqa: E402
+from pensieve.kernels.metadata import AttentionMetadata  # noqa: E402
 
-HBM_BYTES_PER_S = 3.0e12      # H100 measured copy bandwidth (DESIGN.md §5)
+HBM_BYTES_PER_S = 3.0e12      # H100 measured copy bandwidth (docs/BENCHMARKS.md quotes the floors)
 L2_DEFEAT_BYTES = 200 << 20   # decode timings rotate over this much KV: 4x the H100's 50 MB L2
 PCIE_BYTES_PER_S = 54e9       # pinned host<->device
 BLOCK_SIZE = 16
@@ -387,9 +387,9 @@ class Bench:
             torch.cuda.empty_cache()
 
     def prefill_sweep(self) -> None:
-        """Launch configurations of the prefill path: tiles, warps, stages. (Stop 12 also swept where
-        new K/V come from, the layer's tensors by plain loads or TMA, or the cache, and Triton's warp
-        specialization: no difference; `kernels/stop12/prefill_sweep.md`.)"""
+        """Launch configurations of the prefill path: tiles, warps, stages. (Where new K/V come from
+        and Triton's warp specialization were dropped as levers: benchmarks/results/HISTORY.md,
+        Measured and dropped.)"""
         def variants(base: LaunchConfig):
             for block_m, block_n, warps, stages in itertools.product((64, 128), (64, 128), (4, 8), (2, 3, 4)):
                 if block_m == 64 and warps == 8:
@@ -401,9 +401,9 @@ class Bench:
         self.prefill_configs("prefill_sweep", [(1, 4096, 0), (4, 2048, 0), (4, 1024, 0), (1, 2048, 2048)], variants)
 
     def prefill_regs(self) -> None:
-        """Tiles small enough for two programs per SM (the default's 128 x 128 takes 255 registers and
-        165 KB of shared memory: one 8-warp program per SM, stop 12's Nsight Compute), with and
-        without a register cap, against the default."""
+        """Tiles small enough for two programs per SM (uncapped 128 x 128 tiles take 255 registers and
+        165 KB of shared memory: one 8-warp program per SM, benchmarks/results/kernels/stop12/ncu.txt),
+        with and without a register cap, against the default."""
         def variants(base: LaunchConfig):
             yield dict(block_m=base.block_m, block_n=base.block_n, warps=base.num_warps, stages=base.num_stages), base
             for block_m, block_n, warps, stages, cap in [
@@ -455,7 +455,8 @@ class Bench:
             times = graph_round_robin_us({
                 "own": self.rotating(metas, lambda m: paged_attention_triton(q, cache, m, scale)),
                 "maxlen32k": self.rotating(graph_metas, lambda m: paged_attention_triton(q, cache, m, scale)),
-                # One copy over and over: its KV stays in L2 when it fits (how earlier stops timed it).
+                # One copy over and over: its KV stays in L2 when it fits (the L2-served time, for
+                # comparison; benchmarks/results/HISTORY.md, Measurement pitfalls: "Decode from L2").
                 "same_kv": lambda: paged_attention_triton(q, cache, metas[0], scale),
             }, calls=2 * len(metas))
             ms, ms_graph = times["own"] / 1e3, times["maxlen32k"] / 1e3
@@ -502,15 +503,16 @@ class Bench:
             torch.cuda.empty_cache()
 
     def decode_sweep(self) -> None:
-        """The default decode split against stop 12's rule, with and without programmatic dependent
-        launch (PDL) of the merge and of the attention kernel, alone and, as in a layer, right after
-        the store of the new token's K/V (the store alone beside them). (Letting the store trigger the
-        attention kernel early was slower, call 3 of stop 13.) Every variant is captured in its own CUDA graph (calls rotated over
+        """The default decode split against the older split rule (variant "stop12", the launch that
+        benchmarks/results/kernels/stop12/ timed: about two programs per SM, 64-position tiles,
+        3 stages), with and without programmatic dependent launch (PDL) of the merge and of the
+        attention kernel, alone and, as in a layer, right after the store of the new token's K/V (the
+        store alone beside them). Every variant is captured in its own CUDA graph (calls rotated over
         copies of the KV past L2) and the graphs are replayed round-robin, so clock or host drift
-        lands on every variant alike; the median round is reported. (Stop 12's probe timed each
-        configuration in its own do_bench_cudagraph and saw neighbours differ 2x while their kernel
-        times agreed. Stop 13's first sweep, `kernels/stop13/decode_sweep_call1.md`, covered splits
-        x KV tiles x stages.)"""
+        lands on every variant alike; the median round is reported (timing each configuration in its
+        own do_bench_cudagraph makes neighbours differ 2x while their kernel times agree:
+        benchmarks/results/HISTORY.md, Measurement pitfalls). The wider sweep of splits x KV tiles x
+        stages behind the default: benchmarks/results/kernels/stop13/decode_sweep_call1.md."""
         from pensieve.kernels.attention import choose_config
 
         shape = LLAMA3_8B
@@ -525,7 +527,7 @@ class Bench:
             base = choose_config(batch, 1, ctx, shape.num_kv_heads, group, shape.head_dim, True, True)
             plain = dataclasses.replace(base, pdl_merge=False, pdl_attention=False)
             ref = paged_attention_triton(q, cache, metas[0], scale, dataclasses.replace(plain, num_splits=1))
-            # stop 12's rule: about two programs per SM, >= 256 positions per split, 64-position tiles, 3 stages
+            # the older rule: about two programs per SM, >= 256 positions per split, 64-position tiles, 3 stages
             old = min(-(-264 // (batch * shape.num_kv_heads)), max(1, ctx // 256), 64)
             stop12 = dataclasses.replace(plain, num_splits=1 << (old.bit_length() - 1), block_n=64, num_stages=3)
             variants = {  # name: (config, the KV store before it?)
@@ -571,8 +573,8 @@ class Bench:
         """The decode step's linears at 1-64 rows: cuBLAS (F.linear) against the small-batch Triton
         kernel's default launch and its neighbours (tiles, stages), as bytes of weight read per second
         (a share of 3.0 TB/s). Weights rotate over copies past L2; graphs replayed round-robin.
-        (Stop 14's first sweep, commit 0cd076c, ran 104 launches at 8 rows, split K and unswapped
-        operands included: `kernels/stop14/linear_sweep_call1.md`.)"""
+        (The wider sweep behind the default, 104 launches at 8 rows with split K and unswapped
+        operands: benchmarks/results/kernels/stop14/linear_sweep_call1.md.)"""
         import torch.nn.functional as F
 
         from pensieve.kernels import SmallLinearWorkspace

@@ -1,14 +1,19 @@
-"""How far plain Triton gets on the prefill shapes (a diagnostic, not a benchmark of record).
+"""Where the prefill attention kernel stands against what Triton can do and against cuDNN, per launch.
 
-    python benchmarks/prefill_probe.py --out DIR
+    python benchmarks/prefill_probe.py --out DIR              # ours, a dense Triton kernel and SDPA
+    python benchmarks/prefill_probe.py --rule --out DIR       # the small-prompt launch on other head layouts
+    python benchmarks/prefill_probe.py --rule-mha --out DIR   # the same for MHA past its threshold
 
-Issue 2 asks prefill to run within 1.25x of SDPA, which on the H100 picks cuDNN. Our paged kernel
-stays at 1.35-1.55x (stops 12-13). This splits that gap in two: a dense causal flash attention in
-Triton over contiguous [B, H, N, D] tensors (no pages, no ragged batch, no GQA packing: the layout
-SDPA itself takes), timed on the same shapes and the same GPU beside ours and SDPA. What the dense
-kernel loses to cuDNN is Triton's; what ours loses to the dense kernel is our layout's. Both run
-the same launch configurations, so each tile size compares like with like; ours also runs a new
-turn over a cached conversation (new tokens over context), the prefill Pensieve serves most.
+SDPA on the H100 runs cuDNN. Beside it this times a dense causal flash attention in plain Triton over
+contiguous [B, H, N, D] tensors (no pages, no ragged batch, no GQA packing: the layout SDPA takes) and our
+paged kernel, at the same launch configurations and shapes. What the dense kernel loses to cuDNN is
+Triton's; what ours loses to the dense kernel is our layout's. Ours also runs as the engine runs it (new
+K/V from the layer's tensors, no paged loop without cached context), with empty paged loops compiled in,
+and gathered through the block table (as a recompute runs), and over cached context (a new turn, the
+prefill Pensieve serves most). --rule and --rule-mha time `choose_config`'s small-prompt launch (64-row
+tiles) against the default 128-row one, the evidence for its thresholds. Writes prefill_probe.json and
+prefill_probe.md (one row per measurement). Needs a CUDA GPU; benchmarks/sass_loops.py compiles the
+dense kernel here for sm_90 on any machine. Results: docs/BENCHMARKS.md, "Prefill attention".
 """
 from __future__ import annotations
 
@@ -29,7 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernel_bench import LLAMA3_8B, Bench, Shape, bench_ms, markdown_table, rel_err  # noqa: E402
 
 from pensieve.kernels.attention import LaunchConfig, paged_attention_triton  # noqa: E402
-from pensieve.model.metadata import AttentionMetadata  # noqa: E402
 
 _LOG2E = 1.4426950408889634
 
@@ -82,7 +86,8 @@ def dense_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
                  block_m: int, block_n: int, warps: int, stages: int, maxnreg: int | None) -> torch.Tensor:
     """q, k, v: [B, H, N, D] contiguous, the GQA heads already expanded (as SDPA gets them)."""
     b, h, n, d = q.shape
-    assert n % block_m == 0 and n % block_n == 0 and q.is_contiguous() and k.is_contiguous()
+    if n % block_m or n % block_n or not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()):
+        raise ValueError(f"dense_causal needs contiguous q/k/v and N ({n}) a multiple of both tile sizes")
     out = torch.empty_like(q)
     extra = {"maxnreg": maxnreg} if maxnreg else {}
     _dense_causal_kernel[(n // block_m, b * h)](
@@ -101,11 +106,10 @@ def ours_config(block_m: int, block_n: int, warps: int, stages: int, maxnreg: in
     return LaunchConfig(block_m, block_m // group, block_n, 1, warps, stages, k_nd=True, maxnreg=maxnreg)
 
 
-def ours_variants(meta: AttentionMetadata, launch: LaunchConfig):
+def ours_variants(meta, launch: LaunchConfig):
     """(kind, metadata, launch) of each way ours can run the batch: as the engine runs a suffix prefill
     (new K/V from the layer's tensors, no paged loop without context), with the paged loops compiled
-    in though empty, and every position gathered through the block table (how a recompute runs).
-    (Stop 15 also tried finding a tile's sequence by counting instead of binary search: no change.)"""
+    in though empty, and every position gathered through the block table (how a recompute runs)."""
     yield "ours", meta, launch
     if not meta.has_context:
         yield "ours_ctxloops", dataclasses.replace(meta, has_context=True), launch
@@ -169,7 +173,7 @@ def probe(bench: Bench, rows: list[dict]) -> None:
 
 RULE_HEADS = [Shape("llama2-13b-gqa10", 40, 10, 128), Shape("mha-32", 32, 32, 128), Shape("group-8", 32, 4, 128)]
 RULE_SHAPES = [(1, 2048), (1, 4096), (4, 1024), (8, 1024), (4, 2048)]
-# MHA past the threshold (stop 15 call 8: the 64-row launch still won at 8192 tokens), and over cached context
+# MHA at and past its threshold (2^19 tokens x query heads), and over cached context
 MHA_HEADS = [Shape("mha-32", 32, 32, 128), Shape("llama-2-13b", 40, 40, 128)]
 MHA_SHAPES = [(8, 1024, 0), (4, 2048, 0), (1, 8192, 0), (16, 1024, 0), (4, 4096, 0), (2, 8192, 0),
               (1, 2048, 2048), (4, 512, 1536)]

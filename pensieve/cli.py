@@ -23,6 +23,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint directory (default: the built-in demo model)")
     g = parser.add_argument_group("engine")
     g.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="shard the model over this many GPUs (one process each; on a CPU, gloo processes)")
     g.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"))
     g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
     g.add_argument("--seed", type=int, default=0)
@@ -59,7 +61,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
                           eviction_policy=args.eviction_policy, conversation_ttl=args.conversation_ttl,
                           persist_path=args.kv_cache_path, persist_strict=args.kv_cache_strict),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
-        device=args.device, enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling)
+        device=args.device, enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling,
+        tensor_parallel_size=args.tensor_parallel_size)
 
 
 def parse_api_keys(values: Sequence[str] | None, env: str | None) -> tuple[str, ...]:

@@ -36,11 +36,13 @@ class CacheConfig:
     # Swap-ins that a forward waits on layer by layer go through the copy engines (one memcpy per
     # run of consecutive blocks and layer) when they are at most this many runs, else the gather
     # kernel; deferred swap-ins (unless swap_dma_deferred), eviction copies and swap-outs take the
-    # one-launch kernel (cache/transfer.py says why). H100, Llama-3.1-8B, stop 10, 4k tokens: DMA issued whole at the
-    # first layer wait moved 87-92% of PCIe and hid 79-100% of it; the kernel 81% and 82%
-    # (docs/BENCHMARKS.md). 0: always the kernel.
+    # one-launch kernel (cache/transfer.py says why). On the H100 (Llama-3.1-8B, 1k and 4k tokens, one
+    # run) the copy engines moved 85-90% of PCIe and hid 88-94% of it behind the forward, the kernel
+    # 64-81% and 76-82% (benchmarks/results/engine-tuning/stop10/engine.md, dma-all vs kernel8).
+    # 0: always the kernel.
     swap_dma_max_runs: int = 8
-    swap_dma_deferred: bool = False        # deferred swap-ins by copy engines too (no gain on OPT-13B, stop 12; bench -dmadefer)
+    swap_dma_deferred: bool = False        # deferred swap-ins by copy engines too (no gain on OPT-13B:
+                                           # benchmarks/results/multiturn/opt-13b-kv40-dmadefer-r16/)
     ahead_of_time_swap_out: bool = True
     conversation_ttl: float | None = None  # seconds an idle named conversation is kept
     persist_path: str | None = None        # load the cache from here at start, save it here at shutdown
@@ -55,7 +57,6 @@ class CacheConfig:
 class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 4096
-    max_waiting: int = 4096                # more waiting requests than this are refused (server: 429/503)
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,9 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     device: str = "auto"                  # auto | cuda | cpu
+    # Shard the model over this many GPUs of the host (one process each; rank 0 runs the engine).
+    # Each rank's two-tier cache holds its own KV heads. On a CPU the ranks talk over gloo (tests).
+    tensor_parallel_size: int = 1
     enforce_eager: bool = False           # disable CUDA graphs
     # Overlap the host's work with the GPU's: while decode step N runs, schedule and launch step N+1
     # (its tokens taken on the device from N's sampling) and only then read N's tokens back. Outputs
@@ -74,11 +78,17 @@ class EngineConfig:
     # A mixed step runs as one-token rows through the decode graphs instead of eagerly when its
     # prefill tokens' contexts (re-read once per token) come to at most this many KV bytes and it
     # has at most token_rows_max_tokens tokens. On the H100 an eager 13B forward costs ~30 ms more
-    # than its graph (launch-bound: 40 layers of small kernels), while 24 GB of re-reads cost 8 ms.
-    # Graphs are captured up to max(max_num_seqs, token_rows_max_tokens) rows; 0 bytes disables.
+    # than its graph (launch-bound: 40 layers of small kernels), while 24 GB of re-reads cost 8 ms
+    # (benchmarks/results/HISTORY.md, "mixed steps as graph rows"). Graphs are captured up to
+    # max(max_num_seqs, token_rows_max_tokens) rows; 0 bytes disables.
     token_rows_reread_bytes: float = 24e9
     token_rows_max_tokens: int = 512
     # The async engine steps on a thread beside the caller's event loop; after each GPU wait it must
     # win the GIL back, and a busy loop thread keeps it for up to this interval (Python's default is
-    # 5 ms, a third of a 13B decode step). None leaves the interpreter's setting alone.
+    # 5 ms, a third of a 13B decode step; benchmarks/gil_contention.py). None leaves the interpreter's
+    # setting alone.
     gil_switch_interval_s: float | None = 0.001
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")

@@ -65,8 +65,10 @@ def parse_system(name: str) -> SystemSpec:
 _DTYPE_BYTES = {"float32": 4, "float": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "half": 2}
 
 
-def kv_bytes_per_token(model_path: str | Path, dtype: str = "auto", device: str = "cuda") -> int:
-    """K and V bytes of one token over all layers, read from the checkpoint's config.json.
+def kv_bytes_per_token(model_path: str | Path, dtype: str = "auto", device: str = "cuda",
+                       tensor_parallel_size: int = 1) -> int:
+    """K and V bytes of one token over all layers on one GPU, read from the checkpoint's config.json:
+    under tensor parallelism a GPU holds max(1, kv_heads / size) heads (replicated when fewer).
     dtype "auto": float32 on the CPU, else the checkpoint's torch_dtype (bf16 if unset)."""
     cfg = json.loads((Path(model_path) / "config.json").read_text())
     cfg = cfg.get("text_config", cfg)
@@ -77,7 +79,8 @@ def kv_bytes_per_token(model_path: str | Path, dtype: str = "auto", device: str 
     if dtype == "auto":
         dtype = "float32" if device == "cpu" else str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16")
     nbytes = _DTYPE_BYTES.get(dtype.replace("torch.", ""), 2)
-    return 2 * layers * kv_heads * head_dim * nbytes
+    local_kv_heads = max(1, kv_heads // tensor_parallel_size)
+    return 2 * layers * local_kv_heads * head_dim * nbytes
 
 
 def blocks_for_budget(gb: float, bytes_per_token: int, block_size: int) -> int:

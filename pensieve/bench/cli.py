@@ -46,6 +46,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer", default=None, help="tokenizer directory for http runs (default: the model's)")
     g.add_argument("--dtype", default="auto")
     g.add_argument("--device", default="auto")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="engine systems shard the model over this many GPUs; --gpu-kv-gb stays per GPU")
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--gpu-kv-gb", type=float, default=None,
@@ -137,9 +139,10 @@ def device_name(device: str) -> str:
 
 
 def kv_budget(args: argparse.Namespace, model_path: str, device: str) -> dict[str, Any]:
-    """num_gpu_blocks / num_cpu_blocks from the GiB budgets and the model's KV bytes per token."""
+    """num_gpu_blocks / num_cpu_blocks from the GiB budgets (per GPU under tensor parallelism) and the
+    model's KV bytes per token on one GPU."""
     try:
-        per_token = kv_bytes_per_token(model_path, args.dtype, device)
+        per_token = kv_bytes_per_token(model_path, args.dtype, device, args.tensor_parallel_size)
     except (OSError, KeyError, ValueError):
         per_token = None
     gpu_blocks = args.num_gpu_blocks
@@ -171,7 +174,7 @@ def engine_config(spec: SystemSpec, args: argparse.Namespace, model_path: str, b
         model=ModelConfig(model=model_path, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed),
         cache=CacheConfig(**cache),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
-        device=args.device, enforce_eager=args.enforce_eager,
+        device=args.device, enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size,
         **{"async_scheduling": {"auto": None, "on": True, "off": False}[args.async_scheduling],
            **dict(spec.engine_overrides)})
 
@@ -185,8 +188,9 @@ def _write_partial(out_dir: str, points: dict[str, Any], errors: dict[str, str])
 def make_backend(spec: SystemSpec, args: argparse.Namespace, model_path: str, budget: dict[str, Any],
                  weights: dict[str, Any] | None = None) -> Backend:
     if spec.kind == "engine":
-        return EngineBackend(spec.name, engine_config(spec, args, model_path, budget),
-                             None if args.engine_process else weights, engine_process=args.engine_process)
+        shared = None if args.engine_process or args.tensor_parallel_size > 1 else weights  # ranks load their own
+        return EngineBackend(spec.name, engine_config(spec, args, model_path, budget), shared,
+                             engine_process=args.engine_process)
     if spec.kind == "transformers":
         return TransformersBackend(spec.name, model_path, dtype=args.dtype, device=args.device,
                                    num_kv_tokens=budget["gpu_kv_tokens"], page_size=args.transformers_page_size,

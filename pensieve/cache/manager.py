@@ -1,14 +1,10 @@
 """The conversation KV manager: where each block's KV lives (GPU, CPU, nowhere) and what moves each step.
 
-Plain Python and numpy over block ids; the tensors themselves live in
-`kv_pool.KVPools` and are moved by `transfer.KVTransfer`.
-
-GPU block states: free (no content), cached (content, no user: evictable),
-used (referenced by running sequences). CPU block states: free, cached,
-pinned (the source or target of a copy in flight this step). A content key
-(`block_keys`) may be registered in both tiers at once: a GPU block copied
-to the CPU ahead of time keeps a link to its copy, so evicting it from the
-GPU is just freeing.
+Plain Python and numpy over block ids: two `BlockTier`s (free lists, content indexes, users), the
+links between a GPU block and its CPU copy, and the eviction policy on top. The tensors live in
+`kv_pool` and are moved by `transfer.KVTransfer`. A content key (`block_keys`) may be registered in
+both tiers at once: a GPU block copied to the CPU ahead of time keeps a link to its copy, so evicting
+it from the GPU is just freeing.
 """
 from __future__ import annotations
 
@@ -20,6 +16,7 @@ from typing import Callable
 import numpy as np
 
 from pensieve.cache.block_keys import BlockKey
+from pensieve.cache.block_tier import BlockTier, CacheIntegrityError
 from pensieve.cache.conversations import ConversationOwners
 from pensieve.cache.policy import EvictionPolicy, lowest
 from pensieve.config import CacheConfig
@@ -72,27 +69,11 @@ class KVCacheManager:
         self.tiered = cfg.cache_mode == "tiered" and num_cpu_blocks > 0
         self.policy = policy
         self.clock = clock
-        self.num_gpu_blocks = num_gpu_blocks
-        self.num_cpu_blocks = num_cpu_blocks if self.tiered else 0
-        # GPU tier
-        self.g_ref = np.zeros(num_gpu_blocks, np.int32)
-        self.g_key: list[BlockKey | None] = [None] * num_gpu_blocks
-        self.g_last = np.zeros(num_gpu_blocks)
-        self.g_pos = np.zeros(num_gpu_blocks)            # block index within its sequence
-        self.g_cpu = np.full(num_gpu_blocks, -1, np.int64)  # linked CPU copy
-        self.g_evictable = np.zeros(num_gpu_blocks, bool)
-        self.g_free: list[int] = list(range(num_gpu_blocks - 1, -1, -1))
-        self.g_index: dict[BlockKey, int] = {}
-        # CPU tier
-        nc = self.num_cpu_blocks
-        self.c_pin = np.zeros(nc, np.int32)
-        self.c_key: list[BlockKey | None] = [None] * nc
-        self.c_last = np.zeros(nc)
-        self.c_pos = np.zeros(nc)
-        self.c_gpu = np.full(nc, -1, np.int64)
-        self.c_cached = np.zeros(nc, bool)
-        self.c_free: list[int] = list(range(nc - 1, -1, -1))
-        self.c_index: dict[BlockKey, int] = {}
+        self.gpu = BlockTier("GPU", num_gpu_blocks)
+        self.cpu = BlockTier("CPU", num_cpu_blocks if self.tiered else 0)
+        # links between a GPU block and its CPU copy (-1: none)
+        self.cpu_copy = np.full(self.gpu.num_blocks, -1, np.int64)
+        self.gpu_copy = np.full(self.cpu.num_blocks, -1, np.int64)
         # this step's transfers and the pins they hold until the step ends
         self.plan = TransferPlan()
         self._pinned_gpu: list[int] = []
@@ -107,23 +88,31 @@ class KVCacheManager:
 
     # ------------------------------------------------------------------ queries
     @property
+    def num_gpu_blocks(self) -> int:
+        return self.gpu.num_blocks
+
+    @property
+    def num_cpu_blocks(self) -> int:
+        return self.cpu.num_blocks
+
+    @property
     def num_free_gpu(self) -> int:
-        return len(self.g_free)
+        return self.gpu.num_free
 
     @property
     def num_cached_gpu(self) -> int:
-        return int(self.g_evictable.sum())
+        return self.gpu.num_idle
 
     @property
     def num_used_gpu(self) -> int:
-        return self.num_gpu_blocks - self.num_free_gpu - self.num_cached_gpu
+        return self.gpu.num_blocks - self.gpu.num_free - self.gpu.num_idle
 
     @property
     def num_used_cpu(self) -> int:
-        return self.num_cpu_blocks - len(self.c_free)
+        return self.cpu.num_blocks - self.cpu.num_free
 
     def num_allocatable(self) -> int:
-        return len(self.g_free) + self.num_cached_gpu
+        return self.gpu.num_free + self.gpu.num_idle
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -139,28 +128,31 @@ class KVCacheManager:
         are recomputed in the same batch as the new tokens.
         """
         bs = self.block_size
+        gpu, cpu = self.gpu, self.cpu
         num_blocks = self.blocks_needed(num_tokens)
         reusable = (num_tokens - 1) // bs if self.reuse else 0
         gpu_hits: dict[int, int] = {}
         cpu_hits: dict[int, int] = {}
         for i in range(reusable):
             key = keys[i]
-            if key in self.g_index:
-                gpu_hits[i] = self.g_index[key]
-            elif self.tiered and key in self.c_index:
-                cpu_hits[i] = self.c_index[key]
+            b = gpu.lookup(key)
+            if b is not None:
+                gpu_hits[i] = b
+            elif self.tiered and (c := cpu.lookup(key)) is not None:
+                cpu_hits[i] = c
         need = num_blocks - len(gpu_hits)
-        hits_evictable = sum(1 for b in gpu_hits.values() if self.g_evictable[b])
-        if need > self.num_allocatable() - hits_evictable - reserve:
+        hits_idle = sum(1 for b in gpu_hits.values() if gpu.users[b] == 0)
+        if need > self.num_allocatable() - hits_idle - reserve:
             return None
         now = self.clock()
         for b in gpu_hits.values():
-            self._ref(b)
+            gpu.users[b] += 1
         for c in cpu_hits.values():  # pinned before allocating, so eviction cannot drop them
-            self.c_pin[c] += 1
+            cpu.users[c] += 1
             self._pinned_cpu.append(c)
         fresh = self._allocate_gpu(need)
-        assert fresh is not None
+        if fresh is None:
+            raise CacheIntegrityError(f"{need} GPU blocks were counted allocatable but could not be allocated")
         table: list[int] = []
         for i in range(num_blocks):
             if i in gpu_hits:
@@ -170,9 +162,9 @@ class KVCacheManager:
             table.append(b)
             if i in cpu_hits:
                 c = cpu_hits[i]
-                self._register_gpu(b, keys[i], i)
+                gpu.register(b, keys[i], i, now)
                 self._link(b, c)
-                self.c_last[c] = now
+                cpu.last_use[c] = now
                 self.plan.swap_in.append((c, b))
         present = sorted([*gpu_hits, *cpu_hits])
         last_present = present[-1] if present else -1
@@ -214,26 +206,24 @@ class KVCacheManager:
         if not self.reuse:
             return
         b = block_table[index]
-        if self.g_key[b] is not None or key in self.g_index:
+        if self.gpu.has_content[b] or self.gpu.lookup(key) is not None:
             return  # already cached (same content computed elsewhere): this copy stays private
-        self._register_gpu(b, key, index)
-        c = self.c_index.get(key, -1)
-        if c >= 0 and self.c_gpu[c] < 0:
+        self.gpu.register(b, key, index, self.clock())
+        c = self.cpu.lookup(key)
+        if c is not None and self.gpu_copy[c] < 0:
             self._link(b, c)
 
     def release(self, block_table: list[int]) -> None:
         """A sequence stops using its blocks; cached ones stay, owned by nobody, until evicted."""
         now = self.clock()
+        gpu = self.gpu
         for b in block_table:
-            self.g_ref[b] -= 1
-            self.g_last[b] = now
-            if self.g_cpu[b] >= 0:
-                self.c_last[self.g_cpu[b]] = now
-            if self.g_ref[b] == 0:
-                if self.g_key[b] is not None and self.reuse:
-                    self.g_evictable[b] = True
-                else:
-                    self._free_gpu(b)
+            gpu.users[b] -= 1
+            gpu.last_use[b] = now
+            if self.cpu_copy[b] >= 0:
+                self.cpu.last_use[self.cpu_copy[b]] = now
+            if gpu.users[b] == 0 and not gpu.has_content[b]:
+                self._free_gpu(b)
         block_table.clear()
 
     # ------------------------------------------------------- conversations
@@ -264,35 +254,36 @@ class KVCacheManager:
         blocks to the CPU now, so that evicting them later costs nothing."""
         if not (self.tiered and self.cfg.ahead_of_time_swap_out):
             return
-        target = int(self.cfg.swap_out_watermark * self.num_gpu_blocks)
-        backed = int((self.g_evictable & (self.g_cpu >= 0)).sum())
-        deficit = target - len(self.g_free) - backed
+        gpu = self.gpu
+        target = int(self.cfg.swap_out_watermark * gpu.num_blocks)
+        idle = gpu.idle()
+        backed = self.cpu_copy[idle] >= 0
+        deficit = target - gpu.num_free - int(backed.sum())
         if deficit <= 0:
             return
-        cand = np.flatnonzero(self.g_evictable & (self.g_cpu < 0))
+        cand = idle[~backed]
         if len(cand) == 0:
             return
         k = min(deficit, self.cfg.max_swap_out_blocks_per_step, len(cand))
-        now = self.clock()
-        scores = self.policy.scores(self.g_last[cand], self.g_pos[cand], now)
+        scores = self.policy.scores(gpu.last_use[cand], gpu.position[cand], self.clock())
         order = lowest(scores, k)
         # The most valuable of the chosen get CPU blocks first, in case the CPU tier runs short.
         # Only free CPU blocks: a copy made ahead of time duplicates a block the GPU still holds,
         # and dropping CPU-only content for it loses data now to save a copy that may never be
         # needed. With the CPU tier full, eviction copies instead and drops the least valuable
-        # then (on the H100 with an 8 GB CPU tier, dropping for ahead-of-time copies recomputed
-        # ~10% more tokens than copying at eviction: docs/BENCHMARKS.md, stop 10 ablations).
+        # then (dropping for ahead-of-time copies recomputed ~10% more tokens than copying at
+        # eviction on the H100: benchmarks/results/HISTORY.md, ablations with an 8 GB CPU tier).
         chosen, cpu_blocks = [], []
         for j in order[::-1]:
-            if not self.c_free:
+            if not self.cpu.free:
                 break
             chosen.append(int(cand[j]))
-            cpu_blocks.append(self.c_free.pop())
+            cpu_blocks.append(self.cpu.take_free())
         # paired in ascending order on both sides, a conversation's blocks stay runs of consecutive
         # ids in both tiers, and its swap-in later is a few DMA copies per layer
         for b, c in zip(sorted(chosen), sorted(cpu_blocks)):
             self._store_on_cpu(b, c, self._out_cpu)
-            self._ref(b)                      # the source must not be reused while the copy runs
+            gpu.users[b] += 1                 # the source must not be reused while the copy runs
             self._out_gpu.append(b)
             self.plan.swap_out.append((b, c))
             self.counters.swapped_out_blocks += 1
@@ -323,108 +314,73 @@ class KVCacheManager:
 
     def _unpin(self, gpu: list[int], cpu: list[int]) -> None:
         for b in gpu:
-            self.g_ref[b] -= 1
-            if self.g_ref[b] == 0:
-                self.g_evictable[b] = True
+            self.gpu.users[b] -= 1
         for c in cpu:
-            self.c_pin[c] -= 1
+            self.cpu.users[c] -= 1
 
     # ------------------------------------------------------------- persistence
     def cached_blocks(self) -> list[tuple[BlockKey, str, int, int, float]]:
         """(key, tier, block, index in its sequence, last use) of every block with content; a key in
         both tiers is listed once, from the CPU."""
         out = []
-        for key, c in self.c_index.items():
-            b = self.c_gpu[c]
-            last = max(self.c_last[c], self.g_last[b]) if b >= 0 else self.c_last[c]
-            out.append((key, "cpu", c, int(self.c_pos[c]), float(last)))
-        for key, b in self.g_index.items():
-            if key not in self.c_index:
-                out.append((key, "gpu", b, int(self.g_pos[b]), float(self.g_last[b])))
+        for key, c in self.cpu.index.items():
+            b = self.gpu_copy[c]
+            last = max(self.cpu.last_use[c], self.gpu.last_use[b]) if b >= 0 else self.cpu.last_use[c]
+            out.append((key, "cpu", c, int(self.cpu.position[c]), float(last)))
+        for key, b in self.gpu.index.items():
+            if key not in self.cpu.index:
+                out.append((key, "gpu", b, int(self.gpu.position[b]), float(self.gpu.last_use[b])))
         return out
 
     def num_free(self, tier: str) -> int:
-        return len(self.c_free) if tier == "cpu" else len(self.g_free)
+        return self.cpu.num_free if tier == "cpu" else self.gpu.num_free
 
     def adopt_block(self, tier: str, key: BlockKey, index: int, last: float) -> int | None:
         """Take a free block of `tier` for saved content; None if the key is cached or no block is free
         (loading never evicts)."""
-        if key in self.g_index or key in self.c_index or not self.reuse:
+        if not self.reuse or self.gpu.lookup(key) is not None or self.cpu.lookup(key) is not None:
             return None
-        if tier == "cpu":
-            if not self.c_free:
-                return None
-            c = self.c_free.pop()
-            self.c_key[c], self.c_pos[c], self.c_last[c], self.c_cached[c] = key, index, last, True
-            self.c_index[key] = c
-            return c
-        if not self.g_free:
+        target = self.cpu if tier == "cpu" else self.gpu
+        if not target.free:
             return None
-        b = self.g_free.pop()
-        self._register_gpu(b, key, index)
-        self.g_last[b] = last
-        self.g_evictable[b] = True
-        return b
+        block = target.take_free()
+        target.register(block, key, index, last)
+        return block
 
     # ------------------------------------------------------------- internals
-    def _ref(self, b: int) -> None:
-        if self.g_ref[b] == 0:
-            self.g_evictable[b] = False
-        self.g_ref[b] += 1
-
-    def _register_gpu(self, b: int, key: BlockKey, index: int) -> None:
-        self.g_key[b] = key
-        self.g_index[key] = b
-        self.g_pos[b] = index
-        self.g_last[b] = self.clock()
-
-    def _unregister_gpu(self, b: int) -> None:
-        key = self.g_key[b]
-        if key is not None:
-            if self.g_index.get(key) == b:
-                del self.g_index[key]
-            self.g_key[b] = None
-        c = self.g_cpu[b]
-        if c >= 0:
-            self.c_gpu[c] = -1
-            self.g_cpu[b] = -1
-
     def _link(self, b: int, c: int) -> None:
-        self.g_cpu[b] = c
-        self.c_gpu[c] = b
+        self.cpu_copy[b] = c
+        self.gpu_copy[c] = b
 
     def _store_on_cpu(self, b: int, c: int, pins: list[int]) -> None:
-        key = self.g_key[b]
-        assert key is not None
-        self.c_key[c] = key
-        self.c_index[key] = c
-        self.c_pos[c] = self.g_pos[b]
-        self.c_last[c] = self.g_last[b]
-        self.c_cached[c] = True
-        self.c_pin[c] += 1
+        key = self.gpu.keys[b]
+        if key is None:
+            raise CacheIntegrityError(f"GPU block {b} has no content to copy to the CPU")
+        self.cpu.register(c, key, self.gpu.position[b], self.gpu.last_use[b])
+        self.cpu.users[c] += 1
         pins.append(c)
         self._link(b, c)
 
     def _allocate_gpu(self, n: int) -> list[int] | None:
         if n > self.num_allocatable():
             return None
-        short = n - len(self.g_free)
+        short = n - self.gpu.num_free
         if short > 0:
             self._evict_gpu(short)
-        blocks = [self.g_free.pop() for _ in range(n)]
+        blocks = [self.gpu.take_free() for _ in range(n)]
         # callers pop from the end: descending here gives ascending block tables, whose cached
         # blocks later move between tiers as runs of consecutive blocks (one DMA copy each)
         blocks.sort(reverse=True)
-        self.g_ref[blocks] = 1
+        self.gpu.users[blocks] = 1
         return blocks
 
     def _evict_gpu(self, k: int) -> None:
-        cand = np.flatnonzero(self.g_evictable)
+        cand = self.gpu.idle()
         now = self.clock()
-        scores = self.policy.scores(self.g_last[cand], self.g_pos[cand], now)
+        scores = self.policy.scores(self.gpu.last_use[cand], self.gpu.position[cand], now)
         for j in lowest(scores, k):
             b = int(cand[j])
-            if self.tiered and self.g_cpu[b] < 0:
+            if self.tiered and self.cpu_copy[b] < 0:
                 # Not copied ahead of time: copy now, and make the forward wait for it.
                 c = self._allocate_cpu(float(scores[j]), now)
                 if c is not None:
@@ -433,84 +389,67 @@ class KVCacheManager:
                     self.counters.swapped_out_blocks += 1
                 else:
                     self.counters.dropped_blocks += 1
-            elif self.g_cpu[b] < 0:
+            elif self.cpu_copy[b] < 0:
                 self.counters.dropped_blocks += 1
             self._free_gpu(b)
 
     def _free_gpu(self, b: int) -> None:
-        """A cached GPU block with no user gives up its content (its CPU copy, if any, stays)."""
-        self.g_evictable[b] = False
-        self._unregister_gpu(b)
-        self.g_free.append(b)
+        """A GPU block with no user gives up its content (its CPU copy, if any, stays)."""
+        c = self.cpu_copy[b]
+        if c >= 0:
+            self.gpu_copy[c] = -1
+            self.cpu_copy[b] = -1
+        self.gpu.release_to_free(b)
 
     def _allocate_cpu(self, incoming_score: float, now: float) -> int | None:
         """A CPU block for a block worth `incoming_score`, dropping a less valuable one if full."""
-        if self.c_free:
-            return self.c_free.pop()
-        cand = np.flatnonzero(self.c_cached & (self.c_pin == 0))
+        if self.cpu.free:
+            return self.cpu.take_free()
+        cand = self.cpu.idle()
         if len(cand) == 0:
             return None
-        scores = self.policy.scores(self.c_last[cand], self.c_pos[cand], now)
+        scores = self.policy.scores(self.cpu.last_use[cand], self.cpu.position[cand], now)
         j = int(np.argmin(scores))
         if scores[j] >= incoming_score:
             return None
-        c = int(cand[j])
-        self._drop_cpu(c)
-        return self.c_free.pop()
+        self._drop_cpu(int(cand[j]))
+        return self.cpu.take_free()
 
     def _drop_cpu(self, c: int, deleted: bool = False) -> None:
         """Free a CPU block; its content counts as dropped unless the GPU still holds it or a
         delete asked for it."""
-        key = self.c_key[c]
-        if key is not None and self.c_index.get(key) == c:
-            del self.c_index[key]
-        self.c_key[c] = None
-        self.c_cached[c] = False
-        b = self.c_gpu[c]
+        b = self.gpu_copy[c]
         if b >= 0:
-            self.g_cpu[b] = -1
-            self.c_gpu[c] = -1
+            self.cpu_copy[b] = -1
+            self.gpu_copy[c] = -1
         elif not deleted:
             self.counters.dropped_blocks += 1
-        self.c_free.append(c)
+        self.cpu.release_to_free(c)
 
     def _forget(self, key: BlockKey) -> None:
         """Delete a key's content from both tiers, except where a running sequence or a copy in flight holds it."""
-        b = self.g_index.get(key)
-        if b is not None and self.g_ref[b] == 0:
+        b = self.gpu.lookup(key)
+        if b is not None and self.gpu.users[b] == 0:
             self._free_gpu(b)
-        c = self.c_index.get(key)
-        if c is not None and self.c_pin[c] == 0:
+        c = self.cpu.lookup(key)
+        if c is not None and self.cpu.users[c] == 0:
             self._drop_cpu(c, deleted=True)
 
     # ----------------------------------------------------------- invariants
     def check_integrity(self) -> None:
-        """free + cached + used == total in both tiers, and every index entry points back.
-
-        Vectorised where it can be: it runs on every idle spell of the server."""
-        free = np.zeros(self.num_gpu_blocks, bool)
-        free[self.g_free] = True
-        assert free.sum() == len(self.g_free), "GPU block freed twice"
-        used = self.g_ref > 0
-        states = free.astype(int) + self.g_evictable + used
-        bad = np.flatnonzero(states != 1)
-        assert len(bad) == 0, f"GPU blocks {bad[:8].tolist()} are in {states[bad[:8]].tolist()} states"
-        assert (self.g_ref >= 0).all(), "negative reference count"
-        has_key = np.array([k is not None for k in self.g_key], bool)
-        assert not (free & (has_key | (self.g_cpu >= 0))).any(), "a free GPU block holds content"
-        assert has_key[self.g_evictable].all(), "a cached GPU block has no key"
-        for b in np.flatnonzero(self.g_cpu >= 0):
-            c = self.g_cpu[b]
-            assert self.c_gpu[c] == b and self.c_key[c] == self.g_key[b], f"bad link {b}->{c}"
-        for key, b in self.g_index.items():
-            assert self.g_key[b] == key
-        cfree = np.zeros(self.num_cpu_blocks, bool)
-        cfree[self.c_free] = True
-        assert cfree.sum() == len(self.c_free), "CPU block freed twice"
-        assert (cfree ^ self.c_cached).all(), "a CPU block is both free and cached, or neither"
-        assert not (cfree & (self.c_pin > 0)).any(), "a free CPU block is pinned"
-        assert all(self.c_key[c] is None for c in self.c_free), "a free CPU block holds content"
-        for key, c in self.c_index.items():
-            assert self.c_key[c] == key
-        assert not self._pinned_gpu and not self._pinned_cpu, "pins outlived their step"
-        assert not self._outbound and not self._out_gpu, "swap-outs still in flight: flush them first"
+        """Both tiers consistent (free + cached + used == total), every link points back, no pin
+        outlived its step; raises CacheIntegrityError. Vectorised: it runs on every idle spell."""
+        self.gpu.check()
+        self.cpu.check()
+        cpu_free = np.zeros(self.cpu.num_blocks, bool)
+        cpu_free[self.cpu.free] = True
+        if (~cpu_free & ~self.cpu.has_content).any():
+            raise CacheIntegrityError("a CPU block is allocated without content")
+        for b in np.flatnonzero(self.cpu_copy >= 0):
+            c = self.cpu_copy[b]
+            if self.gpu_copy[c] != b or self.cpu.keys[c] != self.gpu.keys[b]:
+                raise CacheIntegrityError(f"bad link GPU {b} -> CPU {c}")
+        if self._pinned_gpu or self._pinned_cpu:
+            raise CacheIntegrityError("pins outlived their step")
+        if self._outbound or self._out_gpu:
+            raise CacheIntegrityError("swap-outs still in flight: flush them first")

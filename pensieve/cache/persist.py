@@ -143,9 +143,18 @@ def read_shard(path: Path, keys: list[BlockKey], checksums: list[int], record_by
 
 
 # ------------------------------------------------------------------ manifest level
-def check_writable(path: str | Path) -> None:
-    """At start: the directory exists (created if not) and takes a file; CacheError otherwise, so an
-    unwritable path is found now rather than at shutdown, with the cache lost."""
+def _one_process(tp_size: int) -> None:
+    # Under tensor parallelism every rank must write (and verify) its own shard: the engine has to
+    # call the shard functions on each rank; these single-process functions would store rank 0's heads only.
+    if tp_size != 1:
+        raise CacheError(f"saving and loading the KV cache under tensor parallelism ({tp_size} ranks) needs "
+                         "every rank's shard, which is not wired yet; run without --kv-cache-path")
+
+
+def check_path(path: str | Path, tp_size: int = 1) -> None:
+    """At start: the directory exists (created if not) and takes a file, and the engine's layout can be
+    saved; CacheError otherwise, so it is found now rather than at shutdown, with the cache lost."""
+    _one_process(tp_size)
     root = Path(path)
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -205,10 +214,11 @@ def commit_save(root: Path, work: Path) -> Path:
 
 
 def save_cache(kv: KVCacheManager, gpu_tier: torch.Tensor, cpu_tier: torch.Tensor, path: str | Path,
-               fingerprint: str, now: float) -> int:
+               fingerprint: str, now: float, tp_size: int = 1) -> int:
     """Writes every cached block (CPU copies preferred, else the GPU's) and the conversations as a new
     save; returns the number of blocks. On any failure the new save is removed, the previous one stays
     current, and CacheError says why."""
+    _one_process(tp_size)
     root = Path(path)
     work: Path | None = None
     try:
@@ -295,7 +305,7 @@ def adopt(kv: KVCacheManager, manifest: dict[str, Any], keys: list[BlockKey], ba
 
 
 def load_cache(kv: KVCacheManager, gpu_tier: torch.Tensor, cpu_tier: torch.Tensor, path: str | Path,
-               fingerprint: str, now: float) -> LoadReport:
+               fingerprint: str, now: float, tp_size: int = 1) -> LoadReport:
     """Brings the current save back (into the CPU tier, or the GPU's when there is none). CacheError
     when it cannot be used; `kv` may then hold adopted blocks whose bytes were not copied, so the
     caller starts from an empty manager."""
@@ -304,7 +314,8 @@ def load_cache(kv: KVCacheManager, gpu_tier: torch.Tensor, cpu_tier: torch.Tenso
         return LoadReport(0, 0, 0)
     directory, manifest = opened
     try:
-        check_layout(manifest, fingerprint, 1, [gpu_tier.shape[0], *gpu_tier.shape[2:]], gpu_tier.dtype)
+        check_layout(manifest, fingerprint, tp_size, [gpu_tier.shape[0], *gpu_tier.shape[2:]], gpu_tier.dtype)
+        _one_process(tp_size)
         keys = [bytes.fromhex(k) for k in manifest["keys"]]
         checksums = manifest["checksums"][0]
         record = gpu_tier[:, 0].numel() * gpu_tier.element_size()

@@ -7,8 +7,8 @@ the forward's first layer wait; the gather kernel's per-layer launches are
 issued `lookahead` layers ahead of the layer the forward is launching. Nothing
 bulk is issued before the forward's first layer: the step's small metadata
 uploads ride the same host-to-device copy engine, and on the H100 uploads
-queued behind bulk copies held the whole forward back
-(benchmarks/overlap_probe.py, docs/BENCHMARKS.md stop 9). Eviction copies
+queued behind bulk copies hold the whole forward back, so that no copy hides
+(benchmarks/results/engine-tuning/stop9/probe_log.txt). Eviction copies
 whose GPU blocks are reused this step must land before the forward starts.
 Ahead-of-time swap-outs run behind everything else on a stream of their own
 (PCIe is full duplex, and a large swap-out must not hold up the next swap-in
@@ -46,11 +46,10 @@ class _Copy:
     launch per layer, or one launch for every layer when nothing waits on single layers.
     dma=False (deferred swap-ins, eviction copies, swap-outs) keeps the one-launch kernel:
     DMA would cost the host runs x layers calls (hundreds) in the step, and serving is host-bound
-    (H100, stop 10: with DMA for every copy, tiered without async scheduling at 26 conv/s read
-    0.040 s/token against stop 9's 0.029 with the kernel; another call, the suspect not isolated).
-    `swap_dma_deferred` sends deferred swap-ins to the copy engines too, for that A/B on OPT-13B's
-    13 MB blocks (stop 11: the steps carrying them, which also admit the returning turns, averaged
-    33-61 ms against 15 ms for graphed decode steps)."""
+    (on the H100, with DMA for every copy, one serving run read 0.040 s/token against 0.029 with
+    the kernel, across machines and not isolated: benchmarks/results/HISTORY.md, Measured and
+    dropped). `swap_dma_deferred` sends deferred swap-ins to the copy engines too, an A/B that
+    gains nothing on OPT-13B's 13 MB blocks (benchmarks/results/multiturn/opt-13b-kv40-dmadefer-r16/)."""
 
     def __init__(self, transfer: "KVTransfer", pairs: list[tuple[int, int]], src: torch.Tensor,
                  dst: torch.Tensor, dma: bool = True) -> None:
@@ -184,9 +183,10 @@ class KVTransfer:
         self._swap_outs.append(done)
 
     def _wait_for_layer(self, layer: int) -> None:
-        # DMA copies take no SMs: issued together at the first layer they hid 88-94% behind the
-        # forward on the H100, one layer at a time 63-89%. Kernel copies compete with the forward
-        # for SMs and go `lookahead` layers ahead.
+        # DMA copies take no SMs: issued together at the first layer they hide 88-94% behind the
+        # forward on the H100, one layer at a time 63-89% (benchmarks/results/engine-tuning/stop10/
+        # engine.md, dma-all vs dma). Kernel copies compete with the forward for SMs and go
+        # `lookahead` layers ahead.
         ahead = self.num_layers if self._swap_in is not None and self._swap_in.use_dma else self.lookahead
         self._issue_through(layer + ahead)
         torch.cuda.current_stream().wait_event(self._events[layer])
@@ -231,6 +231,16 @@ class KVTransfer:
             self._swap_outs.popleft()
             n += 1
         return n
+
+    def retire_swap_outs(self, num_groups: int) -> None:
+        """Tensor parallelism, ranks other than 0: rank 0's cache manager saw its oldest `num_groups`
+        swap-out groups land and may reuse their blocks from the next step on. This rank's copies of
+        those groups may still run: later work on both streams waits for them on the device."""
+        for _ in range(min(num_groups, len(self._swap_outs))):
+            done = self._swap_outs.popleft()
+            if done is not None:
+                torch.cuda.current_stream().wait_event(done)
+                self.stream.wait_event(done)
 
     def wait_swap_outs(self) -> int:
         """Block until every outstanding swap-out has landed (idle time, shutdown, checks)."""

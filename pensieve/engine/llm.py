@@ -17,14 +17,15 @@ class LLM:
                  gpu_memory_utilization: float = 0.9, num_gpu_blocks: int | None = None,
                  max_model_len: int | None = None, cache_mode: str = "tiered", num_cpu_blocks: int | None = None,
                  cpu_cache_gb: float | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 4096,
-                 enforce_eager: bool = False, seed: int = 0, tokenizer: str | None = None, **cache_kwargs: Any) -> None:
+                 enforce_eager: bool = False, seed: int = 0, tokenizer: str | None = None,
+                 tensor_parallel_size: int = 1, **cache_kwargs: Any) -> None:
         config = EngineConfig(
             model=ModelConfig(model=model, dtype=dtype, max_model_len=max_model_len, tokenizer=tokenizer, seed=seed),
             cache=CacheConfig(block_size=block_size, cache_mode=cache_mode, gpu_memory_utilization=gpu_memory_utilization,
                               num_gpu_blocks=num_gpu_blocks, num_cpu_blocks=num_cpu_blocks, cpu_cache_gb=cpu_cache_gb,
                               **cache_kwargs),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
-            device=device, enforce_eager=enforce_eager)
+            device=device, enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size)
         self.engine = LLMEngine(config)
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
@@ -58,6 +59,16 @@ class LLM:
                 if out.finished:
                     done[out.request_id] = out
         return [done[rid] for rid in order]
+
+    def shutdown(self) -> None:
+        """Stop the other tensor-parallel ranks, if any (they also stop when this process exits)."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
 
     def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
              sampling_params: SamplingParams | None = None) -> list[RequestOutput]:

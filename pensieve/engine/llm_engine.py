@@ -9,12 +9,15 @@ from typing import Callable
 
 import torch
 
+from pensieve.cache.block_tier import CacheIntegrityError
 from pensieve.cache.manager import KVCacheManager
 from pensieve.cache.policy import LRUPolicy, ProfiledCost, RecomputeCost, RetentionValuePolicy
 from pensieve.config import EngineConfig
-from pensieve.engine.detokenizer import IncrementalDetokenizer, StopChecker
-from pensieve.engine.model_runner import LaunchedStep, ModelRunner
 from pensieve.engine import profiling
+from pensieve.engine.batch import build_batch, token_rows_pay_off
+from pensieve.engine.detokenizer import IncrementalDetokenizer, StopChecker
+from pensieve.engine.executor import build_executor
+from pensieve.engine.model_runner import LaunchedStep, StepInput, StepResult
 from pensieve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from pensieve.engine.scheduler import Scheduler, StepPlan
 from pensieve.engine.sequence import SeqStatus, Sequence
@@ -65,6 +68,9 @@ class EngineStats:
     slow_steps: int = 0
     # decode steps scheduled and launched while the step before them still ran (async scheduling)
     steps_overlapped: int = 0
+    # tensor parallelism: messages rank 0 sent the other ranks (one per step) and the seconds they took
+    rank_messages: int = 0
+    rank_message_seconds: float = 0.0
 
 
 SLOW_STEP_S = 0.25   # a step this long is logged with what it held
@@ -104,18 +110,17 @@ class LLMEngine:
         comparing cache modes loads the weights once (the model holds no per-engine state)."""
         from transformers import AutoTokenizer
 
-        from pensieve.model.loader import load_model, max_context_len, model_kv_spec
+        from pensieve.model.loader import load_config, max_context_len, resolve_model_path
 
         self.config = config
         self.device = resolve_device(config.device)
         if config.cache.persist_path is not None:   # found now, not at shutdown with the cache lost
-            from pensieve.cache.persist import check_writable
+            from pensieve.cache.persist import check_path
 
-            check_writable(config.cache.persist_path)
+            check_path(config.cache.persist_path, config.tensor_parallel_size)
         mc = config.model
         torch.manual_seed(mc.seed)
-        model, hf_config, dtype = preloaded or load_model(mc.model, mc.dtype, self.device)
-        self.loaded = (model, hf_config, dtype)
+        hf_config = preloaded[1] if preloaded else load_config(resolve_model_path(mc.model))
         self.hf_config = hf_config
         self.tokenizer = AutoTokenizer.from_pretrained(mc.tokenizer or mc.model)
         self.max_model_len = min(mc.max_model_len or max_context_len(hf_config), max_context_len(hf_config))
@@ -124,23 +129,25 @@ class LLMEngine:
         if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in eos_ids:
             eos_ids.append(self.tokenizer.eos_token_id)
         self.eos_token_ids = eos_ids
-        spec = model_kv_spec(hf_config)
-        vocab = hf_config.vocab_size
-        num_heads = hf_config.num_attention_heads
-        self.runner = ModelRunner(config, model, spec, dtype, self.device, self.max_model_len, vocab, eos_ids,
-                                  num_heads)
-        num_params = sum(p.numel() for p in model.parameters())
-        cost = RecomputeCost.for_model(num_params, spec.num_layers, num_heads, spec.head_dim)
+        # the runner of rank 0; with several GPUs the executor mirrors each call on the other ranks
+        self.executor = build_executor(config, self.device, self.max_model_len, eos_ids, preloaded)
+        self.runner = self.executor.runner
+        self.loaded = (self.runner.model, hf_config, self.runner.dtype)
+        spec = self.runner.kv_spec
+        num_params = sum(p.numel() for p in self.runner.model.parameters()) * config.tensor_parallel_size
+        cost = RecomputeCost.for_model(num_params, spec.num_layers, hf_config.num_attention_heads, spec.head_dim)
         if config.cache.profile_recompute_cost and self.device.type == "cuda" and config.cache.eviction_policy == "retention":
             try:  # the paper's way: measure Cost(l) on this GPU instead of estimating it from FLOPs
-                cost = ProfiledCost.measure(self.runner.time_block_recompute, self.max_model_len)
+                cost = ProfiledCost.measure(self.executor.time_block_recompute, self.max_model_len)
                 log.info("profiled recompute cost: %s", dict(zip(cost.context_tokens, cost.seconds)))
             except Exception:
                 log.exception("profiling the recompute cost failed; using the FLOP estimate")
         policy = (RetentionValuePolicy(config.cache.block_size, cost) if config.cache.eviction_policy == "retention"
                   else LRUPolicy())
-        self.kv = KVCacheManager(config.cache, self.runner.num_gpu_blocks, self.runner.num_cpu_blocks, policy)
-        capacity = self.runner.num_gpu_blocks * config.cache.block_size
+        self.kv = KVCacheManager(config.cache, self.executor.num_gpu_blocks, self.executor.num_cpu_blocks, policy)
+        # a mixed step runs as one-token rows only while its context re-reads stay under this many tokens
+        self._reread_budget_tokens = config.token_rows_reread_bytes / self.executor.kv_bytes_per_token
+        capacity = self.executor.num_gpu_blocks * config.cache.block_size
         if capacity < self.max_model_len:
             # a sequence that outgrew the whole pool could never be admitted again: cap the context instead
             log.warning("the GPU KV pool holds %d tokens: max_model_len lowered from %d", capacity, self.max_model_len)
@@ -163,8 +170,9 @@ class LLMEngine:
                                  else self.device.type == "cuda")
         self._inflight: _Step | None = None   # a decode step launched, its tokens not read yet
         self._last_resolved = 0.0             # perf_counter() when the last step's outputs were made
-        log.info("engine ready: %s on %s, %d GPU blocks, %d CPU blocks, mode=%s", mc.model, self.device,
-                 self.runner.num_gpu_blocks, self.runner.num_cpu_blocks, config.cache.cache_mode)
+        log.info("engine ready: %s on %s (tensor parallel %d), %d device blocks, %d CPU blocks, mode=%s", mc.model,
+                 self.device, config.tensor_parallel_size, self.executor.num_gpu_blocks, self.executor.num_cpu_blocks,
+                 config.cache.cache_mode)
 
     # ------------------------------------------------------------ requests
     def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -251,7 +259,7 @@ class LLMEngine:
         if follow is not None:
             seqs, rows = follow
             plan = self.scheduler.schedule_decode(seqs)
-            launched = self._launch(plan, self.runner.sampled_ids(prev.launched, rows))
+            launched = self._launch(plan, self.executor.sampled_ids(prev.launched, rows))
             self._overlapped += 1
             outputs = self._resolve(prev)
         else:
@@ -267,26 +275,37 @@ class LLMEngine:
         return outputs
 
     def _launch(self, plan: StepPlan, input_ids: torch.Tensor | None = None) -> LaunchedStep:
+        """input_ids: the step's tokens on the device (an overlapped decode step's, sampled by the
+        step still running); else they come from the plan."""
+        step = StepInput(self._batch(plan), plan.transfers, plan.swap_in_now, ids_on_device=input_ids is not None)
         try:
-            return self.runner.launch(plan, input_ids)
+            return self.executor.launch(step, [c.seq for c in plan.chunks if c.sample], input_ids)
         except Exception:
             # leave the pools consistent for whoever handles this (the async engine aborts the batch)
-            self.runner.transfer.synchronize()
+            self.executor.sync_transfers()
             self.kv.end_step()
             self.flush_transfers()
             raise
 
+    def _batch(self, plan: StepPlan):
+        if not plan.chunks:
+            return None
+        # a forward waiting on a swap-in layer by layer runs eagerly: rows would not replay a graph
+        waits = bool(plan.transfers.swap_in) and plan.swap_in_now and self.config.cache.pipelined_swap_in
+        as_rows = not waits and token_rows_pay_off(plan.chunks, self.executor.max_graph_rows, self._reread_budget_tokens)
+        return build_batch(plan.chunks, self.config.cache.block_size, as_rows)
+
     def _resolve(self, step: _Step) -> list[RequestOutput]:
         """Read a launched step's tokens back (waits for the GPU) and postprocess them."""
-        result = self.runner.finish(step.launched)
+        result = self.executor.finish(step.launched)
         self.kv.end_step()
-        self.kv.swap_outs_done(self.runner.transfer.completed_swap_outs())
+        self.kv.swap_outs_done(self.executor.completed_swap_outs())
         outputs = self._postprocess(step.plan, result)
         now = time.perf_counter()
         # overlapped steps: the time since the previous step's outputs, so seconds add up to wall time
-        self._account_step(step.plan, now - max(step.started, self._last_resolved))
+        self._account_step(step.plan, result, now - max(step.started, self._last_resolved))
         self._last_resolved = now
-        if self._window is not None and self._window.end_step(self.runner.last_path):
+        if self._window is not None and self._window.end_step(result.path):
             self._window = None
         return outputs
 
@@ -336,14 +355,14 @@ class LLMEngine:
 
         self._window = profiling.StepWindow(num_steps, finish, cuda, on_begin=prof.__enter__)
 
-    def _account_step(self, plan, seconds: float) -> None:
-        path = self.runner.last_path
+    def _account_step(self, plan: StepPlan, result: StepResult, seconds: float) -> None:
+        path = result.path
         if path == "idle":
             return
         self._step_counts[path] += 1
         self._step_seconds[path] += seconds
-        self._step_gpu_seconds[path] += self.runner.last_gpu_seconds
-        if self.runner.last_copied_in:
+        self._step_gpu_seconds[path] += result.gpu_seconds
+        if result.copied_in:
             self._step_counts["copying"] += 1
             self._step_seconds["copying"] += seconds
         if seconds > SLOW_STEP_S:
@@ -355,7 +374,7 @@ class LLMEngine:
 
     def flush_transfers(self) -> None:
         """Wait for the swap-outs still in flight and unpin their blocks (when idle)."""
-        self.kv.swap_outs_done(self.runner.transfer.wait_swap_outs())
+        self.kv.swap_outs_done(self.executor.wait_swap_outs())
 
     def save_cache(self, path: str) -> int:
         """Write every cached block and the conversations to `path` (see cache/persist.py)."""
@@ -363,7 +382,7 @@ class LLMEngine:
 
         self.flush_transfers()
         return save_cache(self.kv, self.runner.gpu_tier, self.runner.cpu_tier, path, self._fingerprint(),
-                          self.kv.clock())
+                          self.kv.clock(), self.config.tensor_parallel_size)
 
     def load_cache(self, path: str):
         """Bring back a cache saved by an engine of the same model, dtype and block size; returns a
@@ -371,7 +390,7 @@ class LLMEngine:
         from pensieve.cache.persist import load_cache
 
         return load_cache(self.kv, self.runner.gpu_tier, self.runner.cpu_tier, path, self._fingerprint(),
-                          self.kv.clock())
+                          self.kv.clock(), self.config.tensor_parallel_size)
 
     def _restore_cache(self, path: str) -> None:
         """At start: load the save at `path`. One that cannot be used is logged in one line and the
@@ -411,7 +430,7 @@ class LLMEngine:
         """Once per idle spell: both pools must add up (free + cached + used); a failure is logged."""
         try:
             self.check_integrity()  # flushes the swap-outs still in flight first
-        except AssertionError:
+        except CacheIntegrityError:
             log.exception("KV cache integrity check failed")
 
     def step_or_abort(self, in_flight: Iterable[str]) -> tuple[list[RequestOutput], str | None]:
@@ -438,6 +457,7 @@ class LLMEngine:
         outputs += [out for rid in in_flight if (out := self.abort_request(rid)) is not None]
         path = self.config.cache.persist_path
         if path is None:
+            self.shutdown()
             return outputs, None
         from pensieve.cache.persist import CacheError
 
@@ -446,6 +466,12 @@ class LLMEngine:
         except CacheError as exc:   # a full disk, ...: the previous save stays current
             log.error("%s", exc)
             return outputs, None
+        finally:
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        """Stop the other tensor-parallel ranks, if any (idempotent); the engine serves no more steps."""
+        self.executor.shutdown()
 
     def _postprocess(self, plan: StepPlan, result) -> list[RequestOutput]:
         now = time.monotonic()
@@ -512,6 +538,7 @@ class LLMEngine:
     # ------------------------------------------------------------ visibility
     def stats(self) -> EngineStats:
         c = self.kv.counters
+        messages, message_seconds = self.executor.message_stats()
         return EngineStats(
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             gpu_blocks_total=self.kv.num_gpu_blocks, gpu_blocks_used=self.kv.num_used_gpu,
@@ -525,4 +552,4 @@ class LLMEngine:
             **{f"steps_{k}": n for k, n in self._step_counts.items()},
             **{f"step_seconds_{k}": t for k, t in self._step_seconds.items()},
             **{f"step_gpu_seconds_{k}": t for k, t in self._step_gpu_seconds.items()}, slow_steps=self._slow_steps,
-            steps_overlapped=self._overlapped)
+            steps_overlapped=self._overlapped, rank_messages=messages, rank_message_seconds=message_seconds)

@@ -1,26 +1,40 @@
-"""The only part of the engine that touches tensors: batch -> forward -> sampled tokens.
+"""The only part of the engine that touches tensors: a step's batch -> forward -> sampled tokens.
 
-Owns the model, both KV tiers, the transfer stream and the decode CUDA graphs.
+Owns one rank's model (or model shard), both KV tiers, the transfer streams and the decode CUDA graphs.
+Under tensor parallelism every rank runs a ModelRunner over the same `StepInput`; only rank 0 samples.
 """
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from pensieve.cache.kv_pool import allocate_tier, block_bytes, default_cpu_cache_bytes
+from pensieve.cache.manager import TransferPlan
 from pensieve.cache.transfer import KVTransfer
 from pensieve.config import EngineConfig
+from pensieve.distributed.group import SINGLE, ParallelGroup
+from pensieve.engine.batch import StepBatch, prefill_batch, to_metadata
 from pensieve.engine.sampler import Sampler, SamplerOutput, SamplingBatch
-from pensieve.engine.scheduler import StepPlan
-from pensieve.model.metadata import AttentionMetadata
+from pensieve.engine.sequence import Sequence
+from pensieve.kernels.metadata import AttentionMetadata
 
 log = logging.getLogger(__name__)
 
 CPU_DEVICE_KV_BYTES = 1 << 30   # on a CPU-only machine the "GPU" tier is host memory too
+
+
+@dataclass(frozen=True)
+class StepInput:
+    """What every rank needs to run one step (rank 0 adds the sequences it samples for)."""
+    batch: StepBatch | None        # None: a step with copies only
+    transfers: TransferPlan
+    swap_in_now: bool              # a chunk reads blocks swapped in by this step: its forward waits layer by layer
+    ids_on_device: bool = False    # the token ids were sampled by the step before and stay on rank 0's device
 
 
 @dataclass(frozen=True)
@@ -35,27 +49,32 @@ class LaunchedStep:
 
 @dataclass(frozen=True)
 class StepResult:
-    token_ids: list[int]                                   # one per sampling chunk, in plan order
-    logprobs: list[tuple[float, dict[int, float]]] | None  # per sampling chunk, when any asked
+    token_ids: list[int]                                   # one per sampled chunk, in plan order
+    logprobs: list[tuple[float, dict[int, float]]] | None  # per sampled chunk, when any asked
+    path: str                                              # how the forward ran (LaunchedStep.path)
+    copied_in: bool
+    gpu_seconds: float                                     # the step's span on the GPU's queue (CUDA; else 0)
 
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, model: torch.nn.Module, kv_spec, dtype: torch.dtype,
-                 device: torch.device, max_model_len: int, vocab_size: int, eos_token_ids: list[int],
-                 num_heads: int) -> None:
+                 device: torch.device, max_model_len: int, eos_token_ids: list[int], num_heads: int,
+                 tp: ParallelGroup = SINGLE) -> None:
+        """num_heads: this rank's query heads. Under tensor parallelism every rank runs this same
+        sequence of warm-ups and captures: each includes the model's collectives."""
         self.config = config
         self.model = model
         self.kv_spec = kv_spec
         self.dtype = dtype
         self.device = device
+        self.tp = tp
         self.block_size = config.cache.block_size
         self.max_model_len = max_model_len
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
-        self.vocab_size = vocab_size
         self.eos_token_ids = eos_token_ids
         self.sampler = Sampler()
         self.on_cuda = device.type == "cuda"
-        self.num_gpu_blocks = self._size_gpu_tier()
+        self.num_gpu_blocks = tp.min_int(self._size_gpu_tier())   # the same block ids on every rank
         self.gpu_tier = allocate_tier(kv_spec, self.num_gpu_blocks, self.block_size, dtype, device)
         self.kv_caches = list(self.gpu_tier.unbind(0))
         self.num_cpu_blocks = self._size_cpu_tier()
@@ -64,10 +83,6 @@ class ModelRunner:
         self.transfer = KVTransfer(self.gpu_tier, self.cpu_tier, config.cache.pipelined_swap_in,
                                    config.cache.swap_dma_max_runs, dma_deferred=config.cache.swap_dma_deferred)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.force_token_rows = False  # tests: take the one-token-rows layout without graphs
-        self.last_path = "idle"        # how the last finished step ran: graph | rows | eager | swapin | idle
-        self.last_copied_in = False    # the last step copied a swap-in for the next step behind its forward
-        self.last_gpu_seconds = 0.0    # the last finished step's span on the GPU's queue: launch to its sampled tokens
         self.kv_bytes_per_token = block_bytes(kv_spec, 1, dtype)
         if self.on_cuda:
             from pensieve.kernels.attention import warm_up_attention
@@ -81,6 +96,23 @@ class ModelRunner:
             self._capture_decode_graphs()
         if self.on_cuda:
             self._warm_up_logits()
+
+    @property
+    def runner(self) -> ModelRunner:
+        """With one GPU the runner is the executor (engine/executor.py)."""
+        return self
+
+    def shutdown(self) -> None:
+        """Nothing to stop with one GPU (the executor protocol's last call)."""
+
+    def message_stats(self) -> tuple[int, float]:
+        """Messages sent to other ranks and the seconds they took: none with one GPU."""
+        return 0, 0.0
+
+    @property
+    def max_graph_rows(self) -> int:
+        """The largest batch a decode CUDA graph takes (0: no graphs)."""
+        return max(self.graphs, default=0)
 
     def _warm_up_copies(self) -> None:
         """Compile the block-copy variants (counts of 1, 16 and others specialise) before serving."""
@@ -114,7 +146,8 @@ class ModelRunner:
         limit = min(self.num_gpu_blocks * bs, self.max_model_len)  # positions past max_model_len have no rotary entry
         chunk = max(bs, min(chunk_blocks * bs, (limit - bs) // bs * bs))
         context_len = max(0, min(context_len, limit - chunk))
-        meta = self._one_prefill(context_len, context_len + chunk)
+        batch = prefill_batch(context_len, context_len + chunk, bs)
+        meta = to_metadata(batch, bs, self._upload)
         ids = torch.zeros(chunk, dtype=torch.long, device=self.device)
         times = []
         for _ in range(repeats + 1):
@@ -150,11 +183,12 @@ class ModelRunner:
             return 0
         if cache.num_cpu_blocks is not None:
             return cache.num_cpu_blocks
+        # sizes are per rank: each rank's pool holds its own KV heads
         per_block = block_bytes(self.kv_spec, self.block_size, self.dtype)
         if cache.cpu_cache_gb is not None:
-            return int(cache.cpu_cache_gb * 1e9 // per_block)
+            return int(cache.cpu_cache_gb * 1e9 / self.tp.size // per_block)
         # default: twice the GPU tier, within a share of host memory (pinning is paid at start-up)
-        budget = min(default_cpu_cache_bytes(), 2 * self.num_gpu_blocks * per_block)
+        budget = min(default_cpu_cache_bytes() / self.tp.size, 2 * self.num_gpu_blocks * per_block)
         if not self.on_cuda:
             budget = min(budget, CPU_DEVICE_KV_BYTES)
         return int(budget // per_block)
@@ -167,7 +201,7 @@ class ModelRunner:
         tier = allocate_tier(self.kv_spec, blocks, self.block_size, self.dtype, self.device)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        meta = self._one_prefill(0, n)
+        meta = to_metadata(prefill_batch(0, n, self.block_size), self.block_size, self._upload)
         ids = torch.zeros(n, dtype=torch.long, device=self.device)
         hidden = self.model(ids, meta.positions, list(tier.unbind(0)), meta)
         self.model.compute_logits(hidden[-min(n, self.config.scheduler.max_num_seqs):])
@@ -177,130 +211,65 @@ class ModelRunner:
         torch.cuda.empty_cache()
         return int(peak)
 
-    # ------------------------------------------------------------ batch building
-    def _one_prefill(self, start: int, end: int) -> AttentionMetadata:
-        """One sequence computing positions [start, end) over blocks 0, 1, 2, ... (profiling only)."""
-        positions = np.arange(start, end)
-        return self._metadata(positions=positions, qsl=np.array([0, end - start]), seq_lens=np.array([end]),
-                              tables=[list(range(-(-end // self.block_size)))], slots=positions.copy(),
-                              max_q=end - start, decode_only=False, suffix=True)
-
-    def _metadata(self, positions, qsl, seq_lens, tables, slots, max_q, decode_only, wait=None,
-                  suffix=False) -> AttentionMetadata:
-        width = max(len(t) for t in tables)
-        table = np.zeros((len(tables), width), np.int32)
-        for i, t in enumerate(tables):
-            table[i, :len(t)] = t
-
-        def put(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-            return self._upload(torch.from_numpy(np.ascontiguousarray(a)).to(dtype))
-
-        return AttentionMetadata(
-            positions=put(positions, torch.int64), query_start_loc=put(qsl, torch.int32),
-            seq_lens=put(seq_lens, torch.int32), block_tables=put(table, torch.int32),
-            slot_mapping=put(slots, torch.int64), block_size=self.block_size,
-            max_query_len=int(max_q), max_seq_len=int(seq_lens.max()), decode_only=decode_only,
-            new_tokens_are_suffix=suffix, has_context=bool((seq_lens > np.diff(qsl)).any()), wait_for_layer=wait)
-
-    def _prepare(self, plan: StepPlan, wait, as_rows: bool,
-                 with_ids: bool = True) -> tuple[torch.Tensor | None, AttentionMetadata, torch.Tensor]:
-        """The flattened batch. as_rows: every token is its own one-token query row (same block
-        table, seq_len = its position + 1), so a mixed step can replay a decode CUDA graph.
-        with_ids=False: the caller has the token ids on the device already."""
-        bs = self.block_size
-        ids: list[int] = []
-        pos: list[int] = []
-        slots: list[int] = []
-        qsl, seq_lens, tables, logits_rows = [0], [], [], []
-        for chunk in plan.chunks:
-            seq = chunk.seq
-            table, tokens = seq.block_table, seq.token_ids
-            for lo, hi in chunk.ranges:  # plain lists: a decode step is one token per sequence
-                ids.extend(tokens[lo:hi])
-                r = range(lo, hi)
-                pos.extend(r)
-                slots.extend(table[p // bs] * bs + p % bs for p in r)
-                if as_rows:
-                    seq_lens.extend(p + 1 for p in r)
-                    tables.extend([table] * (hi - lo))
-                    qsl.extend(range(qsl[-1] + 1, qsl[-1] + 1 + hi - lo))
-            if not as_rows:
-                qsl.append(len(pos))
-                seq_lens.append(chunk.ranges[-1][1])
-                tables.append(table)
-            if chunk.sample:
-                logits_rows.append(len(pos) - 1)
-        max_q = max(b - a for a, b in zip(qsl, qsl[1:]))
-        # one range per chunk ending at its seq_len: each sequence's new tokens are its suffix
-        suffix = not as_rows and all(len(chunk.ranges) == 1 for chunk in plan.chunks)
-        meta = self._metadata(np.array(pos), np.array(qsl), np.array(seq_lens), tables, np.array(slots),
-                              max_q, decode_only=max_q == 1, wait=wait, suffix=suffix)
-        input_ids = self._upload(torch.tensor(ids, dtype=torch.int64)) if with_ids else None
-        # uploaded before the forward: a blocking copy after it would stall the host until the forward ends
-        rows = self._upload(torch.tensor(logits_rows, dtype=torch.int64))
-        return input_ids, meta, rows
-
-    def _rows_pay_off(self, plan: StepPlan) -> bool:
-        """Run a mixed step as one-token rows through a decode graph when it is small: an eager
-        forward is bound by kernel launches, while rows re-read each new token's context
-        (sum of their positions) from the cache. Small prefill chunks over cached history, the
-        common case of a returning conversation, cost little that way."""
-        if not (self.graphs or self.force_token_rows):
-            return False
-        budget = self.config.token_rows_reread_bytes / self.kv_bytes_per_token
-        if budget <= 0 or plan.num_tokens > max(self.graphs, default=self.max_model_len):
-            return False
-        reread = 0
-        for chunk in plan.chunks:
-            if chunk.num_tokens > 1:
-                reread += sum((hi * (hi + 1) - lo * (lo + 1)) // 2 for lo, hi in chunk.ranges)
-        return reread <= budget
-
-    def _upload(self, t: torch.Tensor) -> torch.Tensor:
+    def _upload(self, a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
         return t.pin_memory().to(self.device, non_blocking=True) if self.on_cuda else t
 
     # ------------------------------------------------------------ execution
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> StepResult:
-        return self.finish(self.launch(plan))
-
-    @torch.inference_mode()
-    def launch(self, plan: StepPlan, input_ids: torch.Tensor | None = None) -> LaunchedStep:
+    def launch(self, step: StepInput, sample: Seq[Sequence] | None = None,
+               input_ids: torch.Tensor | None = None) -> LaunchedStep:
         """Queue the step's copies, forward and sampling on the GPU; nothing waits for them here.
-        input_ids: the step's tokens already on the device (an overlapped decode step takes them
-        from the previous step's sampled tokens, which the host has not read yet)."""
+        sample: the sequences of the batch's logits rows, in order (rank 0 only: other ranks compute
+        their logits shard and send it to rank 0). input_ids: the step's tokens already on the device
+        (an overlapped decode step takes them from the previous step's sampled tokens, which the host
+        has not read yet)."""
         span = ((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                 if self.on_cuda else None)
         if span is not None:
             span[0].record()
-        wait = self.transfer.start(plan.transfers, used_now=plan.swap_in_now)
-        sampling = [c for c in plan.chunks if c.sample]
+        wait = self.transfer.start(step.transfers, used_now=step.swap_in_now)
         sampled, host, path = None, None, "idle"
-        if plan.chunks:
-            as_rows = wait is None and any(c.num_tokens > 1 for c in plan.chunks) and self._rows_pay_off(plan)
-            ids, meta, rows = self._prepare(plan, wait, as_rows, with_ids=input_ids is None)
-            ids = ids if input_ids is None else input_ids
-            num_rows = meta.num_seqs
-            graph_bs = self._graph_size(num_rows) if (meta.decode_only and wait is None) else None
+        batch = step.batch
+        if batch is not None:
+            # everything is uploaded before the forward: a blocking copy after it would stall the host
+            meta = to_metadata(batch, self.block_size, self._upload, wait)
+            ids = self._input_ids(batch, step.ids_on_device, input_ids)
+            rows = self._upload(batch.logits_rows, torch.int64)
+            graph_bs = self.graph_size(batch.num_seqs) if (batch.decode_only and wait is None) else None
             if graph_bs is not None:
-                hidden = self._replay(graph_bs, ids, meta)[:num_rows]
+                hidden = self._replay(graph_bs, ids, meta)[:batch.num_seqs]
             else:
                 hidden = self.model(ids, meta.positions, self.kv_caches, meta)
             self.transfer.issue_rest()  # swap-ins for the next step go behind this forward, before sampling
-            sampled = self._sample(hidden, rows, sampling)
-            host = self._copy_to_host(sampled)
-            path = "swapin" if wait is not None else "rows" if as_rows else "graph" if graph_bs is not None else "eager"
+            if len(batch.logits_rows):
+                logits = self.model.compute_logits(hidden.index_select(0, rows))
+                if sample:
+                    sampled = self._sample(logits, sample)
+                    host = self._copy_to_host(sampled)
+            path = ("swapin" if wait is not None else "rows" if batch.as_rows
+                    else "graph" if graph_bs is not None else "eager")
         if span is not None:
             span[1].record()
-        self.transfer.settle(ran_forward=bool(plan.chunks))
-        copied_in = bool(plan.chunks) and bool(plan.transfers.swap_in) and not plan.swap_in_now
-        return LaunchedStep(sampled, host, path, copied_in, span if sampling else None)
+        self.transfer.settle(ran_forward=batch is not None)
+        copied_in = batch is not None and bool(step.transfers.swap_in) and not step.swap_in_now
+        return LaunchedStep(sampled, host, path, copied_in, span if sampled is not None else None)
+
+    def _input_ids(self, batch: StepBatch, on_device: bool, given: torch.Tensor | None) -> torch.Tensor:
+        if not on_device:
+            return self._upload(batch.input_ids, torch.int64)
+        if self.tp.size > 1:  # sampled on rank 0's device: every rank takes them from there
+            ids = given if given is not None else torch.empty(batch.num_tokens, dtype=torch.int64, device=self.device)
+            return self.tp.broadcast(ids)
+        if given is None:
+            raise ValueError("a step whose ids stay on the device needs them")
+        return given
 
     def _copy_to_host(self, out: SamplerOutput | None) -> SamplerOutput | None:
         """Queue the sampled tokens' copy to pinned host memory right behind the sampling. Read
         later with .tolist() on the device tensors, the copy would queue behind whatever was
-        launched meanwhile: with async scheduling, the whole next step (measured on the H100: the
-        host then waited a full step for each step's tokens and the GPU idled ~1 ms per step)."""
+        launched meanwhile: with async scheduling, the whole next step (the host then waited a full
+        step for each step's tokens: benchmarks/results/engine-tuning/stop10/engine.md)."""
         if out is None or not self.on_cuda:
             return out
 
@@ -314,16 +283,15 @@ class ModelRunner:
 
     def finish(self, step: LaunchedStep) -> StepResult:
         """Wait for a launched step and read its sampled tokens back: the step's only sync."""
-        self.last_path, self.last_copied_in = step.path, step.copied_in
-        self.last_gpu_seconds = 0.0
         out = step.host
         if out is None:
-            return StepResult([], None)
+            return StepResult([], None, step.path, step.copied_in, 0.0)
+        gpu_seconds = 0.0
         if step.span is not None:
             # Wait here, not in .tolist(): an event wait releases the GIL, so the server's event
             # loop runs during the GPU's step instead of contending with this thread after it.
             step.span[1].synchronize()
-            self.last_gpu_seconds = step.span[0].elapsed_time(step.span[1]) / 1e3
+            gpu_seconds = step.span[0].elapsed_time(step.span[1]) / 1e3
         tokens = out.token_ids.tolist()
         logprobs = None
         if out.logprobs is not None:
@@ -331,20 +299,16 @@ class ModelRunner:
             top_ids = out.top_ids.tolist() if out.top_ids is not None else [[] for _ in tokens]
             top_lp = out.top_logprobs.tolist() if out.top_logprobs is not None else [[] for _ in tokens]
             logprobs = [(lp[i], dict(zip(top_ids[i], top_lp[i]))) for i in range(len(tokens))]
-        return StepResult(tokens, logprobs)
+        return StepResult(tokens, logprobs, step.path, step.copied_in, gpu_seconds)
 
     def sampled_ids(self, step: LaunchedStep, rows: list[int]) -> torch.Tensor:
         """Rows `rows` of a launched step's sampled tokens, left on the device."""
         ids = step.sampled.token_ids
         if rows == list(range(ids.shape[0])):
             return ids
-        return ids.index_select(0, self._upload(torch.tensor(rows, dtype=torch.int64)))
+        return ids.index_select(0, self._upload(np.array(rows, np.int64), torch.int64))
 
-    def _sample(self, hidden: torch.Tensor, rows: torch.Tensor, chunks) -> SamplerOutput | None:
-        if not chunks:
-            return None
-        logits = self.model.compute_logits(hidden.index_select(0, rows))
-        seqs = [c.seq for c in chunks]
+    def _sample(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> SamplerOutput:
         params = [s.params for s in seqs]
         # prompt ids matter only to the repetition penalty: skip copying long prompts otherwise
         prompts = [s.token_ids[:s.num_prompt_tokens] if p.repetition_penalty != 1.0 else [] for s, p in zip(seqs, params)]
@@ -352,8 +316,20 @@ class ModelRunner:
                                     logits.shape[-1], logits.device)
         return self.sampler(logits, batch)
 
+    # ------------------------------------------------------------ copies the engine waits for
+    def completed_swap_outs(self) -> int:
+        return self.transfer.completed_swap_outs()
+
+    def wait_swap_outs(self) -> int:
+        return self.transfer.wait_swap_outs()
+
+    def sync_transfers(self) -> None:
+        """A step failed midway: land every planned copy (the cache manager counted on them)."""
+        self.transfer.synchronize()
+
     # ------------------------------------------------------------ CUDA graphs (decode-only steps)
-    def _graph_size(self, batch: int) -> int | None:
+    def graph_size(self, batch: int) -> int | None:
+        """The smallest captured decode graph that holds `batch` rows (None: none does)."""
         for size in sorted(self.graphs):
             if size >= batch:
                 return size

@@ -112,7 +112,6 @@ class Scheduler:
                 break
             self.waiting.popleft()
             seq.block_table, seq.pending = adm.block_table, adm.pending
-            seq.num_committed_blocks = 0
             if seq.num_preemptions == 0:  # a resumed request reports its first admission's hits
                 seq.cache = CacheUsage(adm.gpu_hit_tokens, adm.cpu_hit_tokens, adm.recomputed_tokens)
             seq.status = SeqStatus.RUNNING
@@ -137,8 +136,8 @@ class Scheduler:
         chunks = []
         for seq in seqs:
             seq.append_placeholder()
-            grown = self.kv.grow(seq.block_table, seq.num_tokens)
-            assert grown, "schedule_decode needs free blocks for every growth"
+            if not self.kv.grow(seq.block_table, seq.num_tokens):
+                raise RuntimeError("schedule_decode needs free blocks for every growth")
             chunks.append(self._chunk(seq, 1))
         return StepPlan(tuple(chunks), self.kv.take_plan(), ())
 

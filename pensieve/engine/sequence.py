@@ -30,7 +30,6 @@ class Sequence:
     # [start, end) position ranges whose KV is not in the cache yet, ascending.
     # Prefill, chunked prefill, a recomputed prefix and decode are all just this list.
     pending: list[tuple[int, int]] = field(default_factory=list)
-    num_committed_blocks: int = 0         # leading full blocks already offered to the cache
     cache: CacheUsage = field(default_factory=CacheUsage)
     num_preemptions: int = 0
     # the last token is a placeholder: an overlapped step is computing its KV while the step that
@@ -85,7 +84,8 @@ class Sequence:
     def append_placeholder(self) -> None:
         """The token being sampled on the GPU right now, scheduled before its value is known.
         Block keys are content hashes: they wait for the real token (append_token)."""
-        assert not self.unresolved and not self.pending, "one token in flight at a time"
+        if self.unresolved or self.pending:
+            raise RuntimeError(f"{self.request_id}: one token in flight at a time")
         self.token_ids.append(-1)
         self.pending.append((self.num_tokens - 1, self.num_tokens))
         self.unresolved = True

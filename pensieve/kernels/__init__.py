@@ -6,7 +6,7 @@ Each op dispatches to a Triton kernel on CUDA tensors and to a PyTorch
 reference elsewhere (set PENSIEVE_ATTENTION_BACKEND=triton to run the Triton
 kernels on the CPU under TRITON_INTERPRET=1, as the tests do).
 
-Contract (see pensieve.model.metadata.AttentionMetadata for the batch layout):
+Contract (see kernels/metadata.py for the batch layout):
   paged_attention(q [T, Hq, D], kv_cache [NB, 2, bs, Hkv, D], meta, scale, k=None, v=None) -> [T, Hq, D]
       query t of sequence b at position p attends to KV positions j <= p, j < seq_lens[b],
       read through block_tables[b]; GQA when Hq is a multiple of Hkv. k, v [T, Hkv, D]: the new
@@ -24,7 +24,7 @@ import os
 import torch
 
 from pensieve.kernels.reference import copy_blocks_reference, paged_attention_reference, store_kv_reference
-from pensieve.model.metadata import AttentionMetadata
+from pensieve.kernels.metadata import AttentionMetadata
 
 
 def _use_triton(t: torch.Tensor) -> bool:
@@ -50,8 +50,8 @@ def device_sms(t: torch.Tensor) -> int:
     return num_sms(t.device.index if t.device.index is not None else torch.cuda.current_device())
 
 
-# Up to 32 rows the small-batch kernel beat cuBLAS on every 8B/13B weight shape on the H100; at 64 rows
-# cuBLAS was faster on most (stop 14, `kernels/stop14/linear_sweep.md`).
+# Up to 32 rows the small-batch kernel beats cuBLAS on every 8B/13B weight shape on the H100; at 64 rows
+# cuBLAS is faster on most (benchmarks/results/kernels/stop14/linear_sweep.md).
 SMALL_BATCH_MAX_ROWS = 32
 
 

@@ -1,6 +1,6 @@
 """Unified paged attention in Triton: one kernel for prefill, chunked prefill, decode and recompute.
 
-Layout of the work (DESIGN.md §2/§7):
+Layout of the work:
   * rows of a program = BLOCK_Q query tokens x GROUP_PAD query heads that share one KV head,
     so every KV tile is read once for the whole GQA group;
   * grid axis 0 = query tiles: an upper bound cdiv(T, BLOCK_Q) + B computed from host ints only;
@@ -8,9 +8,9 @@ Layout of the work (DESIGN.md §2/§7):
     Decode (every q_len == 1) uses one program per sequence instead;
   * grid axis 1 = KV heads; axis 2 = KV splits (flash-decoding): with more than one split each
     program writes an unnormalised partial (acc, running max, running sum) and a reduction kernel
-    merges them. An empty KV range just writes the neutral partial (max=-inf, sum=0). (Merging in
-    the same launch, by the last split to arrive, measured the same on the H100 within noise,
-    stop 11, so the simpler two launches stay.)
+    merges them. An empty KV range just writes the neutral partial (max=-inf, sum=0). Two launches,
+    not a merge by the last split to arrive: that measured the same within 5% on the H100 and needs a
+    cross-block handshake (benchmarks/results/kernels/stop11/merge_ab.md).
 The mask follows per-token positions (kv_pos <= q_pos, kv_pos < seq_len), never batch order, so
 non-contiguous new tokens (recomputed prefix + new turn) are handled like any other batch. When every
 sequence's new tokens are its suffix (the common prefill), their K/V are read from the layer's own
@@ -29,7 +29,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from pensieve.kernels import device_sms
-from pensieve.model.metadata import AttentionMetadata
+from pensieve.kernels.metadata import AttentionMetadata
 
 _LOG2E = 1.4426950408889634
 
@@ -58,9 +58,9 @@ def _online_softmax(
     qk = tl.dot(q, k.to(q.dtype), input_precision=PRECISION)              # [M, N] fp32
     if MASKED:
         qk = tl.where(visible, qk, float("-inf"))
-    # Scores go to the log2 domain inside exp2's argument: qk * scale - max is one FMA per score
-    # (a separate multiply first costs a pass over the tile; so did scaling q before the loop,
-    # 3% slower on the H100 in stop 12, and it rounds q * scale to 16 bits).
+    # Scores go to the log2 domain inside exp2's argument: qk * scale - max is one FMA per score.
+    # A separate multiply costs a pass over the tile; scaling q once before the loop is 3-5% slower
+    # on the H100 and rounds q * scale to 16 bits (benchmarks/results/kernels/stop12/levers.md).
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     if MASKED:
         # A row with nothing visible yet keeps max=-inf; subtract 0 instead to avoid inf-inf=nan.
@@ -230,8 +230,8 @@ def _paged_attention_kernel(
     q_tile = tl.load(q + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :], mask=qo_mask, other=0.0)
     q_tile = q_tile.to(kv_cache.dtype.element_ty)
     # Address parts that no tile changes, computed once (int32: a page or a tile of rows spans far
-    # less than 2^31 elements). Recomputing 64-bit row offsets per tile cost 11% more instructions
-    # in the prefill loop than a dense kernel's (SASS, stop 15).
+    # less than 2^31 elements). 64-bit row offsets recomputed per tile make the prefill loop 11%
+    # longer than a dense kernel's; tests/kernels/test_sass.py keeps it within 5% (benchmarks/sass_loops.py).
     if CTX:
         kv_head = kv_cache + kvh * stride_ch
         in_page = (offs_n % BLOCK_SIZE) * stride_cs                      # [N]
@@ -320,8 +320,9 @@ class LaunchConfig:
     maxnreg: int | None = None
     # Decode on a GPU, programmatic dependent launch (PDL): a kernel so launched is scheduled while the
     # one before it still runs and waits for it on the device. pdl_merge: the merge kernel after the
-    # attention kernel; pdl_attention: the attention kernel after the kernel before it (the KV store;
-    # letting the store trigger it early measured slower, stop 13).
+    # attention kernel; pdl_attention: the attention kernel after the kernel before it (the KV store,
+    # which sets no early trigger: one at its start is 1.3-3.4 us slower at most decode shapes,
+    # benchmarks/results/kernels/stop13/decode_pdl.md, "store_trigger").
     pdl_merge: bool = False
     pdl_attention: bool = False
 
@@ -337,26 +338,25 @@ def choose_config(
 ) -> LaunchConfig:
     """Tile sizes from host ints only (so a decode launch is graph-capturable). elem_bytes: 4 for
     float32 (tests), whose KV tiles are twice as large: at most 64 positions and 2 stages on a GPU.
+    Measured on the H100 with Llama-3-8B heads unless named; files under benchmarks/results/kernels/.
 
-    GPU (H100): prefill tiles of 128 rows x 64 KV positions, 8 warps, 2 stages, K loaded as rows,
-    capped at 128 registers per thread so that two programs share an SM (64 x 32 for head_dim > 128,
-    to fit shared memory). Uncapped 128 x 128 tiles take 255 registers and 165 KB: one program per
-    SM, tensor pipe 38% busy (Nsight Compute, stop 12). The cap made 4 x 1024 and 4 x 2048 tokens
-    17% and 14% faster and 1 x 4096 2% slower (Llama-3-8B heads, H100, `kernels/stop12/`).
+    Prefill: 128 rows x 64 KV positions, 8 warps, 2 stages, K loaded as rows, capped at 128 registers
+    per thread so that two programs share an SM and one's softmax overlaps the other's matrix
+    products (64 x 32 for head_dim > 128, to fit shared memory). Uncapped 128 x 128 tiles take 255
+    registers and 165 KB, one program per SM, tensor pipe 38% busy; the cap makes 4 x 1024 and
+    4 x 2048 tokens 17% and 14% faster, 1 x 4096 2% slower (stop12/ncu.txt, prefill_regs.md).
     prompt_tokens: the batch is whole prompts (no cached context, new K/V from the layer) of this
-    many tokens. Below 2^18 tokens x query heads (8192 tokens of Llama-3-8B) such a batch has too
-    few 128-row programs to balance the causal triangle's uneven work over the SMs; 64-row tiles,
-    4 warps and 3 stages (two programs per SM) ran 1 x 4096 13% and 4 x 1024 7% faster, and lost
-    at 8 x 2048, 2 x 8192, 4 x 4096 and over cached context (stop 15, `kernels/stop15/prefill_probe*.md`).
-    MHA heads (32 / 32 and 40 / 40) still gained 2-9% at 8192 tokens; at 16384 they were within 2% or lost 3%
-    (`prefill_rule_mha_call9.md`): their threshold is twice as high.
+    many tokens. Below SMALL_PROMPT_WORK tokens x query heads (8192 tokens of Llama-3-8B) such a
+    batch has too few 128-row programs to spread the causal triangle's uneven work over the SMs:
+    64-row tiles, 4 warps, 3 stages run 1 x 4096 13% and 4 x 1024 7% faster; above it they lose
+    1-3%, over cached context 8-20% (stop15/prefill_probe_final.md, prefill_rule_call8.md). MHA
+    takes twice the threshold: it still gains 2-9% at 8192 tokens and is within 2% or 3% behind at
+    16384 (stop15/prefill_rule_mha_call9.md).
     Decode: tiles of >= 16 rows (every tl.dot side >= 16), split over KV until about four programs
-    per SM are busy (not below 64 positions per split), 2 stages; programmatic dependent launches at
-    8+ splits.
-    Measured on the H100 (stop 13, `kernels/stop13/decode_sweep_call*.md`, graphs replayed round-robin):
-    the best split count at batch 1-16 x 4k-32k gave about 512 programs; the best launch at 9 of 10
-    shapes had 2 stages (3 stages cost 20% at batch 32 x 4k, stop 12's default); 32-position tiles
-    were as good or better from 16 splits up, 64 below.
+    per SM are busy (not below 64 positions per split), 2 stages, 32-position tiles from 16 splits
+    up (64 below), programmatic dependent launches at 8+ splits (decode_launch). Across batch 1-16
+    x 4k-32k the best split count gives about 512 programs and 9 of 10 shapes are fastest at 2
+    stages (3 cost 20% at 32 x 4k) (stop13/decode_sweep_call*.md, graphs replayed round-robin).
     CPU interpreter: its cost grows with the tile count, so fewer, bigger tiles.
     """
     group_pad = triton.next_power_of_2(group)
@@ -399,7 +399,7 @@ def decode_launch(splits: int, group: int, elem_bytes: int = 2) -> LaunchConfig:
     start-up warm-up compiles exactly the variants choose_config picks."""
     # PDL pays where launches are a visible share of the step: after the KV store, as in a layer,
     # 0.5-0.8 us (2-6%) faster at batch 1-4 of Llama-3-8B heads (16-64 splits), even at 8 (8 splits),
-    # 2.5% slower at 16 (4 splits) (stop 13, `kernels/stop13/decode_pdl.md`).
+    # 2.5% slower at 16 (4 splits) (H100, benchmarks/results/kernels/stop13/decode_pdl.md).
     pdl = splits >= 8
     block_m = max(16, triton.next_power_of_2(group))
     return _fit(LaunchConfig(block_m, 1, 32 if splits >= 16 else 64, splits, 4, 2, pdl_merge=pdl, pdl_attention=pdl),
@@ -423,10 +423,13 @@ def paged_attention_triton(
 ) -> torch.Tensor:               # [T, Hq, D]
     T, num_heads, head_dim = q.shape
     _, two, block_size, num_kv_heads, kv_dim = kv_cache.shape
-    assert two == 2 and kv_dim == head_dim and num_heads % num_kv_heads == 0
-    assert q.stride(2) == 1 and kv_cache.stride(4) == 1, "head_dim must be contiguous"
+    if not (two == 2 and kv_dim == head_dim and num_heads % num_kv_heads == 0):
+        raise ValueError("kernel launch contract violated: two == 2 and kv_dim == head_dim and num_heads % num_kv_heads == 0")
+    if not (q.stride(2) == 1 and kv_cache.stride(4) == 1):
+        raise ValueError("head_dim must be contiguous")
     # a power of two, so a KV tile lies inside one page or spans whole ones
-    assert block_size & (block_size - 1) == 0, "block_size must be a power of two"
+    if block_size & (block_size - 1):
+        raise ValueError("block_size must be a power of two")
     group = num_heads // num_kv_heads
     num_seqs = meta.num_seqs
     out = torch.empty_like(q)
@@ -434,8 +437,8 @@ def paged_attention_triton(
         return out
     on_gpu = q.is_cuda
     # New tokens' K/V from the layer's tensors: the same values the store wrote, read without the
-    # block table. On the H100 (stop 15) it took 0-3% less time than the gather at the default launch
-    # and 18-25% less at the 64-row one (stop 12 had timed the gather path for every source it compared).
+    # block table: 0-3% less time than the gather on the H100 at the default launch, 18-25% less at
+    # the 64-row one (benchmarks/results/kernels/stop15/prefill_probe_final.md, "ours" vs "gather").
     new_kv = (k is not None and v is not None and not meta.decode_only and meta.new_tokens_are_suffix
               and k.dtype == v.dtype == kv_cache.dtype)
     if config is None:
@@ -450,7 +453,8 @@ def paged_attention_triton(
     if decode:
         grid = (num_seqs, num_kv_heads, splits)
     else:
-        assert splits == 1, "split-KV is for decode batches only"
+        if splits != 1:
+            raise ValueError("split-KV is for decode batches only")
         grid = (triton.cdiv(T, config.block_q) + num_seqs, num_kv_heads, 1)
     if splits > 1:
         part_acc = torch.empty((T, num_heads, splits, d_pad), dtype=torch.float32, device=q.device)

@@ -15,7 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-_MAX_PROGRAMS = 8     # H100: 76-80% of PCIe, and the most of it hidden behind a forward (engine_bench swap variants)
+# 8 programs reach 76-80% of PCIe on the H100 with the most of it hidden behind a forward; 4 reach about
+# half (benchmarks/results/engine-tuning/engine.md and stop9/engine.md, the kernelN rows).
+_MAX_PROGRAMS = 8
 _CHUNK_BYTES = 16384  # bytes per program: 16 KB keeps enough loads in flight to cover PCIe latency
 
 
@@ -39,7 +41,8 @@ def _copy_blocks_kernel(
 
 def _rows(pool: torch.Tensor) -> torch.Tensor:
     """[NB, ...] -> [NB, row] as a view (each block row must be contiguous)."""
-    assert pool[0].is_contiguous(), "each block of a pool must be contiguous"
+    if not pool[0].is_contiguous():
+        raise ValueError("each block of a pool must be contiguous")
     return pool.as_strided((pool.shape[0], pool[0].numel()), (pool.stride(0), 1))
 
 
@@ -50,7 +53,8 @@ def launch_copy_kernel(
     dst_ids: torch.Tensor,   # [N]
 ) -> None:
     """One launch: dst[dst_ids[i]] = src[src_ids[i]]; no checks of where memory lives."""
-    assert src.dtype == dst.dtype and src.shape[1:] == dst.shape[1:]
+    if not (src.dtype == dst.dtype and src.shape[1:] == dst.shape[1:]):
+        raise ValueError("kernel launch contract violated: src.dtype == dst.dtype and src.shape[1:] == dst.shape[1:]")
     n = src_ids.numel()
     if n == 0:
         return
@@ -89,7 +93,8 @@ def copy_blocks_triton(
     dst_ids: torch.Tensor,   # [N] int64
 ) -> None:
     gpu = src if src.is_cuda else dst
-    assert gpu.is_cuda, "copy_blocks_triton needs one CUDA side"
+    if not gpu.is_cuda:
+        raise ValueError("copy_blocks_triton needs one CUDA side")
     other = dst if gpu is src else src
     mappable = other.is_cuda and other.device == gpu.device or (not other.is_cuda and other.is_pinned())
     if not mappable:

@@ -1,9 +1,10 @@
 """Fused elementwise kernels of the decoder layer: rotary embedding, residual add + RMSNorm, SiLU-and-mul.
 
 Each replaces several PyTorch kernels with one. In a graphed decode step of a small batch every kernel
-is a few microseconds of launch and tail latency, not bandwidth: on the H100 (Llama-3.1-8B, batch 8,
-engine-tuning/stop9/decode_profile.txt) the norms and elementwise ops took ~1.1 ms of a 7.4 ms graph,
-about 13 kernels per layer next to the GEMMs and attention. The PyTorch versions in
+is a few microseconds of launch and tail latency, not bandwidth: unfused, on the H100 (Llama-3.1-8B,
+batch 8) the norms and elementwise ops take ~1.1 ms of a 7.4 ms graph, about 13 kernels per layer next
+to the GEMMs and attention (benchmarks/results/engine-tuning/stop9/decode_profile.txt); fused, the
+graph is 11-13% faster (engine-tuning/stop10/engine.md, PENSIEVE_FUSED_KERNELS=0 for the A/B). The PyTorch versions in
 pensieve.model.layers stay the reference (CPU runs and tests); these run on CUDA tensors.
 
 Row counts change every step and only size the grid (no kernel argument), so no new variant compiles
@@ -44,7 +45,8 @@ def rotary_inplace(
     positions: torch.Tensor,  # [T] int
 ) -> torch.Tensor:
     T, num_heads, head_dim = x.shape
-    assert x.stride(2) == 1 and cos_sin.stride(1) == 1 and head_dim % 2 == 0
+    if not (x.stride(2) == 1 and cos_sin.stride(1) == 1 and head_dim % 2 == 0):
+        raise ValueError("kernel launch contract violated: x.stride(2) == 1 and cos_sin.stride(1) == 1 and head_dim % 2 == 0")
     if T:
         half = head_dim // 2
         _rotary_kernel[(T,)](
@@ -81,7 +83,8 @@ def add_rms_norm(
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # norm(x + residual), x + residual (None without residual)
     T, dim = x.shape
-    assert x.stride(1) == 1 and weight.is_contiguous()
+    if not (x.stride(1) == 1 and weight.is_contiguous()):
+        raise ValueError("kernel launch contract violated: x.stride(1) == 1 and weight.is_contiguous()")
     out = torch.empty_like(x)
     new_residual = torch.empty_like(x) if residual is not None else None
     if T:
@@ -113,7 +116,8 @@ def _silu_and_mul_kernel(
 def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:  # [T, 2 * I] -> [T, I]
     T, two_inter = x.shape
     inter = two_inter // 2
-    assert x.stride(1) == 1
+    if x.stride(1) != 1:
+        raise ValueError("kernel launch contract violated: x.stride(1) == 1")
     out = torch.empty((T, inter), dtype=x.dtype, device=x.device)
     if T:
         block = 1024

@@ -11,15 +11,17 @@ counter (left at zero) is written: no zeroed buffer, no second launch.
 SWAP_AB puts W on the matrix unit's M side (acc^T = W x^T): Hopper's wgmma needs M >= 64 per warpgroup,
 which x's few rows are not, while W's row tile is.
 
-Measured on the H100 (stop 14, `kernels/stop14/linear_sweep*.md`, Llama-3.1-8B and Llama-2-13B weights at
-8 rows, 104 launches): one launch, 64 W rows x 256 K per step, 4 stages, no K split, was within 2% of the
-best launch on every shape and 6% faster than cuBLAS on their geometric mean (o_proj 16%, lm_head 9%,
-gate_up / down 4-8%). Splitting K never paid on these shapes, even at 64 row tiles; it stays for narrow
-outputs (small models), where row tiles alone would leave most SMs idle.
+Measured on the H100 (Llama-3.1-8B and Llama-2-13B weights at 8 rows, 104 launches,
+benchmarks/results/kernels/stop14/linear_sweep_call1.md and linear_sweep.md): one launch, 64 W rows
+x 256 K per step, 4 stages, no K split, is within 2% of the best launch on every shape and 6% faster
+than cuBLAS on their geometric mean (o_proj 16%, lm_head 9%, gate_up / down 4-8%). Splitting K never
+pays on these shapes, even at 64 row tiles; it stays for narrow outputs (small models), where row tiles
+alone would leave most SMs idle.
 
-At 32 rows it still led cuBLAS on every shape (by 1-3%); at 64 cuBLAS led on most, so the model's linears
-use it up to 32 rows (pensieve.kernels.SMALL_BATCH_MAX_ROWS). In the engine (Llama-3.1-8B, ctx 1024, same
-run): decode steps 6.48 -> 6.06 ms at batch 1 and 6.87 -> 6.55 ms at batch 8.
+At 32 rows it still leads cuBLAS on every shape (by 1-3%); at 64 cuBLAS leads on most, so the model's
+linears use it up to 32 rows (pensieve.kernels.SMALL_BATCH_MAX_ROWS). In the engine (Llama-3.1-8B,
+ctx 1024) decode steps take 6.06 ms instead of cuBLAS's 6.48 at batch 1 and 6.55 instead of 6.87 at
+batch 8 (benchmarks/results/engine-tuning/stop14/engine_8b_small.md, engine_8b_cublas.md).
 
 The row count picks one of three variants (16 / 32 / 64 rows per program) and nothing else, so the
 decode graphs' warm-up (every graphed batch size runs once before capture) compiles them all.
@@ -126,7 +128,7 @@ SHARED_MEMORY_BYTES = 200 << 10  # of the H100's 227 KB per program, with room f
 
 def fit_shared_memory(cfg: SmallLinearConfig, block_m: int, elem_bytes: int) -> SmallLinearConfig:
     """Fewer stages (then shorter K steps) until every stage's W and x tiles fit: 64-row programs
-    take 3 stages of the default's 4 (stop 14's second call failed to launch 4)."""
+    take 3 stages of the default's 4, whose 256 KB of shared memory fail to launch on the H100."""
     def size(c: SmallLinearConfig) -> int:
         return (c.block_n + block_m) * c.block_k * elem_bytes * c.num_stages
 
@@ -153,7 +155,8 @@ def small_batch_linear(
 ) -> torch.Tensor:                   # [M, N]
     m, k = x.shape
     n = weight.shape[0]
-    assert m <= MAX_ROWS and weight.shape[1] == k and x.stride(1) == 1 and weight.stride(1) == 1
+    if not (m <= MAX_ROWS and weight.shape[1] == k and x.stride(1) == 1 and weight.stride(1) == 1):
+        raise ValueError("kernel launch contract violated: m <= MAX_ROWS and weight.shape[1] == k and x.stride(1) == 1 and weight.stride(1) == 1")
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return y

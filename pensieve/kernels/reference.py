@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from pensieve.model.metadata import AttentionMetadata
+from pensieve.kernels.metadata import AttentionMetadata
 
 
 def store_kv_reference(

@@ -39,8 +39,10 @@ def store_kv_triton(
     T, num_kv_heads, head_dim = k.shape
     if T == 0:
         return
-    assert v.shape == k.shape and kv_cache.shape[3:] == (num_kv_heads, head_dim)
-    assert k.stride(2) == 1 and v.stride(2) == 1 and kv_cache.stride(4) == 1, "head_dim must be contiguous"
+    if not (v.shape == k.shape and kv_cache.shape[3:] == (num_kv_heads, head_dim)):
+        raise ValueError("kernel launch contract violated: v.shape == k.shape and kv_cache.shape[3:] == (num_kv_heads, head_dim)")
+    if not (k.stride(2) == 1 and v.stride(2) == 1 and kv_cache.stride(4) == 1):
+        raise ValueError("head_dim must be contiguous")
     h_pad, d_pad = triton.next_power_of_2(num_kv_heads), triton.next_power_of_2(head_dim)
     _store_kv_kernel[(T,)](
         k, v, kv_cache, slot_mapping,

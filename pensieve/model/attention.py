@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from pensieve.kernels import paged_attention, store_kv
-from pensieve.model.metadata import AttentionMetadata
+from pensieve.kernels.metadata import AttentionMetadata
 
 
 class PagedAttention(nn.Module):

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pensieve.distributed.group import ParallelGroup, split_evenly
 from pensieve.kernels import SmallLinearWorkspace, use_fused_kernels, use_small_batch_linear
 
 logger = logging.getLogger(__name__)
@@ -30,8 +31,33 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, wor
     return F.linear(x, weight, bias)
 
 
+@dataclass(frozen=True)
+class Shard:
+    """A contiguous part of one checkpoint dimension: `size` rows (or columns) from `start`."""
+    start: int
+    size: int
+
+
+def read_weight(source: Any, rows: Shard | None = None, cols: Shard | None = None) -> torch.Tensor:
+    """The [rows, cols] part of a checkpoint tensor. `source` is a tensor, or a lazy safetensors slice
+    (loader.iter_weights), of which only that part is read from disk."""
+    if isinstance(source, torch.Tensor):
+        t = source if rows is None else source.narrow(0, rows.start, rows.size)
+        return t if cols is None else t.narrow(1, cols.start, cols.size)
+    r = slice(None) if rows is None else slice(rows.start, rows.start + rows.size)
+    if cols is None:
+        return source[r]
+    return source[r, cols.start:cols.start + cols.size]
+
+
 class Linear(nn.Module):
-    """y = x W^T + b. `output_sizes` lists the stacked sub-matrices of a fused linear (qkv, gate_up)."""
+    """y = x W^T + b, or this rank's shard of a tensor-parallel linear.
+
+    `output_sizes` lists this rank's rows of each stacked sub-matrix of a fused linear (qkv, gate_up).
+    Column-parallel: sub-matrix i's rows start at `output_starts[i]` in the checkpoint's sub-matrix, and
+    the output stays sharded. Row-parallel (`reduce` set): the input columns are `input_shard` of the
+    checkpoint's, the partial outputs are summed over the ranks, and the bias is added once, after the sum.
+    """
 
     def __init__(
         self,
@@ -39,29 +65,110 @@ class Linear(nn.Module):
         out_features: int | Sequence[int],
         bias: bool,
         dtype: torch.dtype,
+        *,
+        output_starts: Sequence[int] | None = None,
+        input_shard: Shard | None = None,
+        reduce: ParallelGroup | None = None,
     ) -> None:
         super().__init__()
         sizes = (out_features,) if isinstance(out_features, int) else tuple(out_features)
         self.output_sizes: tuple[int, ...] = sizes
+        self.output_starts = tuple(output_starts) if output_starts is not None else None
+        self.input_shard = input_shard
+        self.reduce = reduce if reduce is not None and reduce.size > 1 else None
         self.weight = nn.Parameter(torch.empty(sum(sizes), in_features, dtype=dtype), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(sum(sizes), dtype=dtype), requires_grad=False) if bias else None
         self.workspace = SmallLinearWorkspace()
 
+    @classmethod
+    def column(cls, in_features: int, out_features: int | Sequence[int], bias: bool, dtype: torch.dtype,
+               tp: ParallelGroup) -> Linear:
+        """Every stacked sub-matrix split evenly by rows over the ranks."""
+        sizes = (out_features,) if isinstance(out_features, int) else tuple(out_features)
+        local = [split_evenly(n, tp.size, "a column-parallel output size") for n in sizes]
+        return cls(in_features, local, bias, dtype, output_starts=[tp.rank * n for n in local] if tp.size > 1 else None)
+
+    @classmethod
+    def row(cls, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, tp: ParallelGroup) -> Linear:
+        """The input split evenly by columns over the ranks; outputs summed over them."""
+        local = split_evenly(in_features, tp.size, "a row-parallel input size")
+        shard = Shard(tp.rank * local, local) if tp.size > 1 else None
+        return cls(local, out_features, bias, dtype, input_shard=shard, reduce=tp)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
-        return linear(x, self.weight, self.bias, self.workspace)
+        if self.reduce is None:
+            return linear(x, self.weight, self.bias, self.workspace)
+        y = self.reduce.all_reduce(linear(x, self.weight, None, self.workspace))
+        return y if self.bias is None else y + self.bias
 
     def shard_slice(self, shard: int) -> slice:
         start = sum(self.output_sizes[:shard])
         return slice(start, start + self.output_sizes[shard])
 
+    def load(self, leaf: str, shard: int, source: Any) -> None:
+        """Copy sub-matrix `shard` of a checkpoint's weight or bias (`leaf`) into this rank's part."""
+        param = self.weight if leaf == "weight" else self.bias
+        if param is None:
+            raise ValueError(f"the checkpoint has a {leaf} this linear does not")
+        rows = Shard(self.output_starts[shard], self.output_sizes[shard]) if self.output_starts is not None else None
+        if leaf == "bias" and self.reduce is not None:
+            rows = None                      # a row-parallel bias is whole on every rank
+        cols = self.input_shard if leaf == "weight" else None
+        dst = param.data[self.shard_slice(shard)] if len(self.output_sizes) > 1 else param.data
+        copy_checked(dst, read_weight(source, rows, cols))
+
 
 class Embedding(nn.Module):
+    """A lookup table, whole on every rank (OPT's learned positions)."""
+
     def __init__(self, num_embeddings: int, dim: int, dtype: torch.dtype) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_embeddings, dim, dtype=dtype), requires_grad=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, dim]
         return F.embedding(ids, self.weight)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """The token embedding split by vocabulary rows over the ranks (each holds ceil(V / size) rows, the
+    last zero-padded). A rank looks up the ids in its range and zeroes the rest; the sum over ranks is
+    the embedding. Its weight doubles as a vocab-parallel LM head (`vocab_logits`)."""
+
+    def __init__(self, num_embeddings: int, dim: int, dtype: torch.dtype, tp: ParallelGroup) -> None:
+        super().__init__()
+        self.tp = tp
+        per_rank = -(-num_embeddings // tp.size)
+        self.start = tp.rank * per_rank
+        self.num_local = max(0, min(num_embeddings - self.start, per_rank))   # real rows on this rank
+        self.weight = nn.Parameter(torch.empty(per_rank, dim, dtype=dtype), requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, dim]
+        if self.tp.size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.num_local)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out.masked_fill_(outside.unsqueeze(-1), 0)
+        return self.tp.all_reduce(out)
+
+    def load(self, leaf: str, shard: int, source: Any) -> None:
+        self.weight.data[self.num_local:].zero_()
+        copy_checked(self.weight.data[:self.num_local], read_weight(source, Shard(self.start, self.num_local)))
+
+
+def vocab_logits(hidden: torch.Tensor, weight: torch.Tensor, vocab_size: int, tp: ParallelGroup,
+                 workspace: SmallLinearWorkspace) -> torch.Tensor | None:
+    """[N, hidden] -> [N, vocab] float32 logits on rank 0 from a vocab-parallel weight; None elsewhere."""
+    logits = tp.gather_last_dim(linear(hidden, weight, None, workspace))
+    if logits is None:
+        return None
+    return (logits if logits.shape[-1] == vocab_size else logits[:, :vocab_size]).float()
+
+
+def copy_checked(dst: torch.Tensor, src: torch.Tensor) -> None:
+    if dst.shape != src.shape:
+        raise ValueError(f"checkpoint shape {tuple(src.shape)} != model shape {tuple(dst.shape)}")
+    dst.copy_(src)
 
 
 class RMSNorm(nn.Module):
@@ -216,7 +323,7 @@ def apply_rotary(
 
 def load_named_weights(
     model: nn.Module,
-    weights: Iterable[tuple[str, torch.Tensor]],
+    weights: Iterable[tuple[str, Any]],
     stacked: Sequence[tuple[str, str, int]] = (),
     skip: Sequence[str] = (),
 ) -> None:
@@ -225,7 +332,8 @@ def load_named_weights(
     stacked: (fused module name, checkpoint module name, shard index), e.g.
     ("qkv_proj", "k_proj", 1): "...k_proj.weight" goes to rows of shard 1 of
     "...qkv_proj.weight". Names containing any of `skip` are ignored; other
-    unknown names are logged and ignored. Raises if a parameter stays unloaded.
+    unknown names are logged and ignored. Raises if a parameter stays unloaded. A sharded module
+    (tensor parallelism) takes only its rank's part; a lazy checkpoint slice reads only that part.
     """
     params = dict(model.named_parameters())
     expected: set[tuple[str, int]] = set()
@@ -237,7 +345,7 @@ def load_named_weights(
             expected.add((name, 0))
 
     loaded: set[tuple[str, int]] = set()
-    for ckpt_name, tensor in weights:
+    for ckpt_name, source in weights:
         if any(s in ckpt_name for s in skip):
             continue
         target, shard = ckpt_name, 0
@@ -249,13 +357,15 @@ def load_named_weights(
         if param is None:
             logger.warning("ignoring checkpoint tensor %s", ckpt_name)
             continue
-        owner = model.get_submodule(target.rsplit(".", 1)[0])
-        dst = param.data
-        if isinstance(owner, Linear) and len(owner.output_sizes) > 1:
-            dst = dst[owner.shard_slice(shard)]
-        if dst.shape != tensor.shape:
-            raise ValueError(f"{ckpt_name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(dst.shape)}")
-        dst.copy_(tensor)
+        owner_name, leaf = target.rsplit(".", 1)
+        owner = model.get_submodule(owner_name)
+        try:
+            if isinstance(owner, (Linear, VocabParallelEmbedding)):
+                owner.load(leaf, shard, source)   # this rank's part only
+            else:
+                copy_checked(param.data, read_weight(source))
+        except ValueError as exc:
+            raise ValueError(f"{ckpt_name}: {exc}") from None
         loaded.add((target, shard))
     missing = sorted(expected - loaded)
     if missing:

@@ -13,13 +13,14 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from pensieve.distributed.group import SINGLE, HeadShard, ParallelGroup
 from pensieve.kernels import SmallLinearWorkspace
+from pensieve.kernels.metadata import AttentionMetadata
 from pensieve.model.attention import PagedAttention
 from pensieve.model.layers import (
-    Embedding, Linear, RMSNorm, Rope, RotaryEmbedding, apply_rotary, linear, load_named_weights,
-    rope_parameters, silu_and_mul,
+    Linear, RMSNorm, Rope, RotaryEmbedding, VocabParallelEmbedding, apply_rotary, load_named_weights,
+    rope_parameters, silu_and_mul, vocab_logits,
 )
-from pensieve.model.metadata import AttentionMetadata
 
 _STACKED = (
     ("qkv_proj", "q_proj", 0),
@@ -35,15 +36,22 @@ def head_dim_of(config) -> int:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config, layer_idx: int, dtype: torch.dtype, qkv_bias: bool, o_bias: bool, qk_norm: bool) -> None:
+    """Under tensor parallelism a rank holds its query heads and their KV heads (HeadShard): qkv_proj is
+    column-parallel, o_proj row-parallel (one all-reduce)."""
+
+    def __init__(self, config, layer_idx: int, dtype: torch.dtype, qkv_bias: bool, o_bias: bool, qk_norm: bool,
+                 tp: ParallelGroup) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = head_dim_of(config)
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = Linear(config.hidden_size, (self.q_size, self.kv_size, self.kv_size), qkv_bias, dtype)
-        self.o_proj = Linear(self.q_size, config.hidden_size, o_bias, dtype)
+        heads = HeadShard.of(config.num_attention_heads, getattr(config, "num_key_value_heads", None)
+                             or config.num_attention_heads, tp)
+        self.num_heads, self.num_kv_heads = heads.num_q, heads.num_kv
+        self.head_dim = D = head_dim_of(config)
+        self.q_size = self.num_heads * D
+        self.kv_size = self.num_kv_heads * D
+        starts = (heads.q_start * D, heads.kv_start * D, heads.kv_start * D) if tp.size > 1 else None
+        self.qkv_proj = Linear(config.hidden_size, (self.q_size, self.kv_size, self.kv_size), qkv_bias, dtype,
+                               output_starts=starts)
+        self.o_proj = Linear.row(config.num_attention_heads * D, config.hidden_size, o_bias, dtype, tp)
         if qk_norm:
             self.q_norm: RMSNorm | None = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
             self.k_norm: RMSNorm | None = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
@@ -71,24 +79,24 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config, dtype: torch.dtype, bias: bool) -> None:
+    def __init__(self, config, dtype: torch.dtype, bias: bool, tp: ParallelGroup) -> None:
         super().__init__()
         act = getattr(config, "hidden_act", "silu")
         if act != "silu":
             raise NotImplementedError(f"hidden_act {act!r}")
         inter = config.intermediate_size
-        self.gate_up_proj = Linear(config.hidden_size, (inter, inter), bias, dtype)
-        self.down_proj = Linear(inter, config.hidden_size, bias, dtype)
+        self.gate_up_proj = Linear.column(config.hidden_size, (inter, inter), bias, dtype, tp)
+        self.down_proj = Linear.row(inter, config.hidden_size, bias, dtype, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden]
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, layer_idx: int, dtype: torch.dtype, flags: dict[str, bool]) -> None:
+    def __init__(self, config, layer_idx: int, dtype: torch.dtype, flags: dict[str, bool], tp: ParallelGroup) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_idx, dtype, flags["qkv_bias"], flags["o_bias"], flags["qk_norm"])
-        self.mlp = LlamaMLP(config, dtype, flags["mlp_bias"])
+        self.self_attn = LlamaAttention(config, layer_idx, dtype, flags["qkv_bias"], flags["o_bias"], flags["qk_norm"], tp)
+        self.mlp = LlamaMLP(config, dtype, flags["mlp_bias"], tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
@@ -111,11 +119,11 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, dtype: torch.dtype, flags: dict[str, bool]) -> None:
+    def __init__(self, config, dtype: torch.dtype, flags: dict[str, bool], tp: ParallelGroup) -> None:
         super().__init__()
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype, tp)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, dtype, flags) for i in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, i, dtype, flags, tp) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         theta, scaling = rope_parameters(config)
@@ -134,13 +142,15 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config, dtype: torch.dtype) -> None:
+    def __init__(self, config, dtype: torch.dtype, tp: ParallelGroup = SINGLE) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, dtype, self._flags(config))
+        self.tp = tp
+        self.model = LlamaModel(config, dtype, self._flags(config), tp)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         # Tied: the logits read the embedding matrix itself, so no second copy exists to fall out of sync.
-        self.lm_head = None if self.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, False, dtype)
+        self.lm_head = (None if self.tie_word_embeddings
+                        else VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype, tp))
         self.logits_workspace = SmallLinearWorkspace()
 
     @staticmethod
@@ -157,9 +167,10 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:                 # [T, hidden]
         return self.model(input_ids, positions, kv_caches, meta)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab] float32
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return linear(hidden, weight, None, self.logits_workspace).float()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:  # [N, hidden] -> [N, vocab] float32
+        """Logits on rank 0 (gathered from the vocab shards); None on the other ranks."""
+        weight = (self.model.embed_tokens if self.lm_head is None else self.lm_head).weight
+        return vocab_logits(hidden, weight, self.config.vocab_size, self.tp, self.logits_workspace)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         # rotary_emb.inv_freq: a buffer some old checkpoints saved; lm_head of a tied model duplicates the embedding.

@@ -16,6 +16,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from pensieve.distributed.group import SINGLE, HeadShard, ParallelGroup
+
 logger = logging.getLogger(__name__)
 
 _DTYPES = {
@@ -48,11 +50,13 @@ def model_class(architecture: str) -> type[nn.Module]:
     return classes[architecture]
 
 
-def model_kv_spec(config: Any) -> KVSpec:
+def model_kv_spec(config: Any, tp: ParallelGroup = SINGLE) -> KVSpec:
+    """The KV cache shape of one rank: its KV heads only (tensor parallelism splits them)."""
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return KVSpec(num_layers=config.num_hidden_layers, num_kv_heads=kv_heads, head_dim=head_dim)
+    return KVSpec(num_layers=config.num_hidden_layers, num_kv_heads=HeadShard.of(heads, kv_heads, tp).num_kv,
+                  head_dim=head_dim)
 
 
 def max_context_len(config: Any) -> int:
@@ -99,8 +103,10 @@ def _weight_files(model_dir: Path) -> tuple[list[Path], bool]:
     raise FileNotFoundError(f"no *.safetensors or *.bin weights in {model_dir}")
 
 
-def iter_weights(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, CPU tensor) for every tensor of the checkpoint, one file at a time."""
+def iter_weights(model_dir: str | Path) -> Iterator[tuple[str, Any]]:
+    """(name, tensor) for every tensor of the checkpoint, one file at a time. Safetensors tensors come as
+    lazy slices (indexing reads only that part), so each tensor-parallel rank reads only its shard; use
+    each before advancing the iterator."""
     files, safe = _weight_files(Path(model_dir))
     for file in files:
         if safe:
@@ -108,7 +114,7 @@ def iter_weights(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
 
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name)
+                    yield name, f.get_slice(name)
         else:
             state = torch.load(file, map_location="cpu", weights_only=True)
             yield from state.items()
@@ -131,9 +137,10 @@ def load_config(model_path: str | Path) -> Any:
 
 
 def load_model(
-    model_path: str | Path, dtype: str | torch.dtype, device: torch.device | str
+    model_path: str | Path, dtype: str | torch.dtype, device: torch.device | str, tp: ParallelGroup = SINGLE
 ) -> tuple[nn.Module, Any, torch.dtype]:
-    """(model in eval mode on `device`, its HF config, the dtype chosen)."""
+    """(model in eval mode on `device`, its HF config, the dtype chosen). Under tensor parallelism, this
+    rank's shard of the model, read from its slices of the checkpoint."""
     path = resolve_model_path(str(model_path))
     device = torch.device(device)
     config = load_config(path)
@@ -144,7 +151,7 @@ def load_model(
     cls = model_class(archs[0])
     # Parameters are torch.empty (layers.py), so building straight on the device costs nothing.
     with torch.device(device):
-        model = cls(config, torch_dtype)
+        model = cls(config, torch_dtype, tp)
     logger.info("loading %s (%s, %s) onto %s", path, archs[0], torch_dtype, device)
     with torch.no_grad():
         model.load_weights(iter_weights(path))

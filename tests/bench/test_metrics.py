@@ -70,13 +70,15 @@ def test_sustained_rate_interpolation():
     assert r2.value == 1.0 and r2.status == "interpolated"
     # first crossing wins even if a later point dips back
     assert sustained_rate([1, 2, 3], [0.05, 0.15, 0.05], 0.1).value == pytest.approx(1.5)
-    # past saturation throughput falls (OPT-13B tiered, stop 10: 30.4, 39.0, 38.4 req/s at 10, 16, 22
-    # conv/s): points go by offered rate, and the overloaded point cannot pull the answer below 39.0
+    # past saturation throughput falls (OPT-13B tiered, benchmarks/results/multiturn/opt-13b-r10-22/: 30.4,
+    # 39.0, 38.4 req/s at 10, 16, 22 conv/s): points go by offered rate, and the overloaded point cannot
+    # pull the answer below 39.0
     thr, lat, offered = [30.4, 39.0, 38.4], [0.024, 0.074, 0.288], [10, 16, 22]
     assert sustained_rate(thr, lat, 0.08, offered).value == pytest.approx(39.0)
     assert sustained_rate(thr, lat, 0.05, offered).value == pytest.approx(30.4 + (0.026 / 0.05) * 8.6)
-    # throughput falls before latency crosses (Llama-2-13B-GQA10 tiered, stop 13: 85.4, 79.3, 81.9 req/s at
-    # 26, 30, 34 conv/s): the best point under the bound stands, crossed or never crossed
+    # throughput falls before latency crosses (Llama-2-13B-GQA10 tiered,
+    # benchmarks/results/multiturn/llama-2-13b-gqa10-stop13/: 85.4, 79.3, 81.9 req/s at 26, 30, 34
+    # conv/s): the best point under the bound stands, crossed or never crossed
     thr, lat, offered = [85.4, 79.3, 81.9], [0.0228, 0.0425, 0.0899], [26, 30, 34]
     assert sustained_rate(thr, lat, 0.05, offered).value == pytest.approx(85.4)
     assert sustained_rate(thr, lat, 0.03, offered).value == pytest.approx(85.4)

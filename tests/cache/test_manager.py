@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from pensieve.cache.block_keys import block_keys
+from pensieve.cache.block_tier import CacheIntegrityError
 from pensieve.cache.manager import KVCacheManager
 from pensieve.cache.policy import LRUPolicy, RecomputeCost, RetentionValuePolicy, lowest
 from pensieve.config import CacheConfig
@@ -165,7 +166,7 @@ def test_swap_out_ahead_of_time_never_drops_cpu_content():
     finish_step(kv)
     clock.t = 1.0
     run_turn(kv, [500 + i for i in range(24)], conv="big")   # needs every GPU block: "old" leaves the GPU
-    assert kv.num_used_cpu == 2 and all(kv.g_cpu[b] < 0 for b in range(6) if kv.g_evictable[b])
+    assert kv.num_used_cpu == 2 and all(kv.cpu_copy[b] < 0 for b in kv.gpu.idle())
     dropped = kv.counters.dropped_blocks
     clock.t = 2.0
     kv.plan_swap_out()                                 # the CPU tier holds only "old": no copy, no drop
@@ -249,13 +250,18 @@ def test_integrity_check_catches_corruption():
     kv, _ = make(8, 4, mode="tiered")
     run_turn(kv, list(range(9)), conv="x")
     kv.check_integrity()
-    kv.g_free.append(kv.g_free[0])              # a block freed twice
-    with pytest.raises(AssertionError):
+    kv.gpu.free.append(kv.gpu.free[0])          # a block freed twice
+    with pytest.raises(CacheIntegrityError, match="twice"):
         kv.check_integrity()
-    kv.g_free.pop()
-    b = int(np.flatnonzero(kv.g_evictable)[0])
-    kv.g_ref[b] = 1                             # cached and used at once
-    with pytest.raises(AssertionError):
+    kv.gpu.free.pop()
+    b = kv.gpu.free[-1]
+    kv.gpu.users[b] = 1                         # free and used at once
+    with pytest.raises(CacheIntegrityError, match="free blocks"):
+        kv.check_integrity()
+    kv.gpu.users[b] = 0
+    c = int(kv.cpu_copy[kv.gpu.idle()].max())
+    kv.cpu.keys[c] = b"forged"                  # a CPU copy whose content differs from its GPU block
+    with pytest.raises(CacheIntegrityError):
         kv.check_integrity()
 
 
@@ -269,11 +275,11 @@ def test_swap_out_pins_outlive_their_step_until_reported_done():
     # the copies may still be running: their sources stay pinned, so nothing can reuse them
     assert kv.num_swap_out_groups == 1
     pinned = [b for b, _ in plan.swap_out]
-    assert all(kv.g_ref[b] == 1 and not kv.g_evictable[b] for b in pinned)
-    with pytest.raises(AssertionError, match="in flight"):
+    assert all(kv.gpu.users[b] == 1 and b not in kv.gpu.idle() for b in pinned)
+    with pytest.raises(CacheIntegrityError, match="in flight"):
         kv.check_integrity()
     kv.swap_outs_done(1)
-    assert all(kv.g_evictable[b] for b in pinned)
+    assert all(b in kv.gpu.idle() for b in pinned)
     kv.check_integrity()
 
 

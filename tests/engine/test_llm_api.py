@@ -99,11 +99,11 @@ def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(checkpoint, mon
     real = runner.launch
     calls = {"n": 0}
 
-    def flaky(plan, input_ids=None):
+    def flaky(step, sample=None, input_ids=None):
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("injected device fault")
-        return real(plan, input_ids)
+        return real(step, sample, input_ids)
 
     monkeypatch.setattr(runner, "launch", flaky)
     params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)

@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from pensieve.model.metadata import AttentionMetadata
+from pensieve.kernels.metadata import AttentionMetadata
 
 
 # The tests build inputs on the CPU. Without a GPU the kernels run there under TRITON_INTERPRET=1;

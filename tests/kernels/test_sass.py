@@ -26,7 +26,7 @@ def sass(*args: str) -> dict:
 
 def test_prefill_tile_costs_what_a_dense_kernel_tile_costs() -> None:
     """The new-token loop of a prefill (its hot loop) does the dense flash-attention tile's math with
-    at most 5% more instructions: per-tile 64-bit address arithmetic once made it 11% more (stop 15).
+    at most 5% more instructions (per-tile 64-bit address arithmetic makes it 11% more).
     Its launch keeps two programs per SM (<= 128 registers, <= 114 KB of shared memory)."""
     kernels = sass()
     paged_n, paged_ops = kernels["paged prefill"]["loops"][0]

@@ -6,7 +6,7 @@ import random
 import torch
 
 from pensieve.model.loader import model_kv_spec
-from pensieve.model.metadata import AttentionMetadata
+from pensieve.kernels.metadata import AttentionMetadata
 
 
 class PagedSeqs:

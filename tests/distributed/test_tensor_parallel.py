@@ -1,0 +1,122 @@
+"""Tensor parallelism: on the CPU the ranks are processes talking over gloo, as NCCL ranks do on GPUs.
+
+Greedy tokens under TP equal TP=1's token for token (float32), with the sampled tokens' logprobs within
+a tolerance (the all-reduce sums in another order); the two-tier cache under TP, with pools small enough
+to force swaps and drops, equals stateless serving; a rank that dies ends the engine with an error
+naming it, never a hang. With PENSIEVE_TEST_DEVICE=cuda the same tests run on GPUs (NCCL, CUDA graphs
+with the all-reduce captured, the copy streams of every rank); a test needing more GPUs than visible
+is skipped.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from pensieve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from pensieve.distributed.executor import RankFailure
+from pensieve.engine.llm_engine import LLMEngine
+from pensieve.sampling_params import SamplingParams
+from tests.engine.workload import converse, run_all
+
+LOGPROB_TOL = 1e-4
+DEVICE = os.environ.get("PENSIEVE_TEST_DEVICE", "cpu")
+
+
+def make_engine(path, tp: int, mode: str = "stateless", gpu: int = 256, cpu: int = 0, **kw) -> LLMEngine:
+    if DEVICE == "cuda" and torch.cuda.device_count() < tp:
+        pytest.skip(f"needs {tp} GPUs")
+    return LLMEngine(EngineConfig(
+        model=ModelConfig(model=str(path), max_model_len=256),
+        cache=CacheConfig(block_size=4, cache_mode=mode, num_gpu_blocks=gpu, num_cpu_blocks=cpu,
+                          swap_out_watermark=0.5),
+        scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=48),
+        device=DEVICE, enforce_eager=DEVICE == "cpu", tensor_parallel_size=tp, **kw))
+
+
+def reference(path) -> tuple[dict, dict]:
+    engine = make_engine(path, 1)
+    logprobs: dict = {}
+    return converse(engine, num_convs=4, num_turns=3, logprobs=logprobs), logprobs
+
+
+def check_equal(got, got_lp, want, want_lp) -> None:
+    for key, (tokens, _) in want.items():
+        assert got[key][0] == tokens, f"diverged at {key}"
+        worst = max(abs(a - b) for a, b in zip(got_lp[key], want_lp[key]))
+        assert worst < LOGPROB_TOL, f"logprobs at {key} differ by {worst}"
+
+
+# Every architecture family and its sharding corners: GQA with KV heads split (llama), one KV head
+# replicated on every rank (mistral), per-head q/k norms (qwen3), tied embeddings with biases on every
+# projection (row-parallel biases added once), OPT's learned positions, post-norm and projections.
+@pytest.mark.parametrize("variant", ["llama", "mistral", "qwen3", "llama-tied-mha-bias", "opt-postnorm-proj"])
+def test_two_ranks_tiered_equal_one_rank_stateless(tiny_checkpoint, variant):
+    path = tiny_checkpoint(variant)
+    want, want_lp = reference(path)
+    # tiered with tight pools (swaps, drops, deferred swap-ins) and async scheduling (token ids sampled on
+    # rank 0's device reach the other rank by a broadcast)
+    engine = make_engine(path, 2, "tiered", gpu=24, cpu=12, async_scheduling=True)
+    try:
+        got_lp: dict = {}
+        got = converse(engine, num_convs=4, num_turns=3, logprobs=got_lp)
+        check_equal(got, got_lp, want, want_lp)
+        s = engine.stats()
+        assert s.swapped_in_blocks > 0 and s.dropped_blocks > 0 and s.steps_overlapped > 0
+        assert s.rank_messages > 0 and s.rank_message_seconds > 0
+        if DEVICE == "cuda":   # decode steps replayed CUDA graphs with the all-reduces inside
+            assert s.steps_graph > 0
+        engine.check_integrity()
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("variant", ["llama", "opt"])
+def test_four_ranks_equal_one_rank(tiny_checkpoint, variant):
+    """Four ranks: llama's two KV heads are each replicated on two ranks; OPT keeps one head per rank."""
+    path = tiny_checkpoint(variant)
+    want, want_lp = reference(path)
+    engine = make_engine(path, 4, "tiered", gpu=24, cpu=12)
+    try:
+        got_lp: dict = {}
+        check_equal(converse(engine, num_convs=4, num_turns=3, logprobs=got_lp), got_lp, want, want_lp)
+    finally:
+        engine.shutdown()
+    assert all(not p.is_alive() for p in engine.executor.rank_processes)
+
+
+def test_a_killed_rank_ends_the_engine_with_an_error_naming_it(tiny_checkpoint):
+    engine = make_engine(tiny_checkpoint("llama"), 2)
+    try:
+        engine.add_request("long", list(range(10, 40)), SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
+        for _ in range(3):
+            engine.step()
+        [worker] = engine.executor.rank_processes
+        os.kill(worker.pid, signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(RankFailure, match="rank 1 exited with code -9"):
+            for _ in range(1000):
+                engine.step()
+        assert time.monotonic() - start < 30
+        with pytest.raises(RankFailure):   # and it stays failed: no step pretends to work
+            engine.step()
+    finally:
+        engine.shutdown()
+
+
+def test_a_rank_that_cannot_start_fails_the_engine_at_once(tiny_checkpoint):
+    """A shape that cannot be sharded (4 heads over 3 ranks) is refused with the reason, all ranks torn down."""
+    with pytest.raises(ValueError, match="not divisible by the tensor-parallel size 3"):
+        make_engine(tiny_checkpoint("llama"), 3)
+
+
+def test_one_rank_has_no_other_process_and_no_group(tiny_checkpoint):
+    import torch.distributed as dist
+
+    engine = make_engine(tiny_checkpoint("llama"), 1)
+    assert engine.executor is engine.runner and not dist.is_initialized()
+    engine.add_request("a", [5, 6, 7], SamplingParams(temperature=0, max_tokens=2))
+    assert run_all(engine)["a"].finished

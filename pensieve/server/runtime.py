@@ -51,13 +51,12 @@ class Drain:
     def __init__(self) -> None:
         self.draining = False
         self.expired = False
-        self._timer: asyncio.TimerHandle | None = None
 
     def begin(self, grace_s: float, in_flight: dict[str, EngineCall]) -> None:
         if self.draining:
             return
         self.draining = True
-        self._timer = asyncio.get_running_loop().call_later(grace_s, self.expire, in_flight)
+        asyncio.get_running_loop().call_later(grace_s, self.expire, in_flight)
 
     def expire(self, in_flight: dict[str, EngineCall]) -> None:
         self.expired = True

@@ -97,22 +97,24 @@ def _strict_json(text: str) -> Any:
 
 
 def test_logprobs_are_always_finite(http: httpx.Client) -> None:
-    """A finite but extreme repetition penalty turns logits into inf and the distribution into NaN:
-    the reply still carries finite logprobs (vLLM's -9999.0 for -inf) and valid JSON."""
+    """Finite but extreme values (a repetition penalty of 1e-38 at temperature 1e-4) make the logits
+    inf and every logprob NaN: the reply still carries finite logprobs (vLLM's -9999.0 for -inf) and
+    valid JSON."""
     body = {"model": "demo", "messages": _msg("say say say say"), "max_tokens": 3, "repetition_penalty": 1e-38,
-            "logprobs": True, "top_logprobs": 3, "temperature": 1.0}
+            "logprobs": True, "top_logprobs": 3, "temperature": 1e-4}
     whole = http.post(CHAT, json=body)
     assert whole.status_code == 200, whole.text
     content = _strict_json(whole.text)["choices"][0]["logprobs"]["content"]
     values = [c["logprob"] for c in content] + [t["logprob"] for c in content for t in c["top_logprobs"]]
     assert values and all(math.isfinite(v) and v <= 0 for v in values)
+    assert -9999.0 in values                                       # the NaNs, floored
     with http.stream("POST", CHAT, json={**body, "stream": True}) as resp:
         events = [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     chunks = [_strict_json(e) for e in events[:-1]]
     assert all("error" not in c for c in chunks)
     comp = http.post(COMPLETIONS, json={"model": "demo", "prompt": "say say say", "max_tokens": 3, "logprobs": 2,
-                                        "repetition_penalty": 1e-38})
+                                        "repetition_penalty": 1e-38, "temperature": 1e-4})
     assert comp.status_code == 200 and _strict_json(comp.text)["choices"][0]["logprobs"]["token_logprobs"]
 
 

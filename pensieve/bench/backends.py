@@ -185,7 +185,7 @@ class EngineBackend(Backend):
             # the first token and the end are all the records need: no per-token wake-ups of this
             # process's event loop, which shares the GIL with the engine thread it measures
             async for out in self.engine.generate(req.request_id, list(req.prompt_token_ids), params,
-                                                  conversation_id=req.conversation_id, every_step=False):
+                                                  conversation_id=req.conversation_id, stream=False):
                 if res.first_token_time is None and out.outputs and out.outputs[0].token_ids:
                     res.first_token_time = _now()
                 last = out

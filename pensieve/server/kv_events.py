@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pensieve.cache.block_keys import BlockKey, block_keys
+from pensieve.cache.block_keys import BlockKey, block_keys, salt_root
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +59,11 @@ class BlockLedger:
         self.announced: dict[str, set[BlockKey]] = {GPU: set(), CPU: set()}
         self._fresh: set[BlockKey] = set()   # learned since the last diff: kept one diff even if not cached yet
 
-    def learn(self, token_ids: Sequence[int]) -> None:
-        """Record the blocks of a finished request's tokens (prompt and reply)."""
+    def learn(self, token_ids: Sequence[int], cache_salt: str | None = None) -> None:
+        """Record the blocks of a finished request's tokens (prompt and reply), keyed as the engine keyed
+        them (under the request's cache salt)."""
         bs = self.block_size
-        keys = block_keys(list(token_ids), bs)
+        keys = block_keys(list(token_ids), bs, salt_root(cache_salt))
         parent: BlockKey | None = None
         for i, key in enumerate(keys):
             if key not in self.known:
@@ -129,9 +130,9 @@ class KVEventPublisher:
         self._task: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
 
-    def learn(self, token_ids: Sequence[int]) -> None:
+    def learn(self, token_ids: Sequence[int], cache_salt: str | None = None) -> None:
         """A finished request's tokens; its blocks are announced at once (the client's next turn follows soon)."""
-        self.ledger.learn(token_ids)
+        self.ledger.learn(token_ids, cache_salt)
         if self._wake is not None:
             self._wake.set()
 

@@ -1,7 +1,8 @@
 """The Responses API (stateful turns) and conversation deletion.
 
 A follow-up turn (`previous_response_id`) appends the new turn's tokens to the previous response's
-stored token ids, so the engine finds the whole history in its cache (DESIGN.md §4 items 2 and 10).
+stored token ids, so the engine finds the whole history in its cache: no re-tokenized history, and
+no template that rewrites earlier turns can break the match.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from pensieve.server.errors import APIError, error_body
 from pensieve.server.formatting import responses_usage, sse
 from pensieve.server.prompts import append_turn_ids, chat_prompt_ids, resolve_max_tokens
 from pensieve.server.protocol import ResponsesRequest
-from pensieve.server.runtime import (EngineCall, EventStream, acquire_conversation, authenticate, check_capacity,
+from pensieve.server.runtime import (EngineCall, EventStream, acquire_conversation, authenticate, cache_salt_for,
                                      check_model, get_state, run_to_end)
 
 router = APIRouter()
@@ -70,7 +71,7 @@ def _new_messages(body: ResponsesRequest) -> list[dict[str, str]]:
 async def create_response(body: ResponsesRequest, request: Request, owner: Owner = Depends(authenticate)) -> Response:
     state = get_state(request)
     check_model(state, body.model)
-    tokenizer = state.engine.tokenizer
+    tokenizer, context = state.engine.tokenizer, state.engine.max_model_len
     new_messages = _new_messages(body)
     if body.previous_response_id is not None:
         prev = state.responses.get(body.previous_response_id, owner)
@@ -79,17 +80,16 @@ async def create_response(body: ResponsesRequest, request: Request, owner: Owner
                 404, f"Response '{body.previous_response_id}' not found", param="previous_response_id",
                 code="response_not_found"))
         history, conv_name = prev.messages, prev.conversation_id
-        prompt_ids = append_turn_ids(tokenizer, history, prev.token_ids, prev.token_ids[prev.reply_start:],
-                                     new_messages)
+        prompt_ids = await state.off_loop(append_turn_ids, tokenizer, history, prev.token_ids,
+                                          prev.token_ids[prev.reply_start:], new_messages, context)
     else:
         history, conv_name = [], new_id("conv")
-        prompt_ids = chat_prompt_ids(tokenizer, new_messages)
-    check_capacity(state)
+        prompt_ids = await state.off_loop(chat_prompt_ids, tokenizer, new_messages, context)
     max_tokens = resolve_max_tokens(len(prompt_ids), body.max_output_tokens, state.engine.max_model_len,
                                     "max_output_tokens")
     given = {k: v for k, v in (("temperature", body.temperature), ("top_p", body.top_p)) if v is not None}
     try:
-        params = SamplingParams(max_tokens=max_tokens, **given)
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=body.ignore_eos, **given)
     except ValueError as exc:
         raise APIError(400, str(exc), code="invalid_value") from exc
 
@@ -99,13 +99,14 @@ async def create_response(body: ResponsesRequest, request: Request, owner: Owner
               "store": body.store, "temperature": body.temperature, "top_p": body.top_p,
               "max_output_tokens": body.max_output_tokens}
 
-    def finish(out: RequestOutput) -> StoredResponse:
+    def finish(out: RequestOutput, text: str, ids: list[int]) -> StoredResponse:
+        """`out` is the final output; `text` and `ids` are the whole reply."""
         comp = out.outputs[0]
         stored = StoredResponse(
             id=response_id, owner=owner, conversation_id=conv_name, created_at=int(time.time()), model=body.model,
-            messages=history + new_messages + [{"role": "assistant", "content": comp.text}],
-            token_ids=list(out.prompt_token_ids) + list(comp.token_ids), reply_start=len(out.prompt_token_ids),
-            output_text=comp.text, finish_reason=comp.finish_reason or "stop", usage=responses_usage(out),
+            messages=history + new_messages + [{"role": "assistant", "content": text}],
+            token_ids=list(out.prompt_token_ids) + ids, reply_start=len(out.prompt_token_ids),
+            output_text=text, finish_reason=comp.finish_reason or "stop", usage=responses_usage(out, len(ids)),
             request=echoed)
         if body.store and comp.finish_reason != "abort":
             state.responses.put(stored)
@@ -114,6 +115,7 @@ async def create_response(body: ResponsesRequest, request: Request, owner: Owner
     # A chain's turns share one engine conversation; an unstored first turn needs none.
     conv = acquire_conversation(state, owner, conv_name) if body.store or history else None
     engine_conv = conv.engine_id if conv else None
+    salt = cache_salt_for(owner, body.cache_salt)
 
     async def release() -> None:
         if conv is not None:
@@ -121,11 +123,13 @@ async def create_response(body: ResponsesRequest, request: Request, owner: Owner
 
     if not body.stream:
         try:
-            async with EngineCall(state, response_id, prompt_ids, params, engine_conv) as call:
+            async with EngineCall(state, response_id, prompt_ids, params, engine_conv, stream=False,
+                                  cache_salt=salt) as call:
                 out = await run_to_end(call, request)
         finally:
             await release()
-        return JSONResponse(response_object(finish(out)))
+        comp = out.outputs[0]
+        return JSONResponse(response_object(finish(out, comp.text, list(comp.token_ids))))
 
     async def events() -> AsyncIterator[str]:
         seq = iter(range(1 << 62))
@@ -139,22 +143,30 @@ async def create_response(body: ResponsesRequest, request: Request, owner: Owner
         part = {"type": "output_text", "text": "", "annotations": []}
         yield sse({"type": "response.content_part.added", "sequence_number": next(seq), **where, "part": part},
                   "response.content_part.added")
-        sent, final = "", None
+        texts: list[str] = []
+        ids: list[int] = []
+        final = None
         try:
-            async with EngineCall(state, response_id, prompt_ids, params, engine_conv) as call:
-                async for out in call:
-                    final, text = out, out.outputs[0].text
-                    if len(text) > len(sent):
+            async with EngineCall(state, response_id, prompt_ids, params, engine_conv, stream=True,
+                                  cache_salt=salt) as call:
+                async for out in call:   # each output carries only what is new
+                    final, comp = out, out.outputs[0]
+                    ids += comp.token_ids
+                    if comp.text:
+                        texts.append(comp.text)
                         yield sse({"type": "response.output_text.delta", "sequence_number": next(seq), **where,
-                                   "delta": text[len(sent):], "logprobs": []}, "response.output_text.delta")
-                        sent = text
+                                   "delta": comp.text, "logprobs": []}, "response.output_text.delta")
         except Exception as exc:  # headers are sent: report in-band rather than cut the connection
-            status = 400 if isinstance(exc, ValueError) else 500
-            yield sse({"type": "error", "sequence_number": next(seq), **error_body(status, str(exc))["error"]}, "error")
+            if isinstance(exc, APIError):   # the shutdown grace ran out (503), ...
+                err = error_body(exc.status, exc.message, exc.param, exc.code)
+            else:
+                err = error_body(400 if isinstance(exc, ValueError) else 500, str(exc))
+            yield sse({"type": "error", "sequence_number": next(seq), **err["error"]}, "error")
             return
         if final is None:
             return
-        stored = finish(final)
+        sent = "".join(texts)
+        stored = finish(final, sent, ids)
         yield sse({"type": "response.output_text.done", "sequence_number": next(seq), **where, "text": sent,
                    "logprobs": []}, "response.output_text.done")
         yield sse({"type": "response.content_part.done", "sequence_number": next(seq), **where,

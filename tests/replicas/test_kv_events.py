@@ -2,6 +2,7 @@
 a real replica's events on a ZMQ socket, and vllm-router's kv_aware policy routing by them."""
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -10,8 +11,9 @@ import msgpack
 import pytest
 import zmq
 
-from pensieve.cache.block_keys import block_keys
+from pensieve.cache.block_keys import block_keys, salt_root
 from pensieve.server.kv_events import CPU, GPU, BlockLedger, block_hash
+from pensieve.server.runtime import cache_salt_for
 from tests.replicas.conftest import BLOCK, replicas, router
 
 TOKENS = list(range(100, 100 + 4 * BLOCK + 5))   # 4 full blocks and a partial one
@@ -78,6 +80,23 @@ def test_replica_publishes_its_cache(demo_weights: tuple) -> None:
         assert [e["block_hashes"] for e in stored] == [[block_hash(k)] for k in block_keys(ids, BLOCK)[:len(stored)]]
         gpu, cpu = rep.engine.cached_block_keys()
         assert {block_hash(k) for k in gpu} >= {e["block_hashes"][0] for e in stored}
+        # a streamed request (its outputs are deltas) under a cache salt (a salted chain of keys)
+        messages = [{"role": "user", "content": "four five six " * 10}]
+        prompt = httpx.post(rep.url + "/tokenize", json={"messages": messages}, timeout=30).json()["tokens"]
+        generated: list[int] = []
+        with httpx.stream("POST", rep.url + "/v1/chat/completions", timeout=60, json={
+                "model": "demo", "messages": messages, "max_tokens": BLOCK + 2, "stream": True, "ignore_eos": True,
+                "return_token_ids": True, "cache_salt": "tenant-x"}) as resp:
+            for line in resp.iter_lines():
+                if line.startswith("data: {"):
+                    for choice in json.loads(line[6:])["choices"]:
+                        generated += choice.get("token_ids") or []
+        assert len(generated) == BLOCK + 2
+        keys = block_keys(prompt + generated, BLOCK, salt_root(cache_salt_for(None, "tenant-x")))
+        salted = [e for e in _receive(sub, time.monotonic() + 2.0) if e["type"] == "BlockStored"]
+        announced = {e["block_hashes"][0] for e in salted}
+        assert {block_hash(k) for k in keys[:(len(prompt) + len(generated) - 1) // BLOCK]} <= announced
+        assert announced <= {block_hash(k) for k in rep.engine.cached_block_keys()[0]}
         sub.close(0)
 
 

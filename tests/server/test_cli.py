@@ -64,10 +64,10 @@ def test_chat_in_process_eof_quits() -> None:
     assert counts[1][0] >= 16 and counts[1][0] < counts[1][1]
 
 
-@pytest.mark.parametrize("engine_flags", [[], ["--engine-process"]], ids=["engine-thread", "engine-process"])
-def test_serve_then_sigint_with_a_stream_in_flight(engine_flags: list[str]) -> None:
+def test_serve_then_sigint_with_a_stream_in_flight() -> None:
+    """Ctrl-C; SIGTERM, with both engines and every kind of request, is test_shutdown.py's."""
     port = free_port()
-    proc = subprocess.Popen(CLI + ["serve", *SMALL_ENGINE, *engine_flags, "--port", str(port),
+    proc = subprocess.Popen(CLI + ["serve", *SMALL_ENGINE, "--port", str(port),
                                    "--shutdown-timeout", "1", "--log-level", "warning"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PENSIEVE_API_KEY": "env-key"})
@@ -105,3 +105,23 @@ def test_serve_then_sigint_with_a_stream_in_flight(engine_flags: list[str]) -> N
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_serve_refuses_an_unusable_kv_cache_in_one_line(tmp_path) -> None:
+    """An unwritable --kv-cache-path (found at start, not at shutdown), and with --kv-cache-strict a
+    damaged save: one line on stderr and exit status 1, never a traceback."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("in the way")
+    damaged = tmp_path / "kv"
+    damaged.mkdir()
+    (damaged / "CURRENT").write_text("save-0123456789abcdef\n")   # names a save that is not there
+    cases = [(["--kv-cache-path", str(blocker)], "not writable"),
+             (["--kv-cache-path", str(damaged), "--kv-cache-strict"], "index.json is missing")]
+    for flags, says in cases:
+        proc = subprocess.run(CLI + ["serve", *SMALL_ENGINE, "--port", str(free_port()), "--log-level", "warning",
+                                     *flags], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PENSIEVE_API_KEY": ""})
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-2000:]
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("pensieve serve: error:")]
+        assert len(errors) == 1 and says in errors[0], proc.stderr[-2000:]

@@ -41,7 +41,7 @@ import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -143,18 +143,9 @@ def read_shard(path: Path, keys: list[BlockKey], checksums: list[int], record_by
 
 
 # ------------------------------------------------------------------ manifest level
-def _one_process(tp_size: int) -> None:
-    # Under tensor parallelism every rank must write (and verify) its own shard: the engine has to
-    # call the shard functions on each rank; these single-process functions would store rank 0's heads only.
-    if tp_size != 1:
-        raise CacheError(f"saving and loading the KV cache under tensor parallelism ({tp_size} ranks) needs "
-                         "every rank's shard, which is not wired yet; run without --kv-cache-path")
-
-
-def check_path(path: str | Path, tp_size: int = 1) -> None:
-    """At start: the directory exists (created if not) and takes a file, and the engine's layout can be
-    saved; CacheError otherwise, so it is found now rather than at shutdown, with the cache lost."""
-    _one_process(tp_size)
+def check_path(path: str | Path) -> None:
+    """At start: the directory exists (created if not) and takes a file; CacheError otherwise, so it is
+    found now rather than at shutdown, with the cache lost."""
     root = Path(path)
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -213,28 +204,44 @@ def commit_save(root: Path, work: Path) -> Path:
     return final
 
 
-def save_cache(kv: KVCacheManager, gpu_tier: torch.Tensor, cpu_tier: torch.Tensor, path: str | Path,
-               fingerprint: str, now: float, tp_size: int = 1) -> int:
+class ShardIO(Protocol):
+    """Every rank's side of a save: the engine's executor runs each call on all ranks, each on its own
+    KV heads, and returns what rank 0 needs (cache/persist.py's shard level does the bytes)."""
+    tp_size: int
+
+    def write_kv_shards(self, directory: Path, blocks: list[tuple[BlockKey, str, int]]) -> list[list[int]]:
+        """Each rank writes its bytes of (key, tier, block) in order; every rank's checksums, by rank."""
+
+    def verify_kv_shards(self, directory: Path, keys: list[BlockKey], checksums: list[list[int]]) -> set[int]:
+        """The union over ranks of the blocks that fail their checksum."""
+
+    def read_kv_shards(self, directory: Path, keys: list[BlockKey], checksums: list[list[int]], tier: str,
+                       placements: list[tuple[int, int]]) -> None:
+        """Each rank copies its bytes of saved block i into its block b of `tier`, for each (i, b)."""
+
+    def kv_block_layout(self) -> tuple[list[int], torch.dtype]:
+        """One rank's block shape [layers, 2, block_size, kv_heads, head_dim] and dtype."""
+
+
+def save_cache(kv: KVCacheManager, shards: ShardIO, path: str | Path, fingerprint: str, now: float) -> int:
     """Writes every cached block (CPU copies preferred, else the GPU's) and the conversations as a new
     save; returns the number of blocks. On any failure the new save is removed, the previous one stays
     current, and CacheError says why."""
-    _one_process(tp_size)
     root = Path(path)
     work: Path | None = None
     try:
         work = begin_save(root)
         entries = kv.cached_blocks()
-        checksums = write_shard(work / shard_name(0), ((key, (cpu_tier if tier == "cpu" else gpu_tier)[:, block])
-                                                       for key, tier, block, _, _ in entries))
+        checksums = shards.write_kv_shards(work, [(key, tier, block) for key, tier, block, _, _ in entries])
+        shape, dtype = shards.kv_block_layout()
         write_manifest(work, dict(
-            format=FORMAT, fingerprint=fingerprint, tp_size=1, dtype=str(gpu_tier.dtype),
-            block_shape=[gpu_tier.shape[0], *gpu_tier.shape[2:]], keys=[e[0].hex() for e in entries],
-            positions=[e[3] for e in entries], idle_seconds=[max(0.0, now - e[4]) for e in entries],
-            checksums=[checksums],
+            format=FORMAT, fingerprint=fingerprint, tp_size=shards.tp_size, dtype=str(dtype), block_shape=shape,
+            keys=[e[0].hex() for e in entries], positions=[e[3] for e in entries],
+            idle_seconds=[max(0.0, now - e[4]) for e in entries], checksums=checksums,
             conversations={cid: {"keys": [k.hex() for k in c.keys], "tokens": c.tokens}
                            for cid, c in kv.conversations.items()}))
         commit_save(root, work)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, CacheError) as exc:
         if work is not None and work.exists():
             shutil.rmtree(work, ignore_errors=True)
         raise CacheError(f"could not save the KV cache to {root}: {exc}; the previous save is kept") from exc
@@ -304,8 +311,7 @@ def adopt(kv: KVCacheManager, manifest: dict[str, Any], keys: list[BlockKey], ba
     return placements, skipped
 
 
-def load_cache(kv: KVCacheManager, gpu_tier: torch.Tensor, cpu_tier: torch.Tensor, path: str | Path,
-               fingerprint: str, now: float, tp_size: int = 1) -> LoadReport:
+def load_cache(kv: KVCacheManager, shards: ShardIO, path: str | Path, fingerprint: str, now: float) -> LoadReport:
     """Brings the current save back (into the CPU tier, or the GPU's when there is none). CacheError
     when it cannot be used; `kv` may then hold adopted blocks whose bytes were not copied, so the
     caller starts from an empty manager."""
@@ -314,16 +320,14 @@ def load_cache(kv: KVCacheManager, gpu_tier: torch.Tensor, cpu_tier: torch.Tenso
         return LoadReport(0, 0, 0)
     directory, manifest = opened
     try:
-        check_layout(manifest, fingerprint, tp_size, [gpu_tier.shape[0], *gpu_tier.shape[2:]], gpu_tier.dtype)
-        _one_process(tp_size)
+        shape, dtype = shards.kv_block_layout()
+        check_layout(manifest, fingerprint, shards.tp_size, shape, dtype)
         keys = [bytes.fromhex(k) for k in manifest["keys"]]
-        checksums = manifest["checksums"][0]
-        record = gpu_tier[:, 0].numel() * gpu_tier.element_size()
-        shard = directory / shard_name(0)
-        bad = verify_shard(shard, keys, checksums, record)
-        target, tier = (cpu_tier, "cpu") if kv.num_cpu_blocks > 0 else (gpu_tier, "gpu")
+        checksums = manifest["checksums"]
+        bad = shards.verify_kv_shards(directory, keys, checksums)
+        tier = "cpu" if kv.num_cpu_blocks > 0 else "gpu"
         placements, skipped = adopt(kv, manifest, keys, bad, tier, now)
-        read_shard(shard, keys, checksums, record, target, placements)
+        shards.read_kv_shards(directory, keys, checksums, tier, placements)
         for cid, conv in manifest["conversations"].items():
             kv.record_conversation(cid, [bytes.fromhex(k) for k in conv["keys"]], conv["tokens"])
     except CacheError as exc:
@@ -331,6 +335,11 @@ def load_cache(kv: KVCacheManager, gpu_tier: torch.Tensor, cpu_tier: torch.Tenso
     except (OSError, KeyError, TypeError, ValueError) as exc:
         raise CacheError(f"{directory} is damaged: {type(exc).__name__}: {exc}") from None
     return LoadReport(len(placements), len(bad), skipped)
+
+
+def block_record_bytes(tier: torch.Tensor) -> int:
+    """Bytes of one saved block of a tier [layers, blocks, 2, block_size, kv_heads, head_dim]."""
+    return tier[:, 0].numel() * tier.element_size()
 
 
 def _to_bytes(t: torch.Tensor) -> bytes:

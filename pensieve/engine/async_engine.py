@@ -66,6 +66,11 @@ class AsyncEngine:
             if error is not None:
                 for rid in in_flight:
                     self._streams.fail(rid, RuntimeError(error))
+                if self.engine.failure is not None:   # no rank group to step on: the engine is over
+                    log.error("the engine stopped: %s", self.engine.failure)
+                    self._running = False
+                    self._streams.fail_all(RuntimeError(f"the engine stopped: {self.engine.failure}"))
+                    self.engine.shutdown()
                 continue
             self._stats = self.engine.stats()  # before the outputs: a caller that saw its last token sees this step
             self._streams.deliver(outputs)

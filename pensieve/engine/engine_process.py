@@ -28,6 +28,7 @@ from typing import Any, Union
 from transformers import AutoTokenizer
 
 from pensieve.config import EngineConfig
+from pensieve.distributed.worker import die_with_parent
 from pensieve.engine.llm_engine import EngineStats, LLMEngine
 from pensieve.engine.outputs import RequestOutput
 from pensieve.engine.streams import OutputStreams
@@ -129,8 +130,9 @@ Result = Union[Ready, StartFailed, StepOutputs, RequestFailed, StepFailed, Reply
 # ------------------------------------------------------------------ the child process
 def _engine_main(config: EngineConfig, commands: Connection, results: Connection, log_level: int) -> None:
     # Ctrl-C reaches the whole process group: the server shuts the engine down in order (in-flight
-    # requests aborted, the cache saved), so the engine itself ignores it.
+    # requests aborted, the cache saved), so the engine itself ignores it. Killed with the server.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent()
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [engine]: %(message)s")
     try:
         engine = LLMEngine(config)
@@ -181,6 +183,10 @@ class _EngineLoop:
             if error is not None:
                 self.send(StepFailed(sorted(self.live), error))
                 self.live.clear()
+                if self.engine.failure is not None:   # a rank died: this process ends, the server sees it
+                    log.error("the engine stopped: %s", self.engine.failure)
+                    self.engine.shutdown()
+                    return
                 continue
             self.live.difference_update(o.request_id for o in outputs if o.finished)
             self.send(StepOutputs(outputs, self.engine.stats()))
@@ -235,8 +241,11 @@ class EngineProcess:
         ctx = mp.get_context("spawn")
         cmd_recv, self._cmd_send = ctx.Pipe(duplex=False)
         self._res_recv, res_send = ctx.Pipe(duplex=False)
+        # a daemonic process may not start children: with tensor parallelism this one starts the other
+        # ranks, and dies with the server all the same (die_with_parent)
         self._proc = ctx.Process(target=_engine_main, name="pensieve-engine",
-                                 args=(config, cmd_recv, res_send, logging.getLogger().level), daemon=True)
+                                 args=(config, cmd_recv, res_send, logging.getLogger().level),
+                                 daemon=config.tensor_parallel_size == 1)
         self._proc.start()
         cmd_recv.close()
         res_send.close()

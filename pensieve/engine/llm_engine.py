@@ -117,7 +117,7 @@ class LLMEngine:
         if config.cache.persist_path is not None:   # found now, not at shutdown with the cache lost
             from pensieve.cache.persist import check_path
 
-            check_path(config.cache.persist_path, config.tensor_parallel_size)
+            check_path(config.cache.persist_path)
         mc = config.model
         torch.manual_seed(mc.seed)
         hf_config = preloaded[1] if preloaded else load_config(resolve_model_path(mc.model))
@@ -385,16 +385,14 @@ class LLMEngine:
         from pensieve.cache.persist import save_cache
 
         self.flush_transfers()
-        return save_cache(self.kv, self.runner.gpu_tier, self.runner.cpu_tier, path, self._fingerprint(),
-                          self.kv.clock(), self.config.tensor_parallel_size)
+        return save_cache(self.kv, self.executor, path, self._fingerprint(), self.kv.clock())
 
     def load_cache(self, path: str):
         """Bring back a cache saved by an engine of the same model, dtype and block size; returns a
         persist.LoadReport, raises persist.CacheError when the save cannot be used."""
         from pensieve.cache.persist import load_cache
 
-        return load_cache(self.kv, self.runner.gpu_tier, self.runner.cpu_tier, path, self._fingerprint(),
-                          self.kv.clock(), self.config.tensor_parallel_size)
+        return load_cache(self.kv, self.executor, path, self._fingerprint(), self.kv.clock())
 
     def _restore_cache(self, path: str) -> None:
         """At start: load the save at `path`. One that cannot be used is logged in one line and the
@@ -444,18 +442,32 @@ class LLMEngine:
             return self.step(), None
         except Exception as exc:
             log.exception("engine step failed")
-            # a step launched before the failure may still write its requests' blocks: let it land
-            # before they are freed (and reused by copies on the other streams)
-            if self.device.type == "cuda":
+            if self.failure is not None:
+                # a tensor-parallel rank is gone: nothing more runs on the devices (a sync could wait
+                # forever on its collectives); free the requests' blocks and stop
+                self._inflight = None
+            elif self.device.type == "cuda":
+                # a step launched before the failure may still write its requests' blocks: let it land
+                # before they are freed (and reused by copies on the other streams)
                 torch.cuda.synchronize(self.device)
             for rid in in_flight:
                 self.abort_request(rid)
             return [], f"engine step failed: {exc}"
 
+    @property
+    def failure(self) -> str | None:
+        """Why this engine can step no more (a tensor-parallel rank died), or None while it can."""
+        return self.executor.failure
+
     def close(self, in_flight: Iterable[str]) -> tuple[list[RequestOutput], int | None]:
         """Shutdown: abort `in_flight` (their final outputs are returned for their callers) and, with a
         persist_path, save the cache there, since it outlives the process. Returns the outputs and the
         number of blocks saved (None: not saved)."""
+        if self.failure is not None:   # nothing can be read back or saved from a group with a dead rank
+            self._inflight = None
+            outputs = [out for rid in in_flight if (out := self.abort_request(rid)) is not None]
+            self.shutdown()
+            return outputs, None
         outputs = self._resolve(self._inflight) if self._inflight is not None else []
         self._inflight = None
         outputs += [out for rid in in_flight if (out := self.abort_request(rid)) is not None]

@@ -361,13 +361,3 @@ def test_async_engine_saves_at_shutdown_and_loads_at_start(checkpoints, tmp_path
     with pytest.raises(Exception) as refused:   # the process engine's start failure names the cause
         make(strict)
     assert isinstance(refused.value, CacheError) or isinstance(refused.value.__cause__, CacheError)
-
-
-def test_tensor_parallel_engines_refuse_a_cache_path_until_every_rank_saves(checkpoints, tmp_path):
-    """Under tensor parallelism each rank holds its own KV heads; saving rank 0's alone would serve
-    wrong KV on the others after a restart, so the start refuses it (before any rank starts)."""
-    ckpt, _ = checkpoints
-    config = EngineConfig(model=ModelConfig(model=str(ckpt), max_model_len=256), tensor_parallel_size=2,
-                          cache=CacheConfig(block_size=BS, persist_path=str(tmp_path / "kv")), device="cpu")
-    with pytest.raises(CacheError, match="tensor parallelism"):
-        LLMEngine(config)

@@ -126,7 +126,8 @@ def bench_decode(engine: LLMEngine, batch: int, ctx: int, weight_bytes: int, kv_
                  profile_dir: Path | None = None) -> dict:
     params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
     for i in range(batch):
-        engine.add_request(f"d{batch}-{i}", torch.randint(10, cfg.vocab_size - 10, (ctx,)).tolist(), params)
+        engine.add_request(f"d{batch}-{i}", torch.randint(10, cfg.vocab_size - 10, (ctx,)).tolist(), params,
+                           stream=True)   # an output per step, as when serving streams
     while any(s.pending and s.num_pending > 1 for s in engine.scheduler.running) or engine.scheduler.waiting:
         engine.step()  # prefill everything first
     steps = 20

@@ -5,7 +5,7 @@
         --rates 0.5,1,2,4 --duration 120 --time-scale 0.1 --out benchmarks/results/llama13b
 
 builds (once) a random-weight checkpoint of the named shape, runs every system over the rate sweep and writes
-results.json, summary.md, latency.png and command.txt. `--quick` is a CPU-sized smoke run with the demo model.
+results.json, summary.md, latency.png and command.txt. `--quick` is a CPU-sized smoke run with the tiny random Llama.
 Ablations: --systems tiered,tiered-lru,tiered-noaot,tiered-nopipe (or --eviction-policy lru, --no-aot-swap-out,
 --no-pipelined-swap-in for every tiered system). docs/BENCHMARKS.md explains each option.
 """
@@ -39,11 +39,36 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint-dir", default=None, help="where to build it (default ~/.cache/pensieve/ckpt/SHAPE)")
     g.add_argument("--checkpoint-dtype", default="bfloat16")
     g.add_argument("--time-scale", type=float, default=1.0,
-                   help="multiply the think time, --gpu-kv-gb and --kv-offloading-size by this (keeps the cache pressure of a "
-                        "shorter run; explicit --num-*-blocks are not scaled)")
+                   help="multiply the think time and the idle conversations' share of the KV budgets by this (keeps "
+                        "the cache pressure of a shorter run): --kv-offloading-size and the part of --gpu-kv-gb above "
+                        "--running-kv-gb; explicit --num-*-blocks are not scaled")
+    g.add_argument("--running-kv-gb", type=float, default=0.0,
+                   help="the GPU KV the running batch needs (GiB), kept whole by --time-scale: the running set does not "
+                        "shrink with the think time, only the idle set does (docs/BENCHMARKS.md, 'Budgets that fit')")
     g.add_argument("--quick", action="store_true", help="CPU smoke run: the tiny random Llama, 4 conversations, tiny turns")
     parser.set_defaults(systems="tiered,gpu,stateless", think_time=60.0, out=None)
     return parser
+
+
+def scaled_gpu_kv_gb(gpu_kv_gb: float, running_kv_gb: float, time_scale: float) -> float:
+    """The GPU KV budget of a run whose think time is scaled by `time_scale`: the running batch's KV does not
+    depend on the think time (Little's law: requests/s x seconds each), so it stays whole; the idle
+    conversations' share (requests/s x think time x context) scales with the think time."""
+    if not 0 <= running_kv_gb <= gpu_kv_gb:
+        raise SystemExit(f"--running-kv-gb {running_kv_gb} must be within [0, --gpu-kv-gb {gpu_kv_gb}]")
+    return running_kv_gb + time_scale * (gpu_kv_gb - running_kv_gb)
+
+
+def warn_pool_bound(results: dict) -> None:
+    """Say which points' batch the GPU pool capped: there the run measures the pool size, not the cache."""
+    for system, pts in results.get("points", {}).items():
+        for p in pts:
+            occ = p.get("occupancy") or {}
+            if occ.get("binds") == "gpu_pool":
+                print(f"[multiturn] {system} @ {p['rate']:g} conv/s (seed {p.get('seed', 0)}): the running batch "
+                      f"filled the GPU pool ({100 * occ['gpu_used_frac']['max']:.0f}% at most, "
+                      f"{100 * occ['pool_bound_share']:.0f}% of samples with requests waiting); raise --gpu-kv-gb or "
+                      "--running-kv-gb", file=sys.stderr)
 
 
 def build_checkpoint(shape: str, directory: str | None, dtype_name: str) -> str:
@@ -66,6 +91,7 @@ def build_checkpoint(shape: str, directory: str | None, dtype_name: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    t_start = time.perf_counter()
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -90,16 +116,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.kv_offloading_size is None and args.num_cpu_blocks is None:
             args.kv_offloading_size = DEFAULT_CPU_KV_GB
     scaling = {"time_scale": args.time_scale, "unscaled_think_time_s": args.think_time,
-               "unscaled_gpu_kv_gb": args.gpu_kv_gb, "unscaled_cpu_kv_gb": args.kv_offloading_size}
+               "unscaled_gpu_kv_gb": args.gpu_kv_gb, "unscaled_cpu_kv_gb": args.kv_offloading_size,
+               "running_kv_gb": args.running_kv_gb}
     if args.time_scale != 1.0:
         args.think_time *= args.time_scale
         if args.gpu_kv_gb is not None:
-            args.gpu_kv_gb *= args.time_scale
+            args.gpu_kv_gb = scaled_gpu_kv_gb(args.gpu_kv_gb, args.running_kv_gb, args.time_scale)
         if args.kv_offloading_size is not None:
             args.kv_offloading_size *= args.time_scale
+    scaling["gpu_kv_gb"], scaling["cpu_kv_gb"] = args.gpu_kv_gb, args.kv_offloading_size
     if args.out is None:
         tag = "quick" if args.quick else (args.model_shape or Path(args.model or "demo").name)
         args.out = str(Path("benchmarks/results") / f"{time.strftime('%Y%m%d-%H%M%S')}-{tag}")
+    if args.wall_budget is not None:   # the budget is the whole script's: the checkpoint build spent part of it
+        args.wall_budget -= time.perf_counter() - t_start
     extra = {"scaling": scaling, "model_shape": args.model_shape, "quick": args.quick}
     try:
         results = asyncio.run(bench_async(args, extra))
@@ -107,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"multiturn: {exc}", file=sys.stderr)
         return 2
     Path(args.out, "command.txt").write_text(" ".join(shlex.quote(a) for a in args.argv) + "\n")
+    warn_pool_bound(results)
     print(Path(args.out, "summary.md").read_text())
     return 1 if results["errors"] else 0
 

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pensieve.bench.metrics import headline  # noqa: E402
+from pensieve.bench.cli import seeded_headline  # noqa: E402
 from pensieve.bench.report import write_report  # noqa: E402
 
 
@@ -80,20 +80,21 @@ def main() -> int:
         partial = json.loads(path.read_text())
         errors.update(partial.get("errors", {}))
         for system, pts in partial["points"].items():
-            merged = {p["rate"]: p for p in points.get(system, [])}
+            merged = {(p.get("seed", 0), p["rate"]): p for p in points.get(system, [])}
             for p in pts:
                 if keep is not None and (system, None) not in keep and (system, float(p["rate"])) not in keep:
                     continue
-                if p["rate"] in merged:
-                    raise SystemExit(f"{system} @ {p['rate']} is in more than one run")
-                merged[p["rate"]] = p
+                key = (p.get("seed", 0), p["rate"])
+                if key in merged:
+                    raise SystemExit(f"{system} @ {p['rate']} (seed {key[0]}) is in more than one run")
+                merged[key] = p
             if merged:
-                points[system] = [merged[r] for r in sorted(merged)]
+                points[system] = [merged[k] for k in sorted(merged)]
     bounds = [float(b) for b in args.bounds.split(",")]
     results = {"device": device, "systems": list(points), "bounds": bounds, "points": points,
                "errors": errors, "command": command,
                "workload": {"see": "command", "rendered_from": "partial.json", "note": args.note}}
-    results.update(headline(points, bounds, x_key=args.x_axis))
+    results.update(seeded_headline(points, bounds, args.x_axis))
     paths = write_report(results, args.out)
     print("wrote", ", ".join(str(p) for p in paths.values()))
     return 0

@@ -65,18 +65,22 @@ class LocalBackend:
                              f"({self.engine.max_model_len}); start a new chat")
         params = SamplingParams(max_tokens=min(self._max_tokens, room), temperature=self._temperature)
         self._turn += 1
-        start, sent, final = time.perf_counter(), "", None
+        start, final = time.perf_counter(), None
+        reply: list[str] = []
+        reply_ids: list[int] = []
+        # each output carries only the new text and ids (a stream)
         async for out in self.engine.generate(f"chat-{self._turn}", prompt, params, conversation_id="chat"):
-            if stats.ttft_s is None and out.outputs[0].token_ids:
+            comp, final = out.outputs[0], out
+            if stats.ttft_s is None and comp.token_ids:
                 stats.ttft_s = time.perf_counter() - start
-            text, final = out.outputs[0].text, out
-            if len(text) > len(sent):
-                yield text[len(sent):]
-                sent = text
+            reply_ids += comp.token_ids
+            if comp.text:
+                reply.append(comp.text)
+                yield comp.text
         if final is not None:
             stats.prompt_tokens, stats.cached_tokens = len(final.prompt_token_ids), final.cache.cached_tokens
-            self._history = messages + [{"role": "assistant", "content": final.outputs[0].text}]
-            self._ids = list(final.prompt_token_ids) + list(final.outputs[0].token_ids)
+            self._history = messages + [{"role": "assistant", "content": "".join(reply)}]
+            self._ids = list(final.prompt_token_ids) + reply_ids
             self._reply_start = len(final.prompt_token_ids)
 
     async def close(self) -> None:

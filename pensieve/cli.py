@@ -72,7 +72,6 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     g.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one step")
     g.add_argument("--max-num-batched-tokens", type=int, default=4096, help="most tokens in one step")
-    g.add_argument("--max-waiting", type=int, default=4096, help="refuse new requests (503) while this many wait")
     g.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule the next decode step while the GPU runs this one (default: on with CUDA)")
@@ -98,6 +97,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                                                                        "(default: until evicted)")
     c.add_argument("--kv-cache-path", default=None,
                    help="directory to load the KV cache from at start and save it to at shutdown (survives restarts)")
+    c.add_argument("--kv-cache-strict", action="store_true",
+                   help="refuse to start when the saved cache is damaged or foreign (default: log it, start empty)")
 
 
 def cache_mode(args: argparse.Namespace) -> str:
@@ -123,7 +124,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
                           num_gpu_blocks=args.num_gpu_blocks_override,
                           cpu_cache_gb=args.kv_offloading_size, num_cpu_blocks=args.num_cpu_blocks,
                           eviction_policy=args.eviction_policy, conversation_ttl=args.conversation_ttl,
-                          persist_path=args.kv_cache_path),
+                          persist_path=args.kv_cache_path, persist_strict=args.kv_cache_strict),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
         device=args.device, enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling,
         tensor_parallel_size=args.tensor_parallel_size)
@@ -136,6 +137,8 @@ def parse_api_keys(values: Sequence[str] | None, env: str | None) -> tuple[str, 
 
 
 def _add_serve(sub: Any) -> None:
+    from pensieve.server.settings import DEFAULT_MAX_BODY_BYTES
+
     p = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server", formatter_class=HelpFormatter)
     add_engine_arguments(p)
     s = p.add_argument_group("server")
@@ -147,12 +150,23 @@ def _add_serve(sub: Any) -> None:
                    help="model name(s) clients use (default: the model's path; the demo model's is "
                         f"{DEMO_SERVED_NAME})")
     s.add_argument("--max-stored-responses", type=int, default=10_000, help="Responses API objects kept")
+    s.add_argument("--max-waiting", type=int, default=None,
+                   help="refuse new requests (503 + Retry-After) while this many wait beyond those running "
+                        "(default: --max-num-seqs; measured in docs/SECURITY.md)")
+    s.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                   help="larger request bodies get 413 before they are read")
+    s.add_argument("--metrics-require-auth", action="store_true",
+                   help="/metrics asks for an API key too (default: open, like /health)")
     s.add_argument("--shutdown-timeout", type=float, default=5.0,
-                   help="seconds in-flight requests get on SIGINT/SIGTERM before they are cancelled")
+                   help="seconds in-flight requests get on SIGINT/SIGTERM; then streams end with an error "
+                        "event and [DONE], other requests with 503")
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                    help="of the server's and the engine's logs")
     s.add_argument("--engine-process", action="store_true",
                    help="step the engine in a process of its own (no GIL shared with the HTTP server)")
+    from pensieve.replicas.cli import add_replica_serve_arguments
+
+    add_replica_serve_arguments(s)
 
 
 def _add_chat(sub: Any) -> None:
@@ -188,39 +202,54 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(args: argparse.Namespace) -> int:
-    import uvicorn
+def _start_error(exc: BaseException) -> str | None:
+    """The one line to print for a start-up failure the operator can fix (a saved cache or its path)."""
+    from pensieve.cache.persist import CacheError
 
+    for err in (exc, exc.__cause__):
+        if isinstance(err, CacheError):
+            return f"KV cache: {err}"
+    return None
+
+
+def serve(args: argparse.Namespace) -> int:
     from pensieve.engine.async_engine import AsyncEngine
+    from pensieve.replicas.cli import replica_settings
     from pensieve.server.app import build_app
+    from pensieve.server.serving import serve as serve_app
     from pensieve.server.settings import ServerSettings
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = engine_config_from_args(args)
-    settings = ServerSettings(
-        host=args.host, port=args.port,
-        api_keys=parse_api_keys(args.api_key, os.environ.get("PENSIEVE_API_KEY")),
-        served_model_names=_served_names(args), max_waiting=args.max_waiting,
-        max_stored_responses=args.max_stored_responses, conversation_ttl=args.conversation_ttl,
-        shutdown_timeout_s=args.shutdown_timeout)
+    try:
+        settings = ServerSettings(
+            host=args.host, port=args.port,
+            api_keys=parse_api_keys(args.api_key, os.environ.get("PENSIEVE_API_KEY")),
+            served_model_names=_served_names(args), max_waiting=args.max_waiting,
+            max_request_body_bytes=args.max_request_body_bytes, metrics_require_auth=args.metrics_require_auth,
+            max_stored_responses=args.max_stored_responses, conversation_ttl=args.conversation_ttl,
+            shutdown_timeout_s=args.shutdown_timeout, **replica_settings(args))
+    except ValueError as exc:
+        print(f"pensieve serve: error: {exc}", file=sys.stderr)
+        return 2
     sock = listening_socket(args.host, args.port)
-    if args.engine_process:
-        from pensieve.engine.engine_process import EngineProcess
+    try:
+        if args.engine_process:
+            from pensieve.engine.engine_process import EngineProcess
 
-        engine = EngineProcess(config)
-    else:
-        engine = AsyncEngine(config)
+            engine = EngineProcess(config)
+        else:
+            engine = AsyncEngine(config)
+    except Exception as exc:
+        line = _start_error(exc)
+        if line is None:
+            raise
+        print(f"pensieve serve: error: {line}", file=sys.stderr)
+        return 1
     app = build_app(engine, settings)
     print(f"Pensieve serving {', '.join(settings.served_model_names[:1]) or engine.model_name} on {engine.device} "
           f"at http://{args.host}:{args.port}/v1", flush=True)
-    # Uvicorn handles SIGINT/SIGTERM: it stops accepting, gives in-flight requests the grace period,
-    # cancels the rest (which aborts them in the engine), then runs the app's lifespan shutdown.
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                           timeout_graceful_shutdown=args.shutdown_timeout))
-    try:
-        server.run(sockets=[sock])
-    except KeyboardInterrupt:  # uvicorn raises the SIGINT it handled again once shut down (as uvicorn.run)
-        pass
+    serve_app(app, args.host, args.port, args.log_level, sockets=[sock])   # SIGINT/SIGTERM: server/serving.py
     return 0
 
 
@@ -236,6 +265,9 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
     _add_chat(sub)
+    from pensieve.replicas.cli import add_serve_replicas
+
+    add_serve_replicas(sub)
     bench = sub.add_parser("bench", help="multi-turn serving benchmark", formatter_class=HelpFormatter)
     if with_bench:
         try:
@@ -266,6 +298,10 @@ def _run(args: argparse.Namespace) -> int:
         from pensieve.chat import run_chat
 
         return run_chat(args)
+    if args.command == "serve-replicas":
+        from pensieve.replicas.cli import run_serve_replicas
+
+        return run_serve_replicas(args)
     if getattr(args, "bench_missing", None):
         print(f"pensieve bench is not available: {args.bench_missing}", file=sys.stderr)
         return 2

@@ -46,6 +46,7 @@ class CacheConfig:
     ahead_of_time_swap_out: bool = True
     conversation_ttl: float | None = None  # seconds an idle named conversation is kept
     persist_path: str | None = None        # load the cache from here at start, save it here at shutdown
+    persist_strict: bool = False           # a saved cache that cannot be used refuses the start (else: empty)
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -1,6 +1,7 @@
 """SamplingParams: what a request asks of the sampler, shaped like vLLM's."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -44,6 +45,10 @@ class SamplingParams:
         def bad(msg: str) -> None:
             raise ValueError(msg)
 
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not math.isfinite(value):   # NaN passes every range check below
+                bad(f"{name} must be a finite number, got {value}")
         if self.n != 1:
             bad("n > 1 is not supported")
         if self.temperature < 0:

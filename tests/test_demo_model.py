@@ -34,7 +34,7 @@ def demo_gguf() -> str:
 
 
 @pytest.fixture(scope="module")
-def demo_server(demo_gguf: str) -> Iterator[tuple[str, object]]:
+def tiny_server(demo_gguf: str) -> Iterator[tuple[str, object]]:
     from pensieve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
     from pensieve.engine.async_engine import AsyncEngine
     from pensieve.server.app import build_app
@@ -65,13 +65,13 @@ def _ours(engine, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
     return asyncio.run(all_of())
 
 
-def test_greedy_tokens_equal_transformers(demo_gguf: str, demo_server) -> None:
+def test_greedy_tokens_equal_transformers(demo_gguf: str, tiny_server) -> None:
     """The same GGUF loaded by transformers (its own dequantization and name mapping) decodes the same tokens."""
     from pathlib import Path
 
     from transformers import AutoModelForCausalLM
 
-    _, engine = demo_server
+    _, engine = tiny_server
     path = Path(demo_gguf)
     hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     tok = engine.tokenizer
@@ -87,10 +87,10 @@ def test_greedy_tokens_equal_transformers(demo_gguf: str, demo_server) -> None:
         assert len(got) == len(expected) or got[-1] in (tok.eos_token_id,) or expected[-1] == tok.eos_token_id
 
 
-def test_answers_and_reuses_history_over_http(demo_server) -> None:
+def test_answers_and_reuses_history_over_http(tiny_server) -> None:
     from openai import OpenAI
 
-    url, _ = demo_server
+    url, _ = tiny_server
     client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
     history = [{"role": "user", "content": "What is the capital of France?"}]
     first = client.chat.completions.create(model="smol", messages=history, max_tokens=24, temperature=0)

@@ -118,11 +118,22 @@ class Backend(ABC):
         """Cumulative counters (engine stats or /metrics samples), for swap traffic deltas."""
         return None
 
+    async def sample(self) -> dict[str, float] | None:
+        """The gauges of this moment, without waiting (GAUGES: running batch, waiting queue, pool blocks)."""
+        return None
+
     @abstractmethod
     async def close(self) -> None: ...
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name}
+
+
+# The gauges a point samples: EngineStats fields, and the /metrics names the server gives them.
+GAUGES = {"num_running": "pensieve_num_requests_running", "num_waiting": "pensieve_num_requests_waiting",
+          "gpu_blocks_total": "pensieve_gpu_blocks_total", "gpu_blocks_used": "pensieve_gpu_blocks_used",
+          "gpu_blocks_cached": "pensieve_gpu_blocks_cached", "cpu_blocks_total": "pensieve_cpu_blocks_total",
+          "cpu_blocks_used": "pensieve_cpu_blocks_used"}
 
 
 def _result(req: TurnRequest, send: float) -> TurnResult:
@@ -179,7 +190,7 @@ class EngineBackend(Backend):
             # the first token and the end are all the records need: no per-token wake-ups of this
             # process's event loop, which shares the GIL with the engine thread it measures
             async for out in self.engine.generate(req.request_id, list(req.prompt_token_ids), params,
-                                                  conversation_id=req.conversation_id, every_step=False):
+                                                  conversation_id=req.conversation_id, stream=False):
                 if res.first_token_time is None and out.outputs and out.outputs[0].token_ids:
                     res.first_token_time = _now()
                 last = out
@@ -216,6 +227,10 @@ class EngineBackend(Backend):
             await asyncio.sleep(0.01)
             st = self.engine.stats()
         return {k: v for k, v in dataclasses.asdict(st).items() if isinstance(v, (int, float))}
+
+    async def sample(self) -> dict[str, float] | None:
+        st = self.engine.stats()        # the snapshot the engine published after its last step
+        return {k: float(getattr(st, k)) for k in GAUGES}
 
     async def close(self) -> None:
         if self.engine is not None:
@@ -261,6 +276,7 @@ class HttpBackend(Backend):
         self.api_key = api_key or "EMPTY"
         self.timeout_s = timeout_s
         self.client: Any = None
+        self._metrics_client: Any = None
         self.history_ids = "unknown"
 
     async def start(self) -> None:
@@ -378,10 +394,30 @@ class HttpBackend(Backend):
                 return out
             await asyncio.sleep(0.02)
 
+    async def sample(self) -> dict[str, float] | None:
+        """The engine gauges of the server's /metrics now; None when the server has none (not Pensieve)."""
+        import httpx
+        from prometheus_client.parser import text_string_to_metric_families
+
+        try:
+            if self._metrics_client is None:
+                self._metrics_client = httpx.AsyncClient(timeout=10.0)
+            resp = await self._metrics_client.get(self.url + "/metrics")
+        except httpx.HTTPError:
+            return {}                   # a missed sample; the next one may answer
+        if resp.status_code != 200:
+            return None
+        values = {s.name: float(s.value) for fam in text_string_to_metric_families(resp.text) for s in fam.samples}
+        out = {field: values[name] for field, name in GAUGES.items() if name in values}
+        return out or None
+
     async def close(self) -> None:
         if self.client is not None:
             await self.client.close()
             self.client = None
+        if self._metrics_client is not None:
+            await self._metrics_client.aclose()
+            self._metrics_client = None
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "kind": "http", "url": self.url, "model": self.model, "api": self.api,

@@ -58,6 +58,7 @@ def summarize(records: Iterable[TurnResult], warmup: float = 0.0) -> dict[str, A
     gpu = sum(r.gpu_hit_tokens for r in ok)
     cpu = sum(r.cpu_hit_tokens for r in ok)
     cached = sum(r.cached_tokens for r in ok)
+    out["by_turn"] = turn_view(ok)
     out["cache"] = {
         "prompt_tokens": prompt,
         "cached_tokens": cached,
@@ -69,6 +70,94 @@ def summarize(records: Iterable[TurnResult], warmup: float = 0.0) -> dict[str, A
         "gpu_hit_rate": gpu / prompt if prompt else 0.0,
         "cpu_hit_rate": cpu / prompt if prompt else 0.0,
     }
+    return out
+
+
+# Turn-number buckets of the per-turn view's table (numbers count from 1, as users count turns).
+TURN_BUCKETS: tuple[tuple[int, int | None], ...] = ((1, 1), (2, 2), (3, 3), (4, 4), (5, 5), (6, 10), (11, 20),
+                                                    (21, 30), (31, None))
+
+
+def _turn_stats(recs: Sequence[TurnResult]) -> dict[str, Any]:
+    prompt = sum(r.prompt_tokens for r in recs)
+    cached = sum(r.cached_tokens for r in recs)
+    return {
+        "count": len(recs),
+        "prompt_tokens_mean": prompt / len(recs),
+        "hit_rate": cached / prompt if prompt else 0.0,
+        "gpu_hit_rate": sum(r.gpu_hit_tokens for r in recs) / prompt if prompt else 0.0,
+        "cpu_hit_rate": sum(r.cpu_hit_tokens for r in recs) / prompt if prompt else 0.0,
+        "ttft": describe([r.ttft for r in recs if r.ttft is not None]),
+        "normalized_latency": describe([r.normalized_latency for r in recs]),  # type: ignore[misc]
+    }
+
+
+def turn_view(records: Iterable[TurnResult]) -> dict[str, Any]:
+    """Cache hit rate (cached / prompt tokens) and TTFT by turn number, the view of SGLang's multi-turn
+    benchmark: `per_turn` for every turn number (1 = a conversation's first turn), `buckets` over
+    TURN_BUCKETS for the report's table. A turn's hit rate is what the cache saved of its history."""
+    by_index: dict[int, list[TurnResult]] = {}
+    for r in records:
+        by_index.setdefault(r.turn_index + 1, []).append(r)
+    per_turn = {str(k): _turn_stats(v) for k, v in sorted(by_index.items())}
+    buckets: dict[str, Any] = {}
+    for lo, hi in TURN_BUCKETS:
+        recs = [r for k, v in by_index.items() if k >= lo and (hi is None or k <= hi) for r in v]
+        if recs:
+            label = str(lo) if hi == lo else (f"{lo}+" if hi is None else f"{lo}-{hi}")
+            buckets[label] = _turn_stats(recs)
+    return {"per_turn": per_turn, "buckets": buckets}
+
+
+# A sample is "pool-bound" when the running requests hold this much of the GPU pool while others wait: the
+# scheduler admits only while more than the admission reserve (10%) is free, so the batch can grow no further.
+POOL_BOUND_USED = 0.85
+POOL_BOUND_SHARE = 0.10      # a point whose samples are pool-bound this often is limited by the pool
+
+
+def occupancy(samples: Sequence[tuple[float, Mapping[str, float]]], warmup: float = 0.0,
+              max_num_seqs: int | None = None, preemptions: float = 0.0) -> dict[str, Any]:
+    """The running batch and the GPU pool over a point, from the gauges sampled while it ran (those at or
+    after `warmup` seconds), and what bound the batch:
+    - gpu_pool: the running requests' KV filled the pool while requests waited (or requests were preempted);
+    - max_num_seqs: the batch reached the scheduler's sequence cap;
+    - queue: requests waited with pool room to spare (compute or the step's token budget binds);
+    - none: nothing waited: the point is under capacity."""
+    picked = [g for t, g in samples if t >= warmup] or [g for _, g in samples]
+    picked = [g for g in picked if g.get("gpu_blocks_total")]
+    if not picked:
+        return {"samples": 0}
+    total = float(picked[0]["gpu_blocks_total"])
+    used = [g.get("gpu_blocks_used", 0.0) / total for g in picked]
+    cached = [g.get("gpu_blocks_cached", 0.0) / total for g in picked]
+    running = [g.get("num_running", 0.0) for g in picked]
+    waiting = [g.get("num_waiting", 0.0) for g in picked]
+    bound = sum(1 for u, w in zip(used, waiting) if u >= POOL_BOUND_USED and w > 0) / len(picked)
+    if bound >= POOL_BOUND_SHARE or preemptions > 0:
+        binds = "gpu_pool"
+    elif max_num_seqs is not None and max(running) >= max_num_seqs:
+        binds = "max_num_seqs"
+    elif float(np.mean(waiting)) >= 1.0:
+        binds = "queue"
+    else:
+        binds = "none"
+    out: dict[str, Any] = {
+        "samples": len(picked),
+        "num_running": {"mean": float(np.mean(running)), "p50": percentile(running, 50),
+                        "p90": percentile(running, 90), "max": max(running)},
+        "num_waiting": {"mean": float(np.mean(waiting)), "max": max(waiting)},
+        "gpu_blocks_total": total,
+        "gpu_used_frac": {"mean": float(np.mean(used)), "p90": percentile(used, 90), "max": max(used)},
+        "gpu_cached_frac": {"mean": float(np.mean(cached))},
+        "gpu_free_frac": {"mean": float(np.mean([1.0 - u - c for u, c in zip(used, cached)]))},
+        "pool_bound_share": bound,
+        "preemptions": preemptions,
+        "binds": binds,
+    }
+    cpu_total = float(picked[0].get("cpu_blocks_total", 0.0) or 0.0)
+    if cpu_total > 0:
+        cpu = [g.get("cpu_blocks_used", 0.0) / cpu_total for g in picked]
+        out["cpu_used_frac"] = {"mean": float(np.mean(cpu)), "max": max(cpu)}
     return out
 
 
@@ -199,3 +288,43 @@ def tiered_ratio(tiered: Mapping[str, Any], base: Mapping[str, Any]) -> tuple[fl
     if b_st == "at_least":
         return r, "upper_bound"
     return r, "exact"
+
+
+RATIO_KEYS = tuple(f"tiered_vs_{b}" for b in BASELINES)
+
+
+def across_seeds(per_seed: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Headline figures over workload seeds: for each ratio (and each system's sustained rate), variant and
+    bound, the value of every seed with its status, and the mean / min / max of the seeds that have one.
+    `per_seed[seed]` is headline(...) of that seed's points alone."""
+
+    def spread(values: Mapping[str, float | None]) -> dict[str, Any]:
+        known = [v for v in values.values() if v is not None]
+        return {"values": dict(values), "n": len(known),
+                "mean": float(np.mean(known)) if known else None,
+                "min": min(known) if known else None, "max": max(known) if known else None}
+
+    out: dict[str, Any] = {"seeds": list(per_seed), "ratios": {}, "sustained_rates": {}}
+    first = next(iter(per_seed.values()), None)
+    if first is None:
+        return out
+    for key in RATIO_KEYS:
+        out["ratios"][key] = {}
+        for variant, per_bound in first.get(key, {}).items():
+            out["ratios"][key][variant] = {}
+            for bound in per_bound:
+                values = {s: h[key][variant].get(bound) for s, h in per_seed.items()}
+                cell = spread(values)
+                cell["status"] = {s: h["ratio_status"][key][variant].get(bound) for s, h in per_seed.items()}
+                out["ratios"][key][variant][bound] = cell
+    for variant, per_bound in first["sustained_rates"].items():
+        out["sustained_rates"][variant] = {}
+        for bound in per_bound:
+            systems = sorted({sys for h in per_seed.values() for sys in h["sustained_rates"][variant][bound]})
+            out["sustained_rates"][variant][bound] = {}
+            for system in systems:
+                cells = {s: h["sustained_rates"][variant][bound].get(system) for s, h in per_seed.items()}
+                cell = spread({s: (c or {}).get("value") for s, c in cells.items()})
+                cell["status"] = {s: (c or {}).get("status") for s, c in cells.items()}
+                out["sustained_rates"][variant][bound][system] = cell
+    return out

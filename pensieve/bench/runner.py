@@ -24,14 +24,18 @@ class RunResult:
     stats_before: dict[str, float] | None = None
     stats_after: dict[str, float] | None = None
     notes: list[str] = field(default_factory=list)
+    # (seconds since the run started, the backend's gauges then): running batch and pool occupancy
+    samples: list[tuple[float, dict[str, float]]] = field(default_factory=list)
 
 
 async def run_schedule(backend: Backend, schedule: Sequence[ScheduledConversation], *, encode: Encode | None = None,
                        time_limit: float | None = None, end_conversations: bool = False,
-                       progress: bool = True, desc: str = "") -> RunResult:
+                       progress: bool = True, desc: str = "", sample_interval: float | None = None) -> RunResult:
     """Send each conversation's turns: turn 0 at its arrival time, turn i+1 after reply i plus its think time.
     Turn prompts append token ids (history + exact reply ids + the new user ids); the chat messages of the
-    same turn ride along for the chat API. After `time_limit` seconds no new turn starts."""
+    same turn ride along for the chat API. After `time_limit` seconds no new turn starts (a conversation whose
+    next turn would start after it stops at once rather than sleeping out its think time). Every
+    `sample_interval` seconds the backend's gauges (running batch, pool occupancy) are sampled."""
     planned = sum(len(sc.conversation.turns) for sc in schedule)
     records: list[TurnResult] = []
     truncated = 0
@@ -87,19 +91,43 @@ async def run_schedule(backend: Backend, schedule: Sequence[ScheduledConversatio
             history = prompt + res.output_token_ids
             messages.append({"role": "assistant", "content": res.output_text})
             if i + 1 < n:
-                await asyncio.sleep(sc.think_times[i])
+                think = sc.think_times[i]
+                if deadline is not None and time.perf_counter() + think >= deadline:
+                    truncated += n - i - 1      # its next turn would start past the limit: not sent
+                    bar.update(n - i - 1)
+                    break
+                await asyncio.sleep(think)
         if end_conversations:
             await backend.end_conversation(conv.conv_id)
 
+    samples: list[tuple[float, dict[str, float]]] = []
+    done = asyncio.Event()
+
+    async def sample() -> None:
+        while not done.is_set():
+            gauges = await backend.sample()
+            if gauges is None:
+                return                   # the backend has no gauges (transformers)
+            if gauges:                   # {}: a sample missed (the next may answer)
+                samples.append((time.perf_counter() - t0, gauges))
+            try:
+                await asyncio.wait_for(done.wait(), sample_interval)
+            except asyncio.TimeoutError:
+                pass
+
+    sampler = asyncio.create_task(sample()) if sample_interval else None
     try:
         await asyncio.gather(*(drive(sc) for sc in schedule))
     finally:
         bar.close()
+        done.set()
+        if sampler is not None:
+            await sampler
     wall = time.perf_counter() - t0
     stats_after = await backend.stats()
     records.sort(key=lambda r: (r.send_time, r.request_id))
     return RunResult(records=records, planned_turns=planned, truncated_turns=truncated, wall_s=wall,
-                     stats_before=stats_before, stats_after=stats_after, notes=notes)
+                     stats_before=stats_before, stats_after=stats_after, notes=notes, samples=samples)
 
 
 async def warm_up(backend: Backend, vocab_ids: Sequence[int], prompt_len: int = 32, max_tokens: int = 8) -> None:

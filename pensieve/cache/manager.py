@@ -332,6 +332,10 @@ class KVCacheManager:
                 out.append((key, "gpu", b, int(self.gpu.position[b]), float(self.gpu.last_use[b])))
         return out
 
+    def tier_keys(self) -> tuple[list[BlockKey], list[BlockKey]]:
+        """The content keys each tier holds (GPU, CPU): what a KV event publisher announces."""
+        return list(self.gpu.index), list(self.cpu.index)
+
     def num_free(self, tier: str) -> int:
         return self.cpu.num_free if tier == "cpu" else self.gpu.num_free
 

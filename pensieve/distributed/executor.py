@@ -7,12 +7,14 @@ error naming it (never a hang), and every rank is torn down.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing as mp
 import shutil
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Sequence as Seq
 from multiprocessing.connection import wait as wait_for_processes
 from pathlib import Path
@@ -61,6 +63,8 @@ class TensorParallelExecutor:
             self._errors.append(receive)
         self._watchdog = threading.Thread(target=self._watch, name="pensieve-tp-watchdog", daemon=True)
         self._watchdog.start()
+        # at interpreter exit multiprocessing ends the ranks: that is no failure to report
+        atexit.register(_closing_at_exit, weakref.ref(self))
         self.messages, self.message_seconds = 0, 0.0   # the cost of reaching the other ranks
         self._retired = 0
         try:
@@ -175,8 +179,28 @@ class TensorParallelExecutor:
         self.runner.sync_transfers()
 
     def time_block_recompute(self, context_len: int) -> float:
-        self._send(Message(Kind.CALL, call=("time_block_recompute", (context_len,)), retired_swap_outs=self._retired))
-        return self._mirrored(self.runner.time_block_recompute, context_len)
+        return self._everywhere("time_block_recompute", context_len)
+
+    # ------------------------------------------------------------ a saved cache: every rank's shard
+    @property
+    def tp_size(self) -> int:
+        return self.tp.size
+
+    def kv_block_layout(self):
+        return self.runner.kv_block_layout()
+
+    def write_kv_shards(self, directory, blocks):
+        return self._everywhere("write_kv_shards", str(directory), blocks)
+
+    def verify_kv_shards(self, directory, keys, checksums):
+        return self._everywhere("verify_kv_shards", str(directory), keys, checksums)
+
+    def read_kv_shards(self, directory, keys, checksums, tier, placements):
+        return self._everywhere("read_kv_shards", str(directory), keys, checksums, tier, placements)
+
+    def _everywhere(self, name: str, *args):
+        self._send(Message(Kind.CALL, call=(name, args), retired_swap_outs=self._retired))
+        return self._mirrored(getattr(self.runner, name), *args)
 
     def message_stats(self) -> tuple[int, float]:
         return self.messages, self.message_seconds
@@ -207,3 +231,9 @@ class TensorParallelExecutor:
                 p.kill()
         for p in self._workers:
             p.join(5)
+
+
+def _closing_at_exit(ref: weakref.ref) -> None:
+    executor = ref()
+    if executor is not None:
+        executor._closing = True

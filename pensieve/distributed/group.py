@@ -52,6 +52,14 @@ class ParallelGroup:
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.cpu_group)
         return int(t.item())
 
+    def gather_objects(self, obj: Any) -> list[Any] | None:
+        """Every rank's `obj` (picklable, small, rare: not for the per-step path) on rank 0, by rank."""
+        if self.size == 1:
+            return [obj]
+        out = [None] * self.size if self.is_first else None
+        dist.gather_object(obj, out, dst=0, group=self.cpu_group)
+        return out
+
     def any_mask(self, mask: torch.Tensor) -> torch.Tensor:
         """Element-wise OR of a bool mask over ranks (e.g. saved blocks damaged on any rank)."""
         if self.size == 1:

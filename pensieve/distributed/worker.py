@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import multiprocessing
 import os
 import signal
 import sys
@@ -55,20 +56,22 @@ def leave_group() -> None:
         dist.destroy_process_group()
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to kill this process when its parent (rank 0) dies, however it dies: no orphans."""
+def die_with_parent() -> None:
+    """Ask Linux to kill this process when its parent dies, however it dies: no orphans. (The signal
+    follows the parent *thread* that started it: engines start their ranks from the thread that builds them.)"""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
     except OSError:
-        pass
-    if os.getppid() == 1:               # the parent died before the call above
+        return
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:   # the parent died before the call above
         sys.exit(1)
 
 
 def worker_main(rank: int, size: int, rendezvous: str, config: EngineConfig, device: torch.device,
                 max_model_len: int, eos_token_ids: list[int], errors: Connection, log_level: int) -> None:
-    _die_with_parent()
+    die_with_parent()
     # Ctrl-C reaches the whole process group: rank 0 shuts the ranks down in order, so workers ignore it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s %(name)s [rank {rank}]: %(message)s")
@@ -88,7 +91,7 @@ def worker_main(rank: int, size: int, rendezvous: str, config: EngineConfig, dev
 
 
 # The runner methods rank 0 may ask every rank to run (besides steps).
-MIRRORED_CALLS = frozenset({"time_block_recompute"})
+MIRRORED_CALLS = frozenset({"time_block_recompute", "write_kv_shards", "verify_kv_shards", "read_kv_shards"})
 
 
 def serve(runner, channel: StepChannel) -> None:

@@ -29,6 +29,8 @@ __all__ = ["AsyncEngine", "EngineStats"]
 
 
 class AsyncEngine:
+    """The engine on a thread of the caller's process; implements EngineClient (engine/client.py)."""
+
     def __init__(self, config: EngineConfig, preloaded: tuple | None = None) -> None:
         self.config = config
         if config.gil_switch_interval_s is not None and sys.getswitchinterval() > config.gil_switch_interval_s:
@@ -64,6 +66,11 @@ class AsyncEngine:
             if error is not None:
                 for rid in in_flight:
                     self._streams.fail(rid, RuntimeError(error))
+                if self.engine.failure is not None:   # no rank group to step on: the engine is over
+                    log.error("the engine stopped: %s", self.engine.failure)
+                    self._running = False
+                    self._streams.fail_all(RuntimeError(f"the engine stopped: {self.engine.failure}"))
+                    self.engine.shutdown()
                 continue
             self._stats = self.engine.stats()  # before the outputs: a caller that saw its last token sees this step
             self._streams.deliver(outputs)
@@ -100,25 +107,26 @@ class AsyncEngine:
     # ------------------------------------------------------------ caller side
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                        conversation_id: str | None = None, append_to_conversation: bool = False,
-                       every_step: bool = True) -> AsyncIterator[RequestOutput]:
-        """Outputs are cumulative. every_step=False yields only the first output that carries a token
-        (time to first token) and the final one: a caller that needs no stream then costs the event
-        loop two wake-ups per request instead of one per generated token."""
+                       stream: bool = True, cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
+        """stream=True: an output per step carrying only what is new (outputs.py). False: the output of
+        the first token (time to first token) and a final one with the whole completion, so a caller
+        that streams nothing costs the event loop two wake-ups per request, not one per token."""
         if not self._running:
             raise RuntimeError("the engine is shut down")
         if not append_to_conversation:  # an appended turn is checked whole, on the engine thread
             self.engine.validate_prompt(prompt_token_ids, params)  # pure: raises ValueError before anything starts
-        stream = self._streams.open(request_id)
+        outputs = self._streams.open(request_id)
 
         def add() -> None:
             try:
                 self.engine.add_request(request_id, prompt_token_ids, params, conversation_id,
-                                        append_to_conversation=append_to_conversation, every_step=every_step)
+                                        append_to_conversation=append_to_conversation, stream=stream,
+                                        cache_salt=cache_salt)
             except Exception as exc:
                 self._streams.fail(request_id, exc)
 
         self._post(add)
-        async for out in stream.iterate(abandon=lambda: self._post(lambda: self._abort_on_engine(request_id))):
+        async for out in outputs.iterate(abandon=lambda: self._post(lambda: self._abort_on_engine(request_id))):
             yield out
 
     def _abort_on_engine(self, request_id: str) -> None:
@@ -133,6 +141,10 @@ class AsyncEngine:
 
     def delete_conversation(self, conversation_id: str) -> bool:
         return self._call(lambda: self.engine.delete_conversation(conversation_id))
+
+    def cached_block_keys(self) -> tuple[list[bytes], list[bytes]]:
+        """Content keys each tier holds (GPU, CPU), read on the engine thread between steps."""
+        return self._call(self.engine.cached_block_keys)
 
     def stats(self) -> EngineStats:
         return self._stats

@@ -121,11 +121,12 @@ class StopChecker:
         self._max_model_len = max_model_len
         self._searched_len = 0  # text[:this] has been searched for stop strings
 
-    def check(self, output_token_ids: list[int], text: str, num_prompt_tokens: int) -> StopResult | None:
+    def check(self, num_output_tokens: int, last_token: int, text: str, num_prompt_tokens: int) -> StopResult | None:
+        """After a step that sampled `last_token`, the request's `num_output_tokens`-th output token."""
         p = self._params
-        n = len(output_token_ids)
+        n = num_output_tokens
         if n and n >= p.min_tokens:
-            last = output_token_ids[-1]
+            last = last_token
             if last in self._eos:
                 return StopResult("stop", None)
             if last in self._stop_ids:

@@ -57,7 +57,7 @@ class LLM:
         for prompt, p, conv in zip(prompts, params_list, convs):
             rid = f"offline-{next(self._ids)}"
             self.engine.add_request(rid, self._token_ids(prompt), p, conversation_id=conv,
-                                    append_to_conversation=append_to_conversation, every_step=False)
+                                    append_to_conversation=append_to_conversation)
             order.append(rid)
         done: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished():

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from collections.abc import Iterable
@@ -98,9 +97,11 @@ class _Tracked:
     detok: IncrementalDetokenizer
     stop: StopChecker
     metrics: RequestMetrics
-    logprobs: list[tuple[float, dict[int, float]]] | None
+    logprobs: list[tuple[float, dict[int, float]]] | None   # streamed: the entries not sent yet
     prompt_token_ids: list[int]   # one copy shared by every output of the request (never mutated)
-    every_step: bool = True       # False: an output only for the first token and at the end
+    stream: bool = False          # outputs carry what is new (see outputs.py); else first token + whole
+    sent_ids: int = 0             # streamed: seq.token_ids[:sent_ids] went out in earlier outputs
+    sent_text: int = 0            # streamed: text[:sent_text] went out in earlier outputs
 
 
 class LLMEngine:
@@ -112,6 +113,10 @@ class LLMEngine:
 
         self.config = config
         self.device = resolve_device(config.device)
+        if config.cache.persist_path is not None:   # found now, not at shutdown with the cache lost
+            from pensieve.cache.persist import check_path
+
+            check_path(config.cache.persist_path)
         mc = config.model
         torch.manual_seed(mc.seed)
         hf_config = preloaded[1] if preloaded else load_config(resolve_model_path(mc.model))
@@ -146,10 +151,9 @@ class LLMEngine:
             # a sequence that outgrew the whole pool could never be admitted again: cap the context instead
             log.warning("the GPU KV pool holds %d tokens: max_model_len lowered from %d", capacity, self.max_model_len)
             self.max_model_len = capacity
+        if config.cache.persist_path is not None:
+            self._restore_cache(config.cache.persist_path)
         self.scheduler = Scheduler(config.scheduler, config.cache, self.kv)
-        path = config.cache.persist_path
-        if path is not None and os.path.exists(os.path.join(path, "index.json")):
-            log.info("loaded %d cached KV blocks from %s", self.load_cache(path), path)
         self._tracked: dict[str, _Tracked] = {}
         self._step_counts = dict.fromkeys((*STEP_PATHS, "copying"), 0)
         self._step_seconds = dict.fromkeys((*STEP_PATHS, "copying"), 0.0)
@@ -185,11 +189,13 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     conversation_id: str | None = None, arrival_time: float | None = None,
-                    append_to_conversation: bool = False, every_step: bool = True) -> None:
+                    append_to_conversation: bool = False, stream: bool = False,
+                    cache_salt: str | None = None) -> None:
         """append_to_conversation: `prompt_token_ids` is only the new turn; the engine puts the named
         conversation's tokens (its last prompt and reply) before it, so the client resends nothing.
-        every_step=False: step() returns this request's output only at its first token and at its end
-        (outputs are cumulative: a caller that streams nothing skips building one per token)."""
+        stream=True: step() returns an output for this request at every token, each carrying only
+        what is new; False: one at its first token and a final one with the whole completion.
+        cache_salt: this request reuses and offers KV only under this salt (block_keys.salt_root)."""
         if request_id in self._tracked:
             raise ValueError(f"request id {request_id!r} is already running")
         if append_to_conversation:
@@ -201,11 +207,12 @@ class LLMEngine:
             prompt_token_ids = conv.tokens + list(prompt_token_ids)
         self.validate_prompt(prompt_token_ids, params)
         now = arrival_time if arrival_time is not None else time.monotonic()
-        seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params, now, conversation_id)
+        seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params, now, conversation_id,
+                       cache_salt)
         self._tracked[request_id] = _Tracked(
             seq, IncrementalDetokenizer(self.tokenizer, seq.token_ids[:], params.skip_special_tokens),
             StopChecker(params, set(self.eos_token_ids), self.max_model_len), RequestMetrics(now),
-            [] if params.logprobs is not None else None, list(prompt_token_ids), every_step)
+            [] if params.logprobs is not None else None, list(prompt_token_ids), stream, seq.num_tokens)
         if conversation_id is not None:
             self.kv.touch_conversation(conversation_id)
         self.scheduler.add(seq)
@@ -227,6 +234,10 @@ class LLMEngine:
 
     def delete_conversation(self, conversation_id: str) -> bool:
         return self.kv.delete_conversation(conversation_id)
+
+    def cached_block_keys(self) -> tuple[list[bytes], list[bytes]]:
+        """Content keys cached in the GPU and the CPU tier (a KV event publisher diffs them)."""
+        return self.kv.tier_keys()
 
     # ------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
@@ -322,7 +333,7 @@ class LLMEngine:
             if seq.params.penalizes_tokens:
                 return None   # the sampler needs the output ids themselves, on the host
             stop = self._tracked[seq.request_id].stop
-            if stop.length_reached(len(seq.output_token_ids) + 1, seq.num_prompt_tokens):
+            if stop.length_reached(seq.num_output_tokens + 1, seq.num_prompt_tokens):
                 continue      # the token being sampled is its last: it stops when read
             rows.append(row)
             seqs.append(seq)
@@ -375,15 +386,36 @@ class LLMEngine:
         from pensieve.cache.persist import save_cache
 
         self.flush_transfers()
-        return save_cache(self.kv, self.runner.gpu_tier, self.runner.cpu_tier, path, self._fingerprint(),
-                          self.kv.clock())
+        return save_cache(self.kv, self.executor, path, self._fingerprint(), self.kv.clock())
 
-    def load_cache(self, path: str) -> int:
-        """Bring back a cache saved by an engine of the same model, dtype and block size."""
+    def load_cache(self, path: str):
+        """Bring back a cache saved by an engine of the same model, dtype and block size; returns a
+        persist.LoadReport, raises persist.CacheError when the save cannot be used."""
         from pensieve.cache.persist import load_cache
 
-        return load_cache(self.kv, self.runner.gpu_tier, self.runner.cpu_tier, path, self._fingerprint(),
-                          self.kv.clock())
+        return load_cache(self.kv, self.executor, path, self._fingerprint(), self.kv.clock())
+
+    def _restore_cache(self, path: str) -> None:
+        """At start: load the save at `path`. One that cannot be used is logged in one line and the
+        cache starts empty, or with `persist_strict` it is refused (CacheError)."""
+        from pensieve.cache.persist import CacheError
+
+        try:
+            report = self.load_cache(path)
+        except CacheError as exc:
+            if self.config.cache.persist_strict:
+                raise
+            log.warning("ignoring the saved KV cache (%s); starting with an empty cache", exc)
+            kv = self.kv   # it may hold blocks adopted before the failure: start from a clean one
+            self.kv = KVCacheManager(kv.cfg, kv.num_gpu_blocks, kv.num_cpu_blocks, kv.policy, kv.clock)
+            return
+        if report.bad and self.config.cache.persist_strict:
+            raise CacheError(f"{path}: {report.bad} saved KV blocks fail their checksum")
+        if report.bad:
+            log.warning("%d saved KV blocks failed their checksum and were dropped (recomputed when needed)",
+                        report.bad)
+        if report.loaded or report.bad:
+            log.info("loaded %d cached KV blocks from %s", report.loaded, path)
 
     def _fingerprint(self) -> str:
         from pensieve.cache.persist import model_fingerprint
@@ -411,24 +443,46 @@ class LLMEngine:
             return self.step(), None
         except Exception as exc:
             log.exception("engine step failed")
-            # a step launched before the failure may still write its requests' blocks: let it land
-            # before they are freed (and reused by copies on the other streams)
-            if self.device.type == "cuda":
+            if self.failure is not None:
+                # a tensor-parallel rank is gone: nothing more runs on the devices (a sync could wait
+                # forever on its collectives); free the requests' blocks and stop
+                self._inflight = None
+            elif self.device.type == "cuda":
+                # a step launched before the failure may still write its requests' blocks: let it land
+                # before they are freed (and reused by copies on the other streams)
                 torch.cuda.synchronize(self.device)
             for rid in in_flight:
                 self.abort_request(rid)
             return [], f"engine step failed: {exc}"
 
+    @property
+    def failure(self) -> str | None:
+        """Why this engine can step no more (a tensor-parallel rank died), or None while it can."""
+        return self.executor.failure
+
     def close(self, in_flight: Iterable[str]) -> tuple[list[RequestOutput], int | None]:
         """Shutdown: abort `in_flight` (their final outputs are returned for their callers) and, with a
         persist_path, save the cache there, since it outlives the process. Returns the outputs and the
         number of blocks saved (None: not saved)."""
+        if self.failure is not None:   # nothing can be read back or saved from a group with a dead rank
+            self._inflight = None
+            outputs = [out for rid in in_flight if (out := self.abort_request(rid)) is not None]
+            self.shutdown()
+            return outputs, None
         outputs = self._resolve(self._inflight) if self._inflight is not None else []
         self._inflight = None
         outputs += [out for rid in in_flight if (out := self.abort_request(rid)) is not None]
         path = self.config.cache.persist_path
+        if path is None:
+            self.shutdown()
+            return outputs, None
+        from pensieve.cache.persist import CacheError
+
         try:
-            return outputs, (self.save_cache(path) if path is not None else None)
+            return outputs, self.save_cache(path)
+        except CacheError as exc:   # a full disk, ...: the previous save stays current
+            log.error("%s", exc)
+            return outputs, None
         finally:
             self.shutdown()
 
@@ -461,9 +515,9 @@ class LLMEngine:
             if t.logprobs is not None and result.logprobs is not None:
                 t.logprobs.append(result.logprobs[i])
             t.detok.append([token])
-            stop = t.stop.check(seq.output_token_ids, t.detok.text, seq.num_prompt_tokens)
+            stop = t.stop.check(seq.num_output_tokens, token, t.detok.text, seq.num_prompt_tokens)
             if stop is None:
-                if t.every_step or len(seq.output_token_ids) == 1:
+                if t.stream or seq.num_output_tokens == 1:
                     outputs.append(self._output(t, None, None, finished=False))
                 continue
             if stop.truncate_to is None:
@@ -484,12 +538,17 @@ class LLMEngine:
                 truncate_to: int | None = None) -> RequestOutput:
         seq = t.seq
         text = t.detok.text
-        if truncate_to is not None:
-            text = text[:truncate_to]
-        elif not finished:
-            text = text[:t.stop.safe_text_len(text)]
-        completion = CompletionOutput(0, text, list(seq.output_token_ids), finish_reason, stop_reason,
-                                      list(t.logprobs) if t.logprobs is not None else None)
+        end = truncate_to if truncate_to is not None else len(text) if finished else t.stop.safe_text_len(text)
+        if t.stream:   # only what is new: a stream costs O(its length) in all, not O(length^2)
+            end = max(end, t.sent_text)   # held-back text is never taken back once sent
+            new_text, ids, logprobs = text[t.sent_text:end], seq.token_ids[t.sent_ids:], t.logprobs
+            t.sent_text, t.sent_ids = end, seq.num_tokens
+            if t.logprobs is not None:
+                t.logprobs = []
+        else:
+            new_text, ids = text[:end], seq.token_ids[seq.num_prompt_tokens:]
+            logprobs = list(t.logprobs) if t.logprobs is not None else None
+        completion = CompletionOutput(0, new_text, ids, finish_reason, stop_reason, logprobs)
         return RequestOutput(seq.request_id, t.prompt_token_ids, [completion], finished,
                              seq.cache, t.metrics, seq.conversation_id)
 

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from pensieve.cache import persist
 from pensieve.cache.kv_pool import allocate_tier, block_bytes, default_cpu_cache_bytes
 from pensieve.cache.manager import TransferPlan
 from pensieve.cache.transfer import KVTransfer
@@ -104,6 +106,11 @@ class ModelRunner:
 
     def shutdown(self) -> None:
         """Nothing to stop with one GPU (the executor protocol's last call)."""
+
+    @property
+    def failure(self) -> str | None:
+        """Why the executor can run no more steps: never, with one GPU."""
+        return None
 
     def message_stats(self) -> tuple[int, float]:
         """Messages sent to other ranks and the seconds they took: none with one GPU."""
@@ -326,6 +333,54 @@ class ModelRunner:
     def sync_transfers(self) -> None:
         """A step failed midway: land every planned copy (the cache manager counted on them)."""
         self.transfer.synchronize()
+
+    # ------------------------------------------------------------ this rank's shard of a saved cache
+    # Each runs on every rank (the executor mirrors it); rank 0 gets every rank's result, or the
+    # CacheError of the first rank that failed: a failed save or load never takes a rank down.
+    @property
+    def tp_size(self) -> int:
+        return self.tp.size
+
+    def kv_block_layout(self) -> tuple[list[int], torch.dtype]:
+        return [self.gpu_tier.shape[0], *self.gpu_tier.shape[2:]], self.dtype
+
+    def write_kv_shards(self, directory, blocks) -> list[list[int]]:
+        def write():
+            tiers = {"gpu": self.gpu_tier, "cpu": self.cpu_tier}
+            return persist.write_shard(Path(directory) / persist.shard_name(self.tp.rank),
+                                       ((key, tiers[tier][:, b]) for key, tier, b in blocks))
+        return self._on_every_rank(write)
+
+    def verify_kv_shards(self, directory, keys, checksums) -> set[int]:
+        def verify():
+            return persist.verify_shard(Path(directory) / persist.shard_name(self.tp.rank), keys,
+                                        checksums[self.tp.rank], persist.block_record_bytes(self.gpu_tier))
+        results = self._on_every_rank(verify)
+        return set().union(*results) if results is not None else set()
+
+    def read_kv_shards(self, directory, keys, checksums, tier, placements) -> None:
+        def read():
+            persist.read_shard(Path(directory) / persist.shard_name(self.tp.rank), keys, checksums[self.tp.rank],
+                               persist.block_record_bytes(self.gpu_tier),
+                               self.cpu_tier if tier == "cpu" else self.gpu_tier, placements)
+        self._on_every_rank(read)
+
+    def _on_every_rank(self, fn):
+        """Run this rank's part (its copies landed first); rank 0 returns every rank's result by rank."""
+        if self.on_cuda:
+            self.transfer.synchronize()
+            torch.cuda.synchronize(self.device)
+        try:
+            result = ("ok", fn())
+        except (OSError, ValueError, persist.CacheError) as exc:
+            result = ("error", f"rank {self.tp.rank}: {exc}")
+        results = self.tp.gather_objects(result)
+        if results is None:
+            return None
+        for status, value in results:
+            if status == "error":
+                raise persist.CacheError(value)
+        return [value for _, value in results]
 
     # ------------------------------------------------------------ CUDA graphs (decode-only steps)
     def graph_size(self, batch: int) -> int | None:

@@ -1,4 +1,10 @@
-"""What the engine hands back per request and step."""
+"""What the engine hands back per request and step.
+
+A streamed request (`stream=True`) gets one output per step that carries only what is new since its
+previous output (text, token ids, logprobs): a long stream costs O(its length), not O(length^2). A
+request that is not streamed gets an output at its first token (carrying that token: its time is the
+TTFT) and a final output that carries the whole completion.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -20,11 +26,11 @@ class CacheUsage:
 @dataclass
 class CompletionOutput:
     index: int
-    text: str                                  # cumulative text so far
-    token_ids: list[int]                       # cumulative generated ids
+    text: str                                  # new text (streamed) or the whole text (final, not streamed)
+    token_ids: list[int]                       # new generated ids, or all of them, as `text`
     finish_reason: str | None = None           # "stop" | "length" | "abort" | None while running
     stop_reason: int | str | None = None       # the stop string or token id that ended it
-    # one entry per generated token: (sampled logprob, {token_id: logprob} of the top-k)
+    # one entry per id of `token_ids`: (sampled logprob, {token_id: logprob} of the top-k)
     logprobs: list[tuple[float, dict[int, float]]] | None = None
 
 

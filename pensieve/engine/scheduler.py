@@ -105,7 +105,7 @@ class Scheduler:
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs and not preempted:
             seq = self.waiting[0]
-            extend_block_keys(seq.block_keys, seq.token_ids, self.block_size)
+            extend_block_keys(seq.block_keys, seq.token_ids, self.block_size, seq.key_root)
             reserve = self.admit_reserve if self.running else 0
             adm = self.kv.admit(seq.block_keys, seq.num_tokens, reserve, seq.conversation_id)
             if adm is None:
@@ -157,7 +157,7 @@ class Scheduler:
     def commit_computed(self, chunk: ScheduledChunk) -> None:
         """Offer every block this chunk completed to the cache (prompt and generated tokens alike)."""
         seq, bs = chunk.seq, self.block_size
-        extend_block_keys(seq.block_keys, seq.token_ids, bs)
+        extend_block_keys(seq.block_keys, seq.token_ids, bs, seq.key_root)
         for lo, hi in chunk.ranges:
             for i in range(lo // bs, hi // bs):
                 self.kv.commit_block(seq.block_table, i, seq.block_keys[i])

@@ -4,7 +4,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from pensieve.cache.block_keys import BlockKey, extend_block_keys
+from pensieve.cache.block_keys import BlockKey, extend_block_keys, salt_root
 from pensieve.engine.outputs import CacheUsage
 from pensieve.sampling_params import SamplingParams
 
@@ -23,6 +23,7 @@ class Sequence:
     params: SamplingParams
     arrival_time: float
     conversation_id: str | None = None
+    cache_salt: str | None = None         # tenant isolation: the block keys' chain starts from its digest
     status: SeqStatus = SeqStatus.WAITING
     block_table: list[int] = field(default_factory=list)
     block_keys: list[BlockKey] = field(default_factory=list)
@@ -34,6 +35,10 @@ class Sequence:
     # the last token is a placeholder: an overlapped step is computing its KV while the step that
     # samples it has not been read back yet (see LLMEngine.step)
     unresolved: bool = False
+    key_root: BlockKey = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.key_root = salt_root(self.cache_salt)
 
     @property
     def num_tokens(self) -> int:
@@ -42,6 +47,10 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
 
     @property
     def num_pending(self) -> int:
@@ -70,7 +79,7 @@ class Sequence:
         else:
             self.token_ids.append(token_id)
             self.pending.append((self.num_tokens - 1, self.num_tokens))
-        extend_block_keys(self.block_keys, self.token_ids, block_size)
+        extend_block_keys(self.block_keys, self.token_ids, block_size, self.key_root)
 
     def append_placeholder(self) -> None:
         """The token being sampled on the GPU right now, scheduled before its value is known.

@@ -5,6 +5,7 @@ OpenAI clients raise their usual typed exceptions (BadRequestError, NotFoundErro
 """
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -46,21 +47,41 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
     return {"error": {"message": message, "type": err_type, "param": param, "code": code}}
 
 
+class ErrorJSON(JSONResponse):
+    """An error body always renders: text echoed from a request (a lone surrogate, say) goes out
+    escaped (ensure_ascii) instead of failing to encode."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
+
+
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
+    return ErrorJSON(error_body(status, message, param, code), status_code=status, headers=headers)
+
+
+def _field_path(loc: tuple) -> list[str]:
+    """("body", "prompt", "list[function-after[...]]", 0) -> ["prompt", "0"]: the request's field path,
+    without the root and pydantic's names for the member of a union that was tried."""
+    return [str(part) for part in loc if part not in ("body", "query", "path") and not (
+        isinstance(part, str) and ("[" in part or part[:1].isupper() or part in ("str", "int", "float", "bool")))]
+
+
+def _most_telling(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    """Of a union's errors, the one about the value (a lone surrogate in the list member) rather than
+    'not a string' from the member it was not meant for; then the deepest."""
+    return max(errors, key=lambda e: (not str(e.get("type", "")).endswith("_type"), len(_field_path(e["loc"]))))
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, str]:
     errors = exc.errors()
     if not errors:
         return "Invalid request", None, "invalid_request"
-    first = errors[0]
-    if first.get("type") == "json_invalid":
-        return f"Malformed JSON body: {first.get('msg', '')}", None, "invalid_json"
-    # loc is ("body", "messages", 0, "role"): drop the "body" root, name the field as a dotted path.
-    loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
-    param = ".".join(loc) or None
+    if errors[0].get("type") == "json_invalid":
+        return f"Malformed JSON body: {errors[0].get('msg', '')}", None, "invalid_json"
+    first = _most_telling(errors)
+    # loc is ("body", "messages", 0, "role"): name the field as a dotted path, "messages.0.role"
+    param = ".".join(_field_path(first.get("loc", ()))) or None
     where = f" at '{param}'" if param else ""
     more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
     return f"Invalid request{where}: {first.get('msg', 'invalid value')}{more}", param, "invalid_request"
@@ -78,6 +99,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 413:  # limits.BodySizeLimit, as a chunked body went past the limit
+            return error_response(413, str(exc.detail), code="request_too_large")
         return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)

@@ -77,6 +77,41 @@ class EngineCollector(Collector):
         return iter(())  # dynamic: nothing to check at registration
 
 
+class GatewayCollector(Collector):
+    """The load and cache gauges routers read, under vLLM's names (the names the Kubernetes Gateway API
+    inference extension's model-server protocol lists): queue and running requests, KV utilisation (the
+    share of blocks held by running requests, per tier) and the cache layout (block size, pool sizes)."""
+
+    def __init__(self, stats: Callable[[], Any], block_size: int | None) -> None:
+        self._stats = stats
+        self._block_size = block_size
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._stats()
+        gpu = s.gpu_blocks_used / s.gpu_blocks_total if s.gpu_blocks_total else 0.0
+        cpu = s.cpu_blocks_used / s.cpu_blocks_total if s.cpu_blocks_total else 0.0
+        yield GaugeMetricFamily("vllm:num_requests_waiting", "Requests waiting to be scheduled", value=s.num_waiting)
+        yield GaugeMetricFamily("vllm:num_requests_running", "Requests being processed", value=s.num_running)
+        yield GaugeMetricFamily("vllm:kv_cache_usage_perc", "GPU KV cache usage (1 = full)", value=gpu)
+        yield GaugeMetricFamily("vllm:gpu_cache_usage_perc", "GPU KV cache usage (1 = full; older name)", value=gpu)
+        yield GaugeMetricFamily("vllm:cpu_cache_usage_perc", "CPU KV cache usage (1 = full)", value=cpu)
+        usage = GaugeMetricFamily("pensieve_kv_cache_usage_perc",
+                                  "KV blocks in use by tier, as a share of the tier (GPU: held by running requests)",
+                                  labels=["tier"])
+        usage.add_metric(["gpu"], gpu)
+        usage.add_metric(["cpu"], cpu)
+        yield usage
+        if self._block_size is not None:
+            info = GaugeMetricFamily("vllm:cache_config_info", "KV cache layout", labels=[
+                "block_size", "num_gpu_blocks", "num_cpu_blocks"])
+            info.add_metric([str(self._block_size), str(s.gpu_blocks_total), str(s.cpu_blocks_total)], 1.0)
+            yield info
+            yield GaugeMetricFamily("pensieve_kv_block_size", "Tokens per KV block", value=self._block_size)
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
 class ServerMetrics:
     def __init__(self, stats: Callable[[], Any]) -> None:
         self.registry = CollectorRegistry()

@@ -17,13 +17,32 @@ def render(tokenizer: Any, messages: list[Message], add_generation_prompt: bool)
         raise APIError(400, f"Could not apply the chat template: {exc}", param="messages") from exc
 
 
-def encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
+# A text this many characters per token of the context long is refused once its head of that many
+# characters alone has more tokens than the context holds (+ a margin for the word cut at its end):
+# a 10 MB body never costs a whole tokenization (20 s on the demo model's tokenizer) to reject.
+HEAD_CHARS_PER_TOKEN = 16
+_HEAD_MARGIN_TOKENS = 64
+
+
+def _too_long(num_tokens: str, max_tokens: int) -> APIError:
+    return APIError(400, f"This model's maximum context length is {max_tokens} tokens, but the prompt has "
+                         f"{num_tokens} tokens (no room left to generate)", param="messages",
+                    code="context_length_exceeded")
+
+
+def encode(tokenizer: Any, text: str, add_special_tokens: bool, max_tokens: int | None = None) -> list[int]:
+    """Token ids of `text`; with `max_tokens`, a text far longer than that is refused after its head."""
+    if max_tokens is not None and len(text) > HEAD_CHARS_PER_TOKEN * max_tokens:
+        head = tokenizer.encode(text[:HEAD_CHARS_PER_TOKEN * max_tokens], add_special_tokens=False)
+        if len(head) > max_tokens + _HEAD_MARGIN_TOKENS:
+            raise _too_long(f"more than {len(head) - _HEAD_MARGIN_TOKENS}", max_tokens)
     return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
 
-def chat_prompt_ids(tokenizer: Any, messages: list[Message]) -> list[int]:
+def chat_prompt_ids(tokenizer: Any, messages: list[Message], max_tokens: int | None = None) -> list[int]:
     # The template already writes any BOS it wants, so no special tokens are added on top.
-    return encode(tokenizer, render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)
+    return encode(tokenizer, render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False,
+                  max_tokens=max_tokens)
 
 
 def _closing_text(tokenizer: Any, history: list[Message], reply_ids: list[int]) -> str:
@@ -49,7 +68,7 @@ def _closing_text(tokenizer: Any, history: list[Message], reply_ids: list[int]) 
 
 
 def append_turn_ids(tokenizer: Any, history: list[Message], history_ids: list[int], reply_ids: list[int],
-                    new_messages: list[Message]) -> list[int]:
+                    new_messages: list[Message], max_tokens: int | None = None) -> list[int]:
     """The next turn's prompt: `history_ids` kept verbatim plus the tokens of the new turn.
 
     The new turn is a text delta, render(history + new) minus render(history), so earlier tokens never
@@ -63,7 +82,7 @@ def append_turn_ids(tokenizer: Any, history: list[Message], history_ids: list[in
         # which for turn-by-turn templates (ChatML, Llama) is the same text.
         after = before + render(tokenizer, new_messages, add_generation_prompt=True)
     delta = _closing_text(tokenizer, history, reply_ids) + after[len(before):]
-    return history_ids + encode(tokenizer, delta, add_special_tokens=False)
+    return history_ids + encode(tokenizer, delta, add_special_tokens=False, max_tokens=max_tokens)
 
 
 def resolve_max_tokens(prompt_len: int, max_tokens: int | None, max_model_len: int, param: str) -> int | None:
@@ -71,9 +90,7 @@ def resolve_max_tokens(prompt_len: int, max_tokens: int | None, max_model_len: i
     if prompt_len == 0:
         raise APIError(400, "The prompt is empty", param="prompt", code="invalid_prompt")
     if prompt_len >= max_model_len:
-        raise APIError(400, f"This model's maximum context length is {max_model_len} tokens, but the prompt has "
-                            f"{prompt_len} tokens (no room left to generate)", param="messages",
-                       code="context_length_exceeded")
+        raise _too_long(str(prompt_len), max_model_len)
     if max_tokens is None:
         return None
     if max_tokens < 1:

@@ -2,30 +2,46 @@
 
 Only what the server reads is modelled; unknown fields are ignored (OpenAI clients send extras such as
 `user` or `metadata`). Sampling fields are shared by all three generation endpoints.
+
+Every string read is `Text`: JSON may carry a lone UTF-16 surrogate ("\ud800"), which no tokenizer
+or UTF-8 encoder takes, so it is refused here (400) rather than failing later (500). Every float
+is finite: NaN and +-Infinity (which Python's JSON parser accepts) are refused too.
 """
 from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+
+def _utf8(text: str) -> str:
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"the string holds a lone UTF-16 surrogate at index {exc.start}: "
+                             "not valid Unicode text") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 TokenIds = list[Annotated[int, Field(ge=0)]]
 
 
 class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class TextPart(_Lenient):
     type: Literal["text", "input_text", "output_text"] = "text"
-    text: str
+    text: Text
 
 
 class ChatMessage(_Lenient):
     role: Role
-    content: Union[str, list[TextPart], None] = None
-    name: str | None = None
+    content: Union[Text, list[TextPart], None] = None
+    name: Text | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -42,13 +58,13 @@ class StreamOptions(_Lenient):
 class SamplingFields(_Lenient):
     """Fields that map onto SamplingParams; ranges are checked again by SamplingParams.validate."""
 
-    model: str
+    model: Text
     temperature: float | None = Field(default=None, ge=0)
     top_p: float | None = None
     top_k: int | None = None
     min_p: float | None = None
     seed: int | None = None
-    stop: Union[str, list[str], None] = None
+    stop: Union[Text, list[Text], None] = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
@@ -60,6 +76,9 @@ class SamplingFields(_Lenient):
     # vLLM's extension: the generated token ids on each choice (and the prompt's), so a client can
     # append exactly those ids to its next turn instead of re-tokenizing the text
     return_token_ids: bool = False
+    # vLLM's field: KV is reused only between requests with the same salt (and the same API key);
+    # for isolation finer than the key, e.g. per end user of one application
+    cache_salt: Text | None = Field(default=None, min_length=1, max_length=256)
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -68,12 +87,12 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    # Pensieve extension: names the conversation that owns this request's KV (see DESIGN.md §4 item 2).
-    conversation_id: str | None = Field(default=None, min_length=1, max_length=256)
+    # Pensieve extension: names the conversation that owns this request's KV (what a delete frees).
+    conversation_id: Text | None = Field(default=None, min_length=1, max_length=256)
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Union[str, list[str], TokenIds, list[TokenIds]]
+    prompt: Union[Text, list[Text], TokenIds, list[TokenIds]]
     max_tokens: int | None = 16
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
@@ -82,7 +101,7 @@ class CompletionRequest(SamplingFields):
 class ResponseInputMessage(_Lenient):
     type: Literal["message"] = "message"
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart]]
+    content: Union[Text, list[TextPart]]
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -91,12 +110,14 @@ class ResponseInputMessage(_Lenient):
 
 
 class ResponsesRequest(_Lenient):
-    model: str
-    input: Union[str, list[ResponseInputMessage]]
-    instructions: str | None = None
-    previous_response_id: str | None = None
+    model: Text
+    input: Union[Text, list[ResponseInputMessage]]
+    instructions: Text | None = None
+    previous_response_id: Text | None = None
     store: bool = True
     max_output_tokens: int | None = None
     temperature: float | None = Field(default=None, ge=0)
     top_p: float | None = None
     stream: bool = False
+    cache_salt: Text | None = Field(default=None, min_length=1, max_length=256)   # as SamplingFields
+    ignore_eos: bool = False                                                       # as SamplingFields

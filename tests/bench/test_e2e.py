@@ -161,7 +161,7 @@ def test_parse_system_variants():
         parse_system("tiered-fast")
 
 
-def test_http_backend_against_demo_server(tiny_server, tiny_path):
+def test_http_backend_against_a_tiny_model_server(tiny_server, tiny_path):
     async def main():
         rec = Recording(HttpBackend("http", tiny_server, tokenizer_path=tiny_path))
         await rec.start()

@@ -146,3 +146,82 @@ def test_sustained_rate_below_range_records_the_lowest_rate():
 
     r = sustained_rate([6.0, 3.0], [0.2, 0.15], 0.1)
     assert (r.value, r.status, r.to_json()["below"]) == (None, "below_range", 3.0)
+
+
+def _turn(conv: str, idx: int, ttft: float, prompt: int, cached: int) -> TurnResult:
+    return TurnResult(request_id=f"{conv}-{idx}", conversation_id=conv, turn_index=idx, send_time=float(idx),
+                      first_token_time=idx + ttft, finish_time=idx + ttft + 1.0, prompt_tokens=prompt,
+                      output_tokens=10, gpu_hit_tokens=cached, cached_tokens=cached)
+
+
+def test_turn_view_by_turn_number():
+    from pensieve.bench.metrics import turn_view
+
+    recs = [_turn("a", 0, 0.4, 100, 0), _turn("b", 0, 0.6, 100, 0),        # turn 1: nothing cached
+            _turn("a", 1, 0.1, 200, 150), _turn("b", 1, 0.3, 200, 50),      # turn 2: 200 of 400 cached
+            *[_turn("c", i, 0.2, 1000, 900) for i in range(2, 12)]]        # turns 3-12, one each
+    view = turn_view(recs)
+    t1, t2 = view["per_turn"]["1"], view["per_turn"]["2"]
+    assert t1["count"] == 2 and t1["hit_rate"] == 0.0 and t1["ttft"]["mean"] == pytest.approx(0.5)
+    assert t2["hit_rate"] == pytest.approx(0.5) and t2["ttft"]["mean"] == pytest.approx(0.2)
+    assert set(view["per_turn"]) == {str(i) for i in range(1, 13)}
+    b = view["buckets"]
+    assert list(b) == ["1", "2", "3", "4", "5", "6-10", "11-20"]
+    assert b["6-10"]["count"] == 5 and b["11-20"]["count"] == 2 and b["6-10"]["hit_rate"] == pytest.approx(0.9)
+    # the summary carries the view of its measured turns
+    assert summarize(recs, warmup=1.0)["by_turn"]["per_turn"].keys() == {str(i) for i in range(2, 13)}
+
+
+def _gauges(running: float, waiting: float, used: float, cached: float = 0.0, total: float = 100.0) -> dict:
+    return {"num_running": running, "num_waiting": waiting, "gpu_blocks_total": total, "gpu_blocks_used": used,
+            "gpu_blocks_cached": cached, "cpu_blocks_total": 200.0, "cpu_blocks_used": 50.0}
+
+
+def test_occupancy_says_what_binds():
+    from pensieve.bench.metrics import occupancy
+
+    # running requests hold 90% of the pool while others wait: the pool caps the batch
+    pool = [(t, _gauges(40, 5 if t >= 2 else 0, 90 if t >= 2 else 30, 5)) for t in range(10)]
+    o = occupancy(pool, warmup=1.0, max_num_seqs=256)
+    assert o["binds"] == "gpu_pool" and o["samples"] == 9
+    assert o["gpu_used_frac"]["max"] == pytest.approx(0.9) and o["num_running"]["mean"] == 40
+    assert o["cpu_used_frac"]["mean"] == pytest.approx(0.25)
+    assert o["pool_bound_share"] == pytest.approx(8 / 9)
+    # the warm-up samples are left out: the same run seen from t=2 is bound in every sample
+    assert occupancy(pool, warmup=2.0)["pool_bound_share"] == 1.0
+    seqs = [(t, _gauges(16, 3, 40, 20)) for t in range(5)]
+    assert occupancy(seqs, max_num_seqs=16)["binds"] == "max_num_seqs"
+    assert occupancy(seqs, max_num_seqs=256)["binds"] == "queue"              # waiting with pool room
+    idle = [(t, _gauges(3, 0, 10, 60)) for t in range(5)]
+    o = occupancy(idle, max_num_seqs=256)
+    assert o["binds"] == "none" and o["gpu_free_frac"]["mean"] == pytest.approx(0.3)
+    assert occupancy(idle, max_num_seqs=256, preemptions=2)["binds"] == "gpu_pool"   # preempted: the pool was short
+    assert occupancy([])["samples"] == 0
+
+
+def test_ratios_across_seeds():
+    from pensieve.bench.metrics import across_seeds
+
+    def point(rate: float, p90: float) -> dict:
+        return {"rate": rate, "summary": {"throughput_rps": rate, "num_requests": 10,
+                                          "normalized_latency": {"mean": p90, "p90": p90}}}
+
+    per_seed = {
+        # seed 0: tiered crosses 0.1 at 30, stateless at 15: 2.0 exactly
+        "0": headline({"tiered": [point(20, 0.05), point(40, 0.15)], "stateless": [point(10, 0.05), point(20, 0.15)]},
+                      [0.1]),
+        # seed 1: 1.5
+        "1": headline({"tiered": [point(20, 0.05), point(40, 0.15)], "stateless": [point(15, 0.05), point(25, 0.15)]},
+                      [0.1]),
+        # seed 2: tiered never crossed: >= 40 / 20
+        "2": headline({"tiered": [point(20, 0.05), point(40, 0.08)], "stateless": [point(10, 0.05), point(30, 0.15)]},
+                      [0.1]),
+    }
+    out = across_seeds(per_seed)
+    cell = out["ratios"]["tiered_vs_stateless"]["p90"]["0.1"]
+    assert cell["values"] == {"0": pytest.approx(2.0), "1": pytest.approx(1.5), "2": pytest.approx(2.0)}
+    assert cell["status"] == {"0": "exact", "1": "exact", "2": "lower_bound"}
+    assert (cell["n"], cell["min"], cell["max"]) == (3, pytest.approx(1.5), pytest.approx(2.0))
+    assert cell["mean"] == pytest.approx(5.5 / 3)
+    assert out["ratios"]["tiered_vs_gpu"]["p90"]["0.1"]["n"] == 0
+    assert out["sustained_rates"]["p90"]["0.1"]["stateless"]["values"]["1"] == pytest.approx(20.0)

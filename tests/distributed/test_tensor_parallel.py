@@ -26,13 +26,14 @@ LOGPROB_TOL = 1e-4
 DEVICE = os.environ.get("PENSIEVE_TEST_DEVICE", "cpu")
 
 
-def make_engine(path, tp: int, mode: str = "stateless", gpu: int = 256, cpu: int = 0, **kw) -> LLMEngine:
+def make_engine(path, tp: int, mode: str = "stateless", gpu: int = 256, cpu: int = 0, cache_path=None,
+                **kw) -> LLMEngine:
     if DEVICE == "cuda" and torch.cuda.device_count() < tp:
         pytest.skip(f"needs {tp} GPUs")
     return LLMEngine(EngineConfig(
         model=ModelConfig(model=str(path), max_model_len=256),
         cache=CacheConfig(block_size=4, cache_mode=mode, num_gpu_blocks=gpu, num_cpu_blocks=cpu,
-                          swap_out_watermark=0.5),
+                          swap_out_watermark=0.5, persist_path=None if cache_path is None else str(cache_path)),
         scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=48),
         device=DEVICE, enforce_eager=DEVICE == "cpu", tensor_parallel_size=tp, **kw))
 
@@ -120,3 +121,73 @@ def test_one_rank_has_no_other_process_and_no_group(tiny_checkpoint):
     assert engine.executor is engine.runner and not dist.is_initialized()
     engine.add_request("a", [5, 6, 7], SamplingParams(temperature=0, max_tokens=2))
     assert run_all(engine)["a"].finished
+
+
+def test_the_saved_cache_round_trips_under_two_ranks(tiny_checkpoint, tmp_path):
+    """Each rank saves and verifies its own KV heads; a block damaged in rank 1's shard alone is dropped
+    on every rank (the union of bad blocks), and answers equal stateless serving."""
+    from pensieve.cache import persist
+
+    path, saved = tiny_checkpoint("llama"), tmp_path / "kv"
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    first = list(range(20, 53))
+    reference = make_engine(path, 1)
+    reference.add_request("t1", first + [7, 8, 9], params)
+    want = run_all(reference)["t1"].outputs[0].token_ids
+
+    engine = make_engine(path, 2, "tiered", gpu=64, cpu=64, cache_path=saved)
+    engine.add_request("t0", first, params, conversation_id="c")
+    run_all(engine)
+    engine.close([])                                   # saves, then stops both ranks
+    save = persist.open_save(saved)[0]
+    assert sorted(p.name for p in save.glob("kv.*.bin")) == ["kv.0.bin", "kv.1.bin"]
+    shard = save / "kv.1.bin"
+    record = shard.stat().st_size // len(persist.open_save(saved)[1]["keys"])
+    raw = bytearray(shard.read_bytes())
+    raw[record // 2] ^= 0xFF                            # rank 1's copy of the first saved block only
+    shard.write_bytes(bytes(raw))
+
+    engine = make_engine(path, 2, "tiered", gpu=64, cpu=64, cache_path=saved)
+    try:
+        assert engine.kv.num_used_cpu == len(persist.open_save(saved)[1]["keys"]) - 1
+        engine.add_request("t1", first + [7, 8, 9], params)
+        out = run_all(engine)["t1"]
+        assert out.outputs[0].token_ids == want and out.cache.cpu_hit_tokens > 0
+    finally:
+        engine.shutdown()
+    one_rank = make_engine(path, 1, "tiered", gpu=64, cpu=64, cache_path=saved)   # another layout: logged, empty
+    assert one_rank.kv.num_used_cpu == 0
+
+
+def test_the_async_engine_stops_when_a_rank_dies(tiny_checkpoint):
+    """Behind the server: the request in flight fails with the rank named, the engine reports not alive
+    (so /health answers 503), and no rank process is left."""
+    import asyncio
+
+    from pensieve.engine.async_engine import AsyncEngine
+
+    config = EngineConfig(model=ModelConfig(model=str(tiny_checkpoint("llama")), max_model_len=256),
+                          cache=CacheConfig(block_size=4, num_gpu_blocks=64, num_cpu_blocks=16),
+                          device=DEVICE, enforce_eager=True, tensor_parallel_size=2)
+    if DEVICE == "cuda" and torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    engine = AsyncEngine(config)
+    [worker] = engine.engine.executor.rank_processes
+
+    async def main() -> None:
+        params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+        async for _ in engine.generate("fine", list(range(10, 40)), params):
+            pass
+        os.kill(worker.pid, signal.SIGKILL)
+        with pytest.raises(RuntimeError, match="rank 1"):
+            async for _ in engine.generate("doomed", list(range(10, 40)), params):
+                pass
+        for _ in range(100):
+            if not engine.alive:
+                break
+            await asyncio.sleep(0.05)
+        assert not engine.alive
+        await engine.shutdown()
+
+    asyncio.run(main())
+    assert not worker.is_alive()

@@ -47,7 +47,7 @@ def test_async_engine_wakes_each_caller_loop_once_per_step(config):
             async def one(i: int) -> list[int]:
                 tokens: list[int] = []
                 async for out in engine.generate(f"r{i}", [5 + i, 6, 7, 8, 9], params):
-                    tokens = out.outputs[0].token_ids
+                    tokens += out.outputs[0].token_ids   # a stream: each output carries its new token
                 return tokens
 
             results = await asyncio.gather(*(one(i) for i in range(6)))
@@ -63,7 +63,8 @@ def test_async_engine_wakes_each_caller_loop_once_per_step(config):
 
 
 def test_first_and_final_outputs_only(config):
-    """every_step=False: the first output that carries a token, then the final one, same tokens."""
+    """stream=False: the first output that carries a token, then the final one with the whole
+    completion; a stream's outputs carry one new token each and add up to the same."""
     import asyncio
 
     from pensieve.engine.async_engine import AsyncEngine
@@ -74,31 +75,34 @@ def test_first_and_final_outputs_only(config):
         engine = AsyncEngine(config)
         try:
             every = [o async for o in engine.generate("a", [5, 6, 7, 8, 9], params)]
-            sparse = [o async for o in engine.generate("b", [5, 6, 7, 8, 9], params, every_step=False)]
+            sparse = [o async for o in engine.generate("b", [5, 6, 7, 8, 9], params, stream=False)]
             return every, sparse
         finally:
             await engine.shutdown()
 
     every, sparse = asyncio.run(main())
     assert len(every) == 7 and len(sparse) == 2
+    assert all(len(o.outputs[0].token_ids) == 1 for o in every)
     assert len(sparse[0].outputs[0].token_ids) == 1 and not sparse[0].finished
-    assert sparse[1].finished and sparse[1].outputs[0].token_ids == every[-1].outputs[0].token_ids
+    streamed_ids = [t for o in every for t in o.outputs[0].token_ids]
+    assert sparse[1].finished and sparse[1].outputs[0].token_ids == streamed_ids
+    assert sparse[1].outputs[0].text == "".join(o.outputs[0].text for o in every)
 
 
 def test_engine_builds_outputs_only_when_asked(config):
-    """LLMEngine.add_request(every_step=False): step() returns that request at its first token and at
-    its end only; a streaming request beside it still gets one output per token."""
+    """LLMEngine.add_request(stream=False): step() returns that request at its first token and at
+    its end only (whole); a streamed request beside it gets one output per token, each one new token."""
     from pensieve.engine.llm_engine import LLMEngine
 
     engine = LLMEngine(config)
     params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
-    engine.add_request("quiet", [5, 6, 7, 8], params, every_step=False)
-    engine.add_request("loud", [5, 6, 7, 8], params)
+    engine.add_request("quiet", [5, 6, 7, 8], params)
+    engine.add_request("loud", [5, 6, 7, 8], params, stream=True)
     seen: dict[str, list[int]] = {"quiet": [], "loud": []}
     while engine.has_unfinished():
         for out in engine.step():
             seen[out.request_id].append(len(out.outputs[0].token_ids))
-    assert seen == {"quiet": [1, 5], "loud": [1, 2, 3, 4, 5]}
+    assert seen == {"quiet": [1, 5], "loud": [1, 1, 1, 1, 1]}
 
 
 @pytest.mark.parametrize("kind", ["thread", "process"])
@@ -122,7 +126,7 @@ def test_a_duplicate_request_id_is_refused_and_the_first_finishes(config, kind):
                 return [o async for o in first]
 
             got += await asyncio.wait_for(rest(), 60)  # a lost stream would wait forever
-            assert got[-1].finished and len(got[-1].outputs[0].token_ids) == 12
+            assert got[-1].finished and sum(len(o.outputs[0].token_ids) for o in got) == 12
         finally:
             await engine.shutdown()
 

@@ -167,7 +167,7 @@ def run_request(
     for tok_id in ids:
         out.append(tok_id)
         detok.append([tok_id])
-        result = checker.check(out, detok.text, prompt_len)
+        result = checker.check(len(out), tok_id, detok.text, prompt_len)
         text = detok.text
         if result is not None:
             if result.truncate_to is not None:
@@ -207,7 +207,7 @@ def test_earliest_of_several_stop_strings_wins(byte_bpe):
     # Both are in the text checked at once: the match that starts first wins, not the first listed.
     checker = StopChecker(SamplingParams(stop=["lazy", "the la", "zzz"]), set(), 1000)
     text = byte_bpe.decode(ids)
-    assert checker.check(ids, text, 3) == StopResult("stop", "the la", text.index("the la"))
+    assert checker.check(len(ids), ids[-1], text, 3) == StopResult("stop", "the la", text.index("the la"))
 
 
 def test_stop_string_with_multibyte_characters(byte_bpe):

@@ -33,22 +33,29 @@ def test_same_answers_and_surface_as_the_thread_engine(config):
     async def run(engine) -> dict:
         try:
             outs = await asyncio.gather(*(_collect(engine, rid, p, params) for rid, p in prompts.items()))
-            return {rid: o[-1].outputs[0].token_ids for rid, o in zip(prompts, outs)}
+            return {rid: [t for out in o for t in out.outputs[0].token_ids] for rid, o in zip(prompts, outs)}
         finally:
             await engine.shutdown()
 
-    want = asyncio.run(run(AsyncEngine(config)))
+    from pensieve.engine.client import EngineClient
+
+    thread_engine = AsyncEngine(config)
+    assert isinstance(thread_engine, EngineClient)   # the one surface the server uses
+    want = asyncio.run(run(thread_engine))
     process = EngineProcess(config)
+    assert isinstance(process, EngineClient)
     assert process.max_model_len == 128 and process.device == DEVICE and process.tokenizer is not None
 
     async def checks() -> dict:
         got = await asyncio.gather(*(_collect(process, rid, p, params) for rid, p in prompts.items()))
-        answers = {rid: o[-1].outputs[0].token_ids for rid, o in zip(prompts, got)}
-        assert all(len(o) == 8 for o in got)  # one output per token
+        answers = {rid: [t for out in o for t in out.outputs[0].token_ids] for rid, o in zip(prompts, got)}
+        assert all(len(o) == 8 for o in got)  # one output per token, each carrying only that token
+        assert all(len(out.outputs[0].token_ids) == 1 for o in got for out in o)
 
-        # every_step=False: first token and the end
-        sparse = await _collect(process, "sparse", prompts["r0"], params, every_step=False)
+        # stream=False: first token and the end, with the whole completion
+        sparse = await _collect(process, "sparse", prompts["r0"], params, stream=False)
         assert [len(o.outputs[0].token_ids) for o in sparse] == [1, 8]
+        assert sparse[-1].outputs[0].token_ids == answers["r0"]
 
         # a bad prompt fails its own stream with the engine's error, nothing else
         with pytest.raises(ValueError, match="context"):

@@ -130,3 +130,26 @@ def test_return_token_ids_gives_exact_ids_streamed_or_not(server: ServerHandle) 
     assert streamed == full.model_extra["token_ids"]
     plain = client.completions.create(model="demo", prompt=prompt, max_tokens=2).choices[0]
     assert "token_ids" not in (plain.model_extra or {})
+
+
+def test_streamed_logprobs_add_up_to_the_whole(server: ServerHandle) -> None:
+    """Each streamed chunk carries only its new tokens' logprobs (and offsets into the whole text)."""
+    client = server.client()
+    chat = dict(model="demo", messages=HELLO, max_tokens=9, temperature=0, logprobs=True, top_logprobs=2,
+                extra_body={"ignore_eos": True})
+    whole = client.chat.completions.create(**chat).choices[0].logprobs.content
+    streamed = [e for c in client.chat.completions.create(stream=True, **chat) if c.choices and c.choices[0].logprobs
+                for e in c.choices[0].logprobs.content]
+    assert [e.token for e in streamed] == [e.token for e in whole] and len(whole) == 9
+    assert all(abs(a.logprob - b.logprob) < 1e-4 for a, b in zip(streamed, whole))
+
+    comp = dict(model="demo", prompt="The weather", max_tokens=7, temperature=0, logprobs=1,
+                extra_body={"ignore_eos": True})
+    full = client.completions.create(**comp).choices[0]
+    tokens, offsets = [], []
+    for c in client.completions.create(stream=True, **comp):
+        if c.choices and c.choices[0].logprobs:
+            tokens += c.choices[0].logprobs.tokens
+            offsets += c.choices[0].logprobs.text_offset
+    assert tokens == full.logprobs.tokens and offsets == full.logprobs.text_offset
+    assert "".join(tokens) == full.text

@@ -133,10 +133,10 @@ def test_chat_in_process_eof_quits(tiny_model: str) -> None:
     assert counts[1][0] >= 16 and counts[1][0] < counts[1][1]
 
 
-@pytest.mark.parametrize("engine_flags", [[], ["--engine-process"]], ids=["engine-thread", "engine-process"])
-def test_serve_then_sigint_with_a_stream_in_flight(engine_flags: list[str], tiny_model: str) -> None:
+def test_serve_then_sigint_with_a_stream_in_flight(tiny_model: str) -> None:
+    """Ctrl-C; SIGTERM, with both engines and every kind of request, is test_shutdown.py's."""
     port = free_port()
-    proc = subprocess.Popen(CLI + ["serve", "--model", tiny_model, *SMALL_ENGINE, *engine_flags, "--port", str(port),
+    proc = subprocess.Popen(CLI + ["serve", "--model", tiny_model, *SMALL_ENGINE, "--port", str(port),
                                    "--shutdown-timeout", "1", "--log-level", "warning"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PENSIEVE_API_KEY": "env-key"})
@@ -163,13 +163,14 @@ def test_serve_then_sigint_with_a_stream_in_flight(engine_flags: list[str], tiny
             assert next(lines).startswith("data:")
             proc.send_signal(signal.SIGINT)
             start = time.monotonic()
-            try:
-                for _ in lines:  # the stream ends (cut or finished) instead of hanging
-                    pass
-            except httpx.HTTPError:
-                pass
+            events = [line for line in lines if line.startswith("data:")]  # the stream ends instead of hanging
         assert proc.wait(timeout=30) == 0
         assert time.monotonic() - start < 20
+        # it ended cleanly: finished, or cut with an error event; [DONE] either way, no traceback
+        assert events[-1] == "data: [DONE]"
+        finished = any('"finish_reason": "length"' in e for e in events)
+        assert finished or any('"error"' in e for e in events[-3:]), events[-3:]
+        assert "Traceback" not in proc.stdout.read()
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -243,3 +244,23 @@ def test_chat_ctrl_c_at_the_prompt_quits(tiny_model: str) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_serve_refuses_an_unusable_kv_cache_in_one_line(tmp_path, tiny_model: str) -> None:
+    """An unwritable --kv-cache-path (found at start, not at shutdown), and with --kv-cache-strict a
+    damaged save: one line on stderr and exit status 1, never a traceback."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("in the way")
+    damaged = tmp_path / "kv"
+    damaged.mkdir()
+    (damaged / "CURRENT").write_text("save-0123456789abcdef\n")   # names a save that is not there
+    cases = [(["--kv-cache-path", str(blocker)], "not writable"),
+             (["--kv-cache-path", str(damaged), "--kv-cache-strict"], "index.json is missing")]
+    for flags, says in cases:
+        proc = subprocess.run(CLI + ["serve", tiny_model, *SMALL_ENGINE, "--port", str(free_port()), "--log-level", "warning",
+                                     *flags], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PENSIEVE_API_KEY": ""})
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-2000:]
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("pensieve serve: error:")]
+        assert len(errors) == 1 and says in errors[0], proc.stderr[-2000:]

@@ -1,0 +1,1 @@
+"""Serving one model from several Pensieve replicas behind vllm-router (docs/REPLICAS.md)."""

@@ -22,8 +22,9 @@ from pensieve.errors import CheckpointError, UsageError
 MODEL_HELP = "checkpoint: an HF directory or a .gguf file (default: the demo model, SmolLM2-135M-Instruct)"
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows every option's default (options without help text too), unless its text says it."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every option's default (options without help text too), unless its text says it;
+    descriptions and epilogs (examples) keep their lines."""
 
     def _format_action(self, action: argparse.Action) -> str:
         if action.help is None and action.default not in (None, False, argparse.SUPPRESS):

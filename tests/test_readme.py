@@ -63,3 +63,12 @@ def test_curl_names_the_served_demo_model() -> None:
     from pensieve.demo import DEMO_SERVED_NAME
 
     assert f'"model": "{DEMO_SERVED_NAME}"' in "\n".join(_code_blocks("bash"))
+
+
+def test_the_library_prints_no_log_lines_of_its_own() -> None:
+    """Logging is the application's to configure: a warning of the engine's, with no handler set up, goes
+    nowhere (no Python last-resort line on stderr: it would break bench's progress bar and LLM()'s output)."""
+    code = "import logging, pensieve; logging.getLogger('pensieve.engine.llm_engine').warning('slow step 9.9 s')"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr

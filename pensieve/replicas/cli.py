@@ -11,7 +11,7 @@ from typing import Any
 from pensieve.replicas.launcher import POLICIES
 
 EPILOG = """examples:
-  pensieve serve-replicas --replicas 2                        # two demo replicas on the CPU, router on :8000
+  pensieve serve-replicas --replicas 2                        # two demo-model replicas on the CPU, router on :8000
   pensieve serve-replicas --replicas 4 -- /models/llama-3.1-8b --cache-mode tiered   # one GPU each
 Clients talk to the router as to one server. A conversation that continues with previous_response_id
 must name its session in an X-Session-ID header from its first turn (docs/REPLICAS.md)."""
@@ -43,8 +43,10 @@ def replica_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_serve_replicas(sub: Any) -> None:
+    from pensieve.cli import HelpFormatter
+
     p = sub.add_parser("serve-replicas", help="N replicas behind vllm-router on this host",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=EPILOG, formatter_class=HelpFormatter)
     p.add_argument("--replicas", type=int, default=2, help="number of replicas (one GPU group each where there are GPUs)")
     p.add_argument("--gpus-per-replica", type=int, default=1, help="GPUs in each replica's group")
     p.add_argument("--host", default="127.0.0.1", help="address of the router and the replicas")

@@ -33,7 +33,7 @@ def prompts(tokenizer, batch: int) -> list[list[int]]:
 def ours(engine: LLMEngine, ids: list[list[int]], tokens: int) -> float:
     params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
     for i, p in enumerate(ids):
-        engine.add_request(f"r{time.monotonic_ns()}-{i}", p, params, every_step=True)
+        engine.add_request(f"r{time.monotonic_ns()}-{i}", p, params, stream=True)
     first = None
     while engine.has_unfinished():
         outs = engine.step()

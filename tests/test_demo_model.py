@@ -55,8 +55,8 @@ def _ours(engine, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
     async def one(i: int, ids: list[int]) -> list[int]:
         final = None
         async for out in engine.generate(f"hf-{i}", ids, SamplingParams(temperature=0, max_tokens=max_tokens),
-                                         every_step=False):
-            final = out
+                                         stream=False):
+            final = out   # not streamed: the final output holds the whole completion
         return list(final.outputs[0].token_ids)
 
     async def all_of() -> list[list[int]]:

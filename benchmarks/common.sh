@@ -19,6 +19,13 @@ usage() {  # the calling script's header: the lines after the shebang up to the 
   sed -n '2,/^$/{s/^# \{0,1\}//;p}' "$1"
 }
 
+run_py() {  # run_py SECONDS DIR SCRIPT ARGS...: benchmarks/SCRIPT ARGS --out DIR under `limit SECONDS`, logged
+  local seconds=$1 dir=$2 script=$3
+  shift 3
+  echo "[$(date +%T)] $script $* -> $dir"
+  limit "$seconds" "$PYTHON" "benchmarks/$script" "$@" --out "$dir"
+}
+
 limit() {  # limit SECONDS CMD...: run CMD, stopped after SECONDS unless TIMEOUTS=0
   local seconds=$1
   shift

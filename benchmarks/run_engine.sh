@@ -23,12 +23,7 @@
 
 source "$(dirname "$0")/common.sh"
 
-eb() {  # eb SECONDS DIR ARGS...: one engine_bench.py run into DIR
-  local seconds=$1 dir=$2
-  shift 2
-  echo "[$(date +%T)] engine_bench.py $* -> $dir"
-  limit "$seconds" "$PYTHON" benchmarks/engine_bench.py --ckpt-dir "$CKPT" "$@" --out "$dir"
-}
+eb() { run_py "$1" "$2" engine_bench.py --ckpt-dir "$CKPT" "${@:3}"; }  # eb SECONDS DIR ARGS...: one run into DIR
 
 name=${1:-}
 [ -n "$name" ] && shift

@@ -29,19 +29,8 @@
 
 source "$(dirname "$0")/common.sh"
 
-kb() {  # kb SECONDS DIR SECTIONS ARGS...: kernel_bench.py sections into DIR
-  local seconds=$1 dir=$2 sections=$3
-  shift 3
-  echo "[$(date +%T)] kernel_bench.py --sections $sections $* -> $dir"
-  limit "$seconds" "$PYTHON" benchmarks/kernel_bench.py --sections "$sections" "$@" --out "$dir"
-}
-
-probe() {  # probe SECONDS DIR ARGS...: prefill_probe.py into DIR
-  local seconds=$1 dir=$2
-  shift 2
-  echo "[$(date +%T)] prefill_probe.py $* -> $dir"
-  limit "$seconds" "$PYTHON" benchmarks/prefill_probe.py "$@" --out "$dir"
-}
+kb() { run_py "$1" "$2" kernel_bench.py --sections "$3" "${@:4}"; }  # kb SECONDS DIR SECTIONS ARGS...
+probe() { run_py "$1" "$2" prefill_probe.py "${@:3}"; }              # probe SECONDS DIR ARGS...
 
 name=${1:-}
 [ -n "$name" ] && shift

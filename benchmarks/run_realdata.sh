@@ -79,12 +79,7 @@ keep() {  # keep CMD...: run CMD, remember the worst exit status
   return 0
 }
 
-mt() {  # mt SECONDS DIR ARGS...: one multiturn.py run into DIR
-  local seconds=$1 d=$2
-  shift 2
-  echo "[$(date +%T)] multiturn.py $* -> $d"
-  keep limit "$seconds" "$PYTHON" benchmarks/multiturn.py "$@" --out "$d"
-}
+mt() { keep run_py "$1" "$2" multiturn.py "${@:3}"; }  # mt SECONDS DIR ARGS...: one multiturn.py run into DIR
 
 case "$name" in
   sharegpt)

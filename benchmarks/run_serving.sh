@@ -39,12 +39,7 @@ GQA=(--checkpoint-dir "$CKPT/llama-2-13b-gqa10" --model-shape llama-2-13b-gqa10 
 L8B=(--checkpoint-dir "$CKPT/llama-3.1-8b" --model-shape llama-3.1-8b "${SCALED[@]}" --gpu-kv-gb 8 --kv-offloading-size 48)
 OPT=(--checkpoint-dir "$CKPT/opt-13b" --model-shape opt-13b "${SCALED[@]}" --gpu-kv-gb 40 --kv-offloading-size 64 --stop-above 0.15)
 
-mt() {  # mt SECONDS DIR ARGS...: one multiturn.py run into DIR
-  local seconds=$1 dir=$2
-  shift 2
-  echo "[$(date +%T)] multiturn.py $* -> $dir"
-  limit "$seconds" "$PYTHON" benchmarks/multiturn.py "$@" --out "$dir"
-}
+mt() { run_py "$1" "$2" multiturn.py "${@:3}"; }  # mt SECONDS DIR ARGS...: one multiturn.py run into DIR
 
 merge() {  # merge DEST RUN...: one report over several runs (the device from this machine unless DEVICE is set)
   local dest=$1

@@ -40,6 +40,10 @@ _COUNTERS = (
     ("finished_requests", "pensieve_finished_requests", "Requests finished by the engine"),
     ("steps_overlapped", "pensieve_engine_steps_overlapped",
      "Decode steps launched while the previous step still ran (async scheduling)"),
+    # tensor parallelism: what reaching the other ranks costs rank 0 (zero with one GPU)
+    ("rank_messages", "pensieve_rank_messages", "Step messages rank 0 broadcast to the other tensor-parallel ranks"),
+    ("rank_message_seconds", "pensieve_rank_message_seconds",
+     "Seconds rank 0 spent broadcasting step messages to the other tensor-parallel ranks"),
 )
 
 

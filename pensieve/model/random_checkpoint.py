@@ -113,8 +113,14 @@ When memory is short, the least valuable chunks are evicted first: leading token
 """
 
 
-def build_tokenizer(out_dir: str | Path | None = None, vocab_size: int = 1024):
-    """A byte-level BPE trained on a built-in text: any string round-trips. Saved to out_dir if given."""
+def build_tokenizer(out_dir: str | Path | None = None, vocab_size: int = 1024, pad_to: int | None = None):
+    """A byte-level BPE trained on a built-in text: any string round-trips. Saved to out_dir if given.
+
+    pad_to: fill the vocabulary up to this many ids with visible filler tokens ("<t17>"). A real-shape model
+    has far more ids than the trained BPE; without the filler, the ids it samples beyond the BPE decode to
+    nothing, and clients that read the streamed text (vLLM's benchmark client) see empty replies. The filler
+    has no merges, so encoding never produces it: prompts tokenize exactly as without it.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -128,6 +134,11 @@ def build_tokenizer(out_dir: str | Path | None = None, vocab_size: int = 1024):
     # Lower- and upper-cased copies give the merges more variety to learn from.
     lines = _CORPUS.splitlines()
     tok.train_from_iterator(lines + [l.lower() for l in lines] + [l.upper() for l in lines], trainer=trainer)
+    if pad_to is not None and pad_to > tok.get_vocab_size():
+        state = json.loads(tok.to_str())
+        vocab = state["model"]["vocab"]
+        vocab.update({f"<t{i}>": i for i in range(tok.get_vocab_size(), pad_to)})
+        tok = Tokenizer.from_str(json.dumps(state))
     hf_tok = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
         additional_special_tokens=[IM_START, "<|endoftext|>"], clean_up_tokenization_spaces=False,
@@ -193,9 +204,12 @@ def make_random_checkpoint(
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(path if tokenizer else None)
+    tok = build_tokenizer()
     token_ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
-    config = make_config(arch, size, vocab_size=len(tok), dtype=dtype, token_ids=token_ids, **overrides)
+    overrides = {"vocab_size": len(tok), **overrides}  # where the preset names no vocabulary size
+    config = make_config(arch, size, dtype=dtype, token_ids=token_ids, **overrides)
+    if tokenizer:  # every id the model can sample decodes to text
+        build_tokenizer(path, pad_to=config.vocab_size)
     if direct is None:
         direct = _num_params(config) > 100_000_000
     if direct:

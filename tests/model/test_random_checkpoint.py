@@ -75,6 +75,19 @@ def test_tiny_checkpoint_ids_are_consistent(tmp_path, tokenizer):
     assert (path / "tokenizer.json").exists()
 
 
+def test_real_shape_vocab_decodes_every_id(tmp_path, tokenizer):
+    """A model with more ids than the BPE (every real shape) gets visible filler tokens for the rest, so a
+    client reading the streamed text sees every sampled token; prompts still tokenize as without them."""
+    from transformers import AutoTokenizer
+
+    path = make_random_checkpoint(tmp_path / "wide", "llama", vocab_size=3000)
+    wide = AutoTokenizer.from_pretrained(str(path))
+    assert len(wide) == json.loads((path / "config.json").read_text())["vocab_size"] == 3000
+    assert all(wide.decode([i]) for i in range(len(tokenizer), 3000))
+    text = "Hello! <t1500> the cache keeps each turn, 3.14 {\"k\": [1]}"
+    assert wide.encode(text) == tokenizer.encode(text)
+
+
 def test_direct_writer_shards_and_loads(tmp_path):
     path = make_random_checkpoint(
         tmp_path / "direct", "llama", direct=True, max_shard_bytes=40_000, seed=7, tokenizer=False,

@@ -105,7 +105,9 @@ def _user_len(turn: Turn, encode: Encode | None) -> int:
 
 
 def _pairs_to_turns(messages: Iterable[tuple[str, str]], encode: Encode | None) -> tuple[tuple[Turn, ...], str | None]:
-    """(role, text) pairs -> turns; a leading system message is kept apart; stops at the first role out of order."""
+    """(role, text) pairs -> turns; a leading system message is kept apart; stops at the first role out of order
+    and at the first blank message (scraping leftovers in ShareGPT: no user sends an empty turn, and a first
+    turn of nothing is an empty prompt)."""
     turns: list[Turn] = []
     system: str | None = None
     pending_user: str | None = None
@@ -114,6 +116,8 @@ def _pairs_to_turns(messages: Iterable[tuple[str, str]], encode: Encode | None) 
             if i == 0:
                 system = text
                 continue
+            break
+        if not text.strip():
             break
         if role == "user":
             if pending_user is not None:

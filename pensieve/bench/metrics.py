@@ -270,16 +270,19 @@ def headline(points: Mapping[str, Sequence[Mapping[str, Any]]], bounds: Sequence
 def tiered_ratio(tiered: Mapping[str, Any], base: Mapping[str, Any]) -> tuple[float | None, str]:
     """tiered / base sustained rate, and what kind of number it is: exact (both interpolated), lower_bound
     (tiered never crossed the bound in the sweep), upper_bound (base never crossed), unknown (neither did:
-    sweep higher rates) or base_below_range (base over the bound everywhere and its lowest rate unknown).
-    A base over the bound already at its lowest swept rate x sustains less than x, so tiered / x is a
-    lower bound on the ratio."""
+    sweep higher rates), base_below_range (base over the bound everywhere and its lowest rate unknown) or
+    tiered_below_range (the same for tiered). A base over the bound already at its lowest swept rate x
+    sustains less than x, so tiered / x is a lower bound on the ratio; a tiered over the bound at its lowest
+    rate x gives x / base as an upper bound (sweep tiered lower for the ratio itself)."""
     t_st, b_st = tiered["status"], base["status"]
     if b_st == "below_range":
         if t_st != "below_range" and base.get("below"):
             return tiered["value"] / base["below"], "lower_bound"
         return None, "base_below_range"
     if t_st == "below_range":
-        return 0.0, "exact"
+        if tiered.get("below") and base["value"]:
+            return tiered["below"] / base["value"], "upper_bound"
+        return None, "tiered_below_range"
     if t_st == "at_least" and b_st == "at_least":
         return None, "unknown"
     r = ratio(tiered["value"], base["value"])

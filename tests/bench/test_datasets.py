@@ -31,11 +31,16 @@ def test_sharegpt_loader(tmp_path):
             {"from": "gpt", "value": "greeting"}, {"from": "human", "value": "q1"}, {"from": "gpt", "value": "a1"},
             {"from": "human", "value": "q2"}, {"from": "human", "value": "q3"}, {"from": "gpt", "value": "a3"}]},
         {"id": "g", "conversations": [{"from": "alien", "value": "?"}, {"from": "gpt", "value": "!"}]},
+        {"id": "h", "conversations": [{"from": "human", "value": " \n"}, {"from": "gpt", "value": "a"}]},  # blank
+        {"id": "i", "conversations": [  # a blank message ends the conversation: keep the turns before
+            {"from": "human", "value": "q1"}, {"from": "gpt", "value": "a1"},
+            {"from": "human", "value": ""}, {"from": "gpt", "value": "a2"}]},
     ]
     path = tmp_path / "sharegpt.json"
     path.write_text(json.dumps(data))
     convs = load_sharegpt(path, encode)
-    assert [c.conv_id for c in convs] == ["a", "b", "f"]
+    assert [c.conv_id for c in convs] == ["a", "b", "f", "i"]
+    assert [t.user_text for t in convs[3].turns] == ["q1"]
     a = convs[0]
     assert [t.user_text for t in a.turns] == ["hi there", "how are you"]
     assert [t.reply_len for t in a.turns] == [4, 1]

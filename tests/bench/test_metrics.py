@@ -139,6 +139,9 @@ def test_tiered_ratio_statuses():
     assert tiered_ratio(interp, {"value": None, "status": "below_range", "below": 3.0}) == (4.0 / 3.0, "lower_bound")
     assert tiered_ratio({"value": None, "status": "below_range", "below": 1.0},
                         {"value": None, "status": "below_range", "below": 3.0}) == (None, "base_below_range")
+    # tiered over the bound at its lowest swept rate (6 req/s) sustains less: 6 / base is an upper bound, not 0
+    assert tiered_ratio({"value": None, "status": "below_range", "below": 6.0}, interp) == (1.5, "upper_bound")
+    assert tiered_ratio({"value": None, "status": "below_range"}, interp) == (None, "tiered_below_range")
 
 
 def test_sustained_rate_below_range_records_the_lowest_rate():

@@ -291,14 +291,14 @@ SWAP_VARIANTS = {  # name: (max DMA runs, copy-kernel programs)
 }
 # "kernel8-all" issues every layer's copy at the forward's first layer wait instead of two layers
 # ahead, as the engine issues DMA copies (they hide 88-94% so, 63-89% interleaved:
-# benchmarks/results/engine-tuning/stop10/engine.md)
+# benchmarks/results/engine-tuning/fused-async-76c3b02/engine.md)
 SWAP_VARIANTS["kernel8-all"] = SWAP_VARIANTS["kernel8"]
 
 
 def pinned_h2d_ceiling(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     """This host's pinned host-to-device bandwidth in GB/s: one 1 GiB copy, median of `repeats`. Hosts
     differ: one 4k-token swap-in read 96% of 54 GB/s on one H100 machine and 65% on another
-    (benchmarks/results/engine-tuning/stop11/engine.md, final-decode.md)."""
+    (benchmarks/results/engine-tuning/swap-e000f1c/engine.md, final-decode.md)."""
     src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     times = []

@@ -402,7 +402,7 @@ class Bench:
 
     def prefill_regs(self) -> None:
         """Tiles small enough for two programs per SM (uncapped 128 x 128 tiles take 255 registers and
-        165 KB of shared memory: one 8-warp program per SM, benchmarks/results/kernels/stop12/ncu.txt),
+        165 KB of shared memory: one 8-warp program per SM, benchmarks/results/kernels/prefill-sdpa-a3e479f/ncu.txt),
         with and without a register cap, against the default."""
         def variants(base: LaunchConfig):
             yield dict(block_m=base.block_m, block_n=base.block_n, warps=base.num_warps, stages=base.num_stages), base
@@ -503,8 +503,8 @@ class Bench:
             torch.cuda.empty_cache()
 
     def decode_sweep(self) -> None:
-        """The default decode split against the older split rule (variant "stop12", the launch that
-        benchmarks/results/kernels/stop12/ timed: about two programs per SM, 64-position tiles,
+        """The default decode split against the older split rule (variant "old_rule", the launch that
+        benchmarks/results/kernels/prefill-sdpa-a3e479f/ timed: about two programs per SM, 64-position tiles,
         3 stages), with and without programmatic dependent launch (PDL) of the merge and of the
         attention kernel, alone and, as in a layer, right after the store of the new token's K/V (the
         store alone beside them). Every variant is captured in its own CUDA graph (calls rotated over
@@ -512,7 +512,7 @@ class Bench:
         lands on every variant alike; the median round is reported (timing each configuration in its
         own do_bench_cudagraph makes neighbours differ 2x while their kernel times agree:
         benchmarks/results/HISTORY.md, Measurement pitfalls). The wider sweep of splits x KV tiles x
-        stages behind the default: benchmarks/results/kernels/stop13/decode_sweep_call1.md."""
+        stages behind the default: benchmarks/results/kernels/decode-split-424e8c1/decode_sweep_df1e751.md."""
         from pensieve.kernels.attention import choose_config
 
         shape = LLAMA3_8B
@@ -529,16 +529,16 @@ class Bench:
             ref = paged_attention_triton(q, cache, metas[0], scale, dataclasses.replace(plain, num_splits=1))
             # the older rule: about two programs per SM, >= 256 positions per split, 64-position tiles, 3 stages
             old = min(-(-264 // (batch * shape.num_kv_heads)), max(1, ctx // 256), 64)
-            stop12 = dataclasses.replace(plain, num_splits=1 << (old.bit_length() - 1), block_n=64, num_stages=3)
+            old_rule = dataclasses.replace(plain, num_splits=1 << (old.bit_length() - 1), block_n=64, num_stages=3)
             variants = {  # name: (config, the KV store before it?)
                 "plain": (plain, False),
                 "pdl_merge": (dataclasses.replace(plain, pdl_merge=True), False),
                 "pdl_both": (dataclasses.replace(plain, pdl_merge=True, pdl_attention=True), False),
-                "stop12": (stop12, False),
+                "old_rule": (old_rule, False),
                 "store+plain": (plain, True),
                 "store+pdl_merge": (dataclasses.replace(plain, pdl_merge=True), True),
                 "store+pdl_both": (dataclasses.replace(plain, pdl_merge=True, pdl_attention=True), True),
-                "store+stop12": (stop12, True),
+                "store+old_rule": (old_rule, True),
                 "store alone": (None, True),
             }
             k_new = torch.randn((batch, shape.num_kv_heads, shape.head_dim), dtype=DTYPE, device=self.device)
@@ -574,7 +574,7 @@ class Bench:
         kernel's default launch and its neighbours (tiles, stages), as bytes of weight read per second
         (a share of 3.0 TB/s). Weights rotate over copies past L2; graphs replayed round-robin.
         (The wider sweep behind the default, 104 launches at 8 rows with split K and unswapped
-        operands: benchmarks/results/kernels/stop14/linear_sweep_call1.md.)"""
+        operands: benchmarks/results/kernels/linear-835ab1c/linear_sweep_0cd076c.md.)"""
         import torch.nn.functional as F
 
         from pensieve.kernels import SmallLinearWorkspace

@@ -77,7 +77,7 @@ def test_sustained_rate_interpolation():
     assert sustained_rate(thr, lat, 0.08, offered).value == pytest.approx(39.0)
     assert sustained_rate(thr, lat, 0.05, offered).value == pytest.approx(30.4 + (0.026 / 0.05) * 8.6)
     # throughput falls before latency crosses (Llama-2-13B-GQA10 tiered,
-    # benchmarks/results/multiturn/llama-2-13b-gqa10-stop13/: 85.4, 79.3, 81.9 req/s at 26, 30, 34
+    # benchmarks/results/multiturn/llama-2-13b-gqa10-headline-d05a776/: 85.4, 79.3, 81.9 req/s at 26, 30, 34
     # conv/s): the best point under the bound stands, crossed or never crossed
     thr, lat, offered = [85.4, 79.3, 81.9], [0.0228, 0.0425, 0.0899], [26, 30, 34]
     assert sustained_rate(thr, lat, 0.05, offered).value == pytest.approx(85.4)

@@ -273,7 +273,8 @@ def test_suffix_flag_marks_exactly_the_batches_whose_new_tokens_end_each_sequenc
     a cached middle between them, must clear it."""
     # The FLOP estimate of Cost(l), not one timed on this GPU: eviction choices (and so whether a
     # prefix is dropped at all) must not follow the machine's timings: on an H100 a timed Cost(l)
-    # dropped no prefix, so the case went untested (benchmarks/results/kernels/stop15/gpu_tests_call4.txt).
+    # dropped no prefix, so the case went untested
+    # (benchmarks/results/kernels/prefill-final-ab8d7ce/gpu_tests_ab8d7ce.txt).
     engine = make_engine(checkpoint, "tiered", num_gpu_blocks=32, num_cpu_blocks=16, swap_out_watermark=0.5,
                          profile_recompute_cost=False)
     flags = []

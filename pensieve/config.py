@@ -38,7 +38,7 @@ class CacheConfig:
     # kernel; deferred swap-ins (unless swap_dma_deferred), eviction copies and swap-outs take the
     # one-launch kernel (cache/transfer.py says why). On the H100 (Llama-3.1-8B, 1k and 4k tokens, one
     # run) the copy engines moved 85-90% of PCIe and hid 88-94% of it behind the forward, the kernel
-    # 64-81% and 76-82% (benchmarks/results/engine-tuning/stop10/engine.md, dma-all vs kernel8).
+    # 64-81% and 76-82% (benchmarks/results/engine-tuning/fused-async-76c3b02/engine.md, dma-all vs kernel8).
     # 0: always the kernel.
     swap_dma_max_runs: int = 8
     swap_dma_deferred: bool = False        # deferred swap-ins by copy engines too (no gain on OPT-13B:

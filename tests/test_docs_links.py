@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MARKDOWN = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
             *sorted((ROOT / "benchmarks/results").glob("*.md"))]
 CITING = [*MARKDOWN, *sorted((ROOT / "benchmarks").glob("*.py")), *sorted((ROOT / "benchmarks").glob("*.sh")),
-          *sorted((ROOT / "tests").rglob("*.py"))]
+          *sorted((ROOT / "tests").rglob("*.py")), *sorted((ROOT / "pensieve").rglob("*.py"))]
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
 # a cited results path: benchmarks/results/ and at least one more component; `--out X`, `OUT=X` and
 # `default="X"` name where a run writes, not what it wrote, as does a dated `run-DATE`

@@ -8,7 +8,7 @@ issued `lookahead` layers ahead of the layer the forward is launching. Nothing
 bulk is issued before the forward's first layer: the step's small metadata
 uploads ride the same host-to-device copy engine, and on the H100 uploads
 queued behind bulk copies hold the whole forward back, so that no copy hides
-(benchmarks/results/engine-tuning/stop9/probe_log.txt). Eviction copies
+(benchmarks/results/engine-tuning/copy-overlap-75e97c5/probe_log.txt). Eviction copies
 whose GPU blocks are reused this step must land before the forward starts.
 Ahead-of-time swap-outs run behind everything else on a stream of their own
 (PCIe is full duplex, and a large swap-out must not hold up the next swap-in
@@ -184,7 +184,7 @@ class KVTransfer:
 
     def _wait_for_layer(self, layer: int) -> None:
         # DMA copies take no SMs: issued together at the first layer they hide 88-94% behind the
-        # forward on the H100, one layer at a time 63-89% (benchmarks/results/engine-tuning/stop10/
+        # forward on the H100, one layer at a time 63-89% (benchmarks/results/engine-tuning/fused-async-76c3b02/
         # engine.md, dma-all vs dma). Kernel copies compete with the forward for SMs and go
         # `lookahead` layers ahead.
         ahead = self.num_layers if self._swap_in is not None and self._swap_in.use_dma else self.lookahead

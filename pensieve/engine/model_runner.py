@@ -276,7 +276,7 @@ class ModelRunner:
         """Queue the sampled tokens' copy to pinned host memory right behind the sampling. Read
         later with .tolist() on the device tensors, the copy would queue behind whatever was
         launched meanwhile: with async scheduling, the whole next step (the host then waited a full
-        step for each step's tokens: benchmarks/results/engine-tuning/stop10/engine.md)."""
+        step for each step's tokens: benchmarks/results/engine-tuning/fused-async-76c3b02/engine.md)."""
         if out is None or not self.on_cuda:
             return out
 

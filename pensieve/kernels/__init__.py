@@ -51,7 +51,7 @@ def device_sms(t: torch.Tensor) -> int:
 
 
 # Up to 32 rows the small-batch kernel beats cuBLAS on every 8B/13B weight shape on the H100; at 64 rows
-# cuBLAS is faster on most (benchmarks/results/kernels/stop14/linear_sweep.md).
+# cuBLAS is faster on most (benchmarks/results/kernels/linear-835ab1c/linear_sweep.md).
 SMALL_BATCH_MAX_ROWS = 32
 
 

@@ -10,7 +10,7 @@ Layout of the work:
     program writes an unnormalised partial (acc, running max, running sum) and a reduction kernel
     merges them. An empty KV range just writes the neutral partial (max=-inf, sum=0). Two launches,
     not a merge by the last split to arrive: that measured the same within 5% on the H100 and needs a
-    cross-block handshake (benchmarks/results/kernels/stop11/merge_ab.md).
+    cross-block handshake (benchmarks/results/kernels/decode-hbm-0baf212/merge_ab.md).
 The mask follows per-token positions (kv_pos <= q_pos, kv_pos < seq_len), never batch order, so
 non-contiguous new tokens (recomputed prefix + new turn) are handled like any other batch. When every
 sequence's new tokens are its suffix (the common prefill), their K/V are read from the layer's own
@@ -60,7 +60,7 @@ def _online_softmax(
         qk = tl.where(visible, qk, float("-inf"))
     # Scores go to the log2 domain inside exp2's argument: qk * scale - max is one FMA per score.
     # A separate multiply costs a pass over the tile; scaling q once before the loop is 3-5% slower
-    # on the H100 and rounds q * scale to 16 bits (benchmarks/results/kernels/stop12/levers.md).
+    # on the H100 and rounds q * scale to 16 bits (benchmarks/results/kernels/prefill-sdpa-a3e479f/levers.md).
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     if MASKED:
         # A row with nothing visible yet keeps max=-inf; subtract 0 instead to avoid inf-inf=nan.
@@ -322,7 +322,7 @@ class LaunchConfig:
     # one before it still runs and waits for it on the device. pdl_merge: the merge kernel after the
     # attention kernel; pdl_attention: the attention kernel after the kernel before it (the KV store,
     # which sets no early trigger: one at its start is 1.3-3.4 us slower at most decode shapes,
-    # benchmarks/results/kernels/stop13/decode_pdl.md, "store_trigger").
+    # benchmarks/results/kernels/decode-split-424e8c1/decode_pdl.md, "store_trigger").
     pdl_merge: bool = False
     pdl_attention: bool = False
 
@@ -344,19 +344,19 @@ def choose_config(
     per thread so that two programs share an SM and one's softmax overlaps the other's matrix
     products (64 x 32 for head_dim > 128, to fit shared memory). Uncapped 128 x 128 tiles take 255
     registers and 165 KB, one program per SM, tensor pipe 38% busy; the cap makes 4 x 1024 and
-    4 x 2048 tokens 17% and 14% faster, 1 x 4096 2% slower (stop12/ncu.txt, prefill_regs.md).
+    4 x 2048 tokens 17% and 14% faster, 1 x 4096 2% slower (kernels/prefill-sdpa-a3e479f/ncu.txt, prefill_regs.md).
     prompt_tokens: the batch is whole prompts (no cached context, new K/V from the layer) of this
     many tokens. Below SMALL_PROMPT_WORK tokens x query heads (8192 tokens of Llama-3-8B) such a
     batch has too few 128-row programs to spread the causal triangle's uneven work over the SMs:
     64-row tiles, 4 warps, 3 stages run 1 x 4096 13% and 4 x 1024 7% faster; above it they lose
-    1-3%, over cached context 8-20% (stop15/prefill_probe_final.md, prefill_rule_call8.md). MHA
+    1-3%, over cached context 8-20% (kernels/prefill-final-ab8d7ce/prefill_probe_final.md, prefill_rule_b0deceb.md). MHA
     takes twice the threshold: it still gains 2-9% at 8192 tokens and is within 2% or 3% behind at
-    16384 (stop15/prefill_rule_mha_call9.md).
+    16384 (kernels/prefill-final-ab8d7ce/prefill_rule_mha_75bccb3.md).
     Decode: tiles of >= 16 rows (every tl.dot side >= 16), split over KV until about four programs
     per SM are busy (not below 64 positions per split), 2 stages, 32-position tiles from 16 splits
     up (64 below), programmatic dependent launches at 8+ splits (decode_launch). Across batch 1-16
     x 4k-32k the best split count gives about 512 programs and 9 of 10 shapes are fastest at 2
-    stages (3 cost 20% at 32 x 4k) (stop13/decode_sweep_call*.md, graphs replayed round-robin).
+    stages (3 cost 20% at 32 x 4k) (kernels/decode-split-424e8c1/decode_sweep_*.md, graphs replayed round-robin).
     CPU interpreter: its cost grows with the tile count, so fewer, bigger tiles.
     """
     group_pad = triton.next_power_of_2(group)
@@ -399,7 +399,7 @@ def decode_launch(splits: int, group: int, elem_bytes: int = 2) -> LaunchConfig:
     start-up warm-up compiles exactly the variants choose_config picks."""
     # PDL pays where launches are a visible share of the step: after the KV store, as in a layer,
     # 0.5-0.8 us (2-6%) faster at batch 1-4 of Llama-3-8B heads (16-64 splits), even at 8 (8 splits),
-    # 2.5% slower at 16 (4 splits) (H100, benchmarks/results/kernels/stop13/decode_pdl.md).
+    # 2.5% slower at 16 (4 splits) (H100, benchmarks/results/kernels/decode-split-424e8c1/decode_pdl.md).
     pdl = splits >= 8
     block_m = max(16, triton.next_power_of_2(group))
     return _fit(LaunchConfig(block_m, 1, 32 if splits >= 16 else 64, splits, 4, 2, pdl_merge=pdl, pdl_attention=pdl),
@@ -438,7 +438,7 @@ def paged_attention_triton(
     on_gpu = q.is_cuda
     # New tokens' K/V from the layer's tensors: the same values the store wrote, read without the
     # block table: 0-3% less time than the gather on the H100 at the default launch, 18-25% less at
-    # the 64-row one (benchmarks/results/kernels/stop15/prefill_probe_final.md, "ours" vs "gather").
+    # the 64-row one (benchmarks/results/kernels/prefill-final-ab8d7ce/prefill_probe_final.md, "ours" vs "gather").
     new_kv = (k is not None and v is not None and not meta.decode_only and meta.new_tokens_are_suffix
               and k.dtype == v.dtype == kv_cache.dtype)
     if config is None:

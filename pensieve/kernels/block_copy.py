@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 # 8 programs reach 76-80% of PCIe on the H100 with the most of it hidden behind a forward; 4 reach about
-# half (benchmarks/results/engine-tuning/engine.md and stop9/engine.md, the kernelN rows).
+# half (benchmarks/results/engine-tuning/engine.md and copy-overlap-75e97c5/engine.md, the kernelN rows).
 _MAX_PROGRAMS = 8
 _CHUNK_BYTES = 16384  # bytes per program: 16 KB keeps enough loads in flight to cover PCIe latency
 

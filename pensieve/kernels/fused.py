@@ -3,8 +3,8 @@
 Each replaces several PyTorch kernels with one. In a graphed decode step of a small batch every kernel
 is a few microseconds of launch and tail latency, not bandwidth: unfused, on the H100 (Llama-3.1-8B,
 batch 8) the norms and elementwise ops take ~1.1 ms of a 7.4 ms graph, about 13 kernels per layer next
-to the GEMMs and attention (benchmarks/results/engine-tuning/stop9/decode_profile.txt); fused, the
-graph is 11-13% faster (engine-tuning/stop10/engine.md, PENSIEVE_FUSED_KERNELS=0 for the A/B). The PyTorch versions in
+to the GEMMs and attention (benchmarks/results/engine-tuning/copy-overlap-75e97c5/decode_profile.txt); fused, the
+graph is 11-13% faster (engine-tuning/fused-async-76c3b02/engine.md, PENSIEVE_FUSED_KERNELS=0 for the A/B). The PyTorch versions in
 pensieve.model.layers stay the reference (CPU runs and tests); these run on CUDA tensors.
 
 Row counts change every step and only size the grid (no kernel argument), so no new variant compiles

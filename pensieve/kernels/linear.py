@@ -12,7 +12,7 @@ SWAP_AB puts W on the matrix unit's M side (acc^T = W x^T): Hopper's wgmma needs
 which x's few rows are not, while W's row tile is.
 
 Measured on the H100 (Llama-3.1-8B and Llama-2-13B weights at 8 rows, 104 launches,
-benchmarks/results/kernels/stop14/linear_sweep_call1.md and linear_sweep.md): one launch, 64 W rows
+benchmarks/results/kernels/linear-835ab1c/linear_sweep_0cd076c.md and linear_sweep.md): one launch, 64 W rows
 x 256 K per step, 4 stages, no K split, is within 2% of the best launch on every shape and 6% faster
 than cuBLAS on their geometric mean (o_proj 16%, lm_head 9%, gate_up / down 4-8%). Splitting K never
 pays on these shapes, even at 64 row tiles; it stays for narrow outputs (small models), where row tiles
@@ -21,7 +21,7 @@ alone would leave most SMs idle.
 At 32 rows it still leads cuBLAS on every shape (by 1-3%); at 64 cuBLAS leads on most, so the model's
 linears use it up to 32 rows (pensieve.kernels.SMALL_BATCH_MAX_ROWS). In the engine (Llama-3.1-8B,
 ctx 1024) decode steps take 6.06 ms instead of cuBLAS's 6.48 at batch 1 and 6.55 instead of 6.87 at
-batch 8 (benchmarks/results/engine-tuning/stop14/engine_8b_small.md, engine_8b_cublas.md).
+batch 8 (benchmarks/results/engine-tuning/linear-9073f1a/engine_8b_small.md, engine_8b_cublas.md).
 
 The row count picks one of three variants (16 / 32 / 64 rows per program) and nothing else, so the
 decode graphs' warm-up (every graphed batch size runs once before capture) compiles them all.

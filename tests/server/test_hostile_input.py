@@ -135,25 +135,38 @@ def test_a_body_over_the_limit_gets_413(server: ServerHandle, http: httpx.Client
 
 
 def _health_while(server: ServerHandle, work) -> tuple[Any, list[float]]:
-    """Runs `work()` while another thread times /health every 50 ms; returns its result and the times."""
+    """Runs `work()` while another thread times /health every 50 ms; returns its result and the times (at
+    least one: the poller connects before the work starts, then times requests until one ends after it)."""
     times: list[float] = []
-    done = threading.Event()
+    failures: list[BaseException] = []
+    ready, done = threading.Event(), threading.Event()
 
     def poll() -> None:
-        with httpx.Client(base_url=server.base_url, timeout=30) as c:
-            while not done.is_set():
-                start = time.perf_counter()
-                assert c.get("/health").status_code == 200
-                times.append(time.perf_counter() - start)
-                time.sleep(0.05)
+        try:
+            with httpx.Client(base_url=server.base_url, timeout=30) as c:
+                c.get("/health")
+                ready.set()
+                while True:
+                    start = time.perf_counter()
+                    assert c.get("/health").status_code == 200
+                    times.append(time.perf_counter() - start)
+                    if done.is_set():
+                        return
+                    time.sleep(0.05)
+        except BaseException as exc:  # a thread's exception would vanish: hand it to the test
+            failures.append(exc)
+            ready.set()
 
     poller = threading.Thread(target=poll)
     poller.start()
+    ready.wait(30)
     try:
         result = work()
     finally:
         done.set()
         poller.join()
+    if failures:
+        raise failures[0]
     return result, times
 
 

@@ -382,11 +382,14 @@ class KVCacheManager:
         cand = self.gpu.idle()
         now = self.clock()
         scores = self.policy.scores(self.gpu.last_use[cand], self.gpu.position[cand], now)
+        cpu_victims: _ColdestFirst | None = None
         for j in lowest(scores, k):
             b = int(cand[j])
             if self.tiered and self.cpu_copy[b] < 0:
                 # Not copied ahead of time: copy now, and make the forward wait for it.
-                c = self._allocate_cpu(float(scores[j]), now)
+                if cpu_victims is None:
+                    cpu_victims = _ColdestFirst(self, now)
+                c = self._allocate_cpu(float(scores[j]), cpu_victims)
                 if c is not None:
                     self._store_on_cpu(b, c, self._pinned_cpu)
                     self.plan.evict_out.append((b, c))
@@ -405,18 +408,14 @@ class KVCacheManager:
             self.cpu_copy[b] = -1
         self.gpu.release_to_free(b)
 
-    def _allocate_cpu(self, incoming_score: float, now: float) -> int | None:
+    def _allocate_cpu(self, incoming_score: float, victims: _ColdestFirst) -> int | None:
         """A CPU block for a block worth `incoming_score`, dropping a less valuable one if full."""
         if self.cpu.free:
             return self.cpu.take_free()
-        cand = self.cpu.idle()
-        if len(cand) == 0:
+        c = victims.next_below(incoming_score)
+        if c is None:
             return None
-        scores = self.policy.scores(self.cpu.last_use[cand], self.cpu.position[cand], now)
-        j = int(np.argmin(scores))
-        if scores[j] >= incoming_score:
-            return None
-        self._drop_cpu(int(cand[j]))
+        self._drop_cpu(c)
         return self.cpu.take_free()
 
     def _drop_cpu(self, c: int, deleted: bool = False) -> None:
@@ -457,3 +456,31 @@ class KVCacheManager:
             raise CacheIntegrityError("pins outlived their step")
         if self._outbound or self._out_gpu:
             raise CacheIntegrityError("swap-outs still in flight: flush them first")
+
+
+class _ColdestFirst:
+    """The CPU tier's idle blocks, least valuable first, scored once per eviction round.
+
+    Within one round `now` is fixed and no CPU block becomes idle (each new copy is pinned until the step
+    ends), so taking them in this order drops exactly the blocks that an argmin over the idle set before
+    each drop would (tests/cache/test_manager.py checks it against that reference), in O(n log n) for the
+    round instead of O(n) per evicted block: rescoring took most of the host time of an admission into
+    full tiers (benchmarks/results/cache-host-cpu/summary.md).
+    """
+
+    def __init__(self, manager: KVCacheManager, now: float) -> None:
+        cpu = manager.cpu
+        self._blocks = cpu.idle()
+        self._scores = manager.policy.scores(cpu.last_use[self._blocks], cpu.position[self._blocks], now)
+        self._order = np.argsort(self._scores, kind="stable")   # ties: the lowest block id first, as argmin
+        self._next = 0
+
+    def next_below(self, score: float) -> int | None:
+        """The least valuable idle block left if it is worth less than `score`, else None (it stays)."""
+        if self._next >= len(self._order):
+            return None
+        j = self._order[self._next]
+        if self._scores[j] >= score:
+            return None
+        self._next += 1
+        return int(self._blocks[j])

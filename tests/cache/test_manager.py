@@ -295,3 +295,68 @@ def test_profiled_cost_interpolates_is_monotone_and_extrapolates():
     pol = RetentionValuePolicy(16, cost)
     # same idle time: leading blocks are cheaper to rebuild, so they go first
     assert list(lowest(pol.scores(np.zeros(3), np.array([40, 0, 10]), now=5.0), 3)) == [1, 2, 0]
+
+
+class _RescoringManager(KVCacheManager):
+    """The reference for eviction into a full CPU tier: rescore every idle CPU block before each drop."""
+
+    kept = dropped = 0   # how often the CPU's least valuable block outranked the victim, or was dropped for it
+
+    def _allocate_cpu(self, incoming_score, victims):
+        if self.cpu.free:
+            return self.cpu.take_free()
+        cand = self.cpu.idle()
+        if len(cand) == 0:
+            return None
+        scores = self.policy.scores(self.cpu.last_use[cand], self.cpu.position[cand], self.clock())
+        j = int(np.argmin(scores))
+        if scores[j] >= incoming_score:
+            self.kept += 1
+            return None
+        self.dropped += 1
+        self._drop_cpu(int(cand[j]))
+        return self.cpu.take_free()
+
+
+@pytest.mark.parametrize("policy", ["retention", "lru"])
+def test_eviction_into_a_full_cpu_tier_drops_what_rescoring_would(policy):
+    """Ranking the CPU tier once per eviction round decides exactly as an argmin before each drop does:
+    the same transfers, drops and block placement at every step of a workload that keeps both tiers full."""
+    # no ahead-of-time copies: every GPU victim goes through the CPU allocation under test
+    cfg = CacheConfig(block_size=BS, cache_mode="tiered", eviction_policy=policy, ahead_of_time_swap_out=False)
+    clock = Clock()
+    managers = [cls(cfg, 24, 16, RetentionValuePolicy(BS) if policy == "retention" else LRUPolicy(), clock)
+                for cls in (KVCacheManager, _RescoringManager)]
+    rng = np.random.default_rng(1)
+    hot = np.array([8.0] * 3 + [1.0] * 9)  # three conversations come back often, nine rarely
+    convs: dict[str, list[int]] = {}
+    for step in range(400):
+        clock.t = float(step)
+        cid = f"c{rng.choice(12, p=hot / hot.sum())}"
+        tokens = convs.get(cid, []) + list(rng.integers(0, 50, size=rng.integers(2, 12)))
+        if len(tokens) > 48:
+            for kv in managers:
+                kv.delete_conversation(cid)
+            tokens = tokens[-5:]
+        keys = block_keys(tokens, BS)
+        plans = []
+        for kv in managers:
+            adm = kv.admit(keys, len(tokens), reserve=0, conversation_id=cid)
+            if adm is None:
+                plans.append(None)
+                continue
+            for i in range(len(tokens) // BS):
+                kv.commit_block(adm.block_table, i, keys[i])
+            plan = kv.take_plan()
+            plans.append((list(adm.block_table), adm.pending, plan.swap_in, plan.evict_out))
+            finish_step(kv)
+            kv.release(adm.block_table)
+            kv.record_conversation(cid, keys[:(len(tokens) - 1) // BS])
+        assert plans[0] == plans[1], f"step {step}"
+        assert managers[0].counters == managers[1].counters
+        assert np.array_equal(managers[0].cpu.has_content, managers[1].cpu.has_content)
+        convs[cid] = tokens
+    for kv in managers:
+        kv.check_integrity()
+    ref = managers[1]
+    assert ref.kept > 20 and ref.dropped > 20 and ref.counters.cpu_hit_tokens > 0  # both branches, and reuse

@@ -90,15 +90,18 @@ clients() {  # vLLM's client and ours on the same long-session conversations, ag
     echo "[$(date +%T)] vLLM's client skipped (no $client, or $(left) s left)"
     return 0
   fi
-  local ours=(--ours-rate 0)
-  [ "${CLIENT_OURS:-1}" = 1 ] && [ "$(left)" -gt $(( CLIENT_S + 150 )) ] && ours=(--ours-rate "$LONG_RATE" --ours-think-time "$THINK_LONG" --ours-time-limit 40)
-  echo "[$(date +%T)] vllm_multiturn.py -> $dir/vllm-client"
   [ "$DRY" = 1 ] || [ -f "$CKPT8B/config.json" ] || keep limit 120 "$PYTHON" -c "import torch; \
 from pensieve.model.random_checkpoint import make_random_checkpoint; \
 make_random_checkpoint('$CKPT8B', 'llama', size='llama-3.1-8b', dtype=torch.bfloat16, seed=0, device='cuda')"
+  # the client's own limit leaves room for the server's start (~50 s on a fresh GPU machine) and the report
+  local client_s=$(( $(left) - 100 ))
+  [ "$client_s" -gt "$CLIENT_S" ] && client_s=$CLIENT_S
+  local ours=(--ours-rate 0)
+  [ "${CLIENT_OURS:-1}" = 1 ] && [ "$(left)" -gt $(( client_s + 250 )) ] && ours=(--ours-rate "$LONG_RATE" --ours-think-time "$THINK_LONG" --ours-time-limit 40)
+  echo "[$(date +%T)] vllm_multiturn.py -> $dir/vllm-client"
   keep limit $(( $(left) - 10 )) "$PYTHON" benchmarks/vllm_multiturn.py --client "$client" --model "$CKPT8B" \
     "${DEV[@]}" --cache-modes "${CLIENT_MODES:-tiered}" --dataset synthetic-long "${CLIP_B[@]}" "${CLIENT_N[@]}" \
-    "${SERVE_KV[@]}" --client-timeout "$CLIENT_S" --server-timeout 150 "${ours[@]}" --out "$dir/vllm-client"
+    "${SERVE_KV[@]}" --client-timeout "$client_s" --server-timeout 150 "${ours[@]}" --out "$dir/vllm-client"
 }
 
 case "$name" in

@@ -184,8 +184,9 @@ class LLMEngine:
         if params.max_tokens is not None and n + params.max_tokens > self.max_model_len:
             raise ValueError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the model's context "
                              f"of {self.max_model_len} tokens")
-        if any(not 0 <= t < self.hf_config.vocab_size for t in prompt_token_ids):
-            raise ValueError(f"prompt token ids must be in [0, {self.hf_config.vocab_size})")
+        vocab_size = self.hf_config.vocab_size  # read once: a config attribute costs microseconds a token
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     conversation_id: str | None = None, arrival_time: float | None = None,

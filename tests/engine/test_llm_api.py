@@ -33,6 +33,13 @@ def test_generate_strings_and_token_ids(llm):
     assert outs[0].outputs[0].text == llm.tokenizer.decode(outs[0].outputs[0].token_ids, skip_special_tokens=True)
 
 
+@pytest.mark.parametrize("bad", [-1, 10**6], ids=["negative", "past-vocab"])
+def test_token_ids_outside_the_vocabulary_are_refused(llm, bad):
+    with pytest.raises(ValueError, match="prompt token ids must be in"):
+        llm.generate([{"prompt_token_ids": [5, bad, 6]}], SamplingParams(max_tokens=2))
+    assert llm.generate([{"prompt_token_ids": [5, 6]}], SamplingParams(max_tokens=2))  # the engine goes on
+
+
 def test_chat_applies_the_template(llm):
     messages = [{"role": "user", "content": "hello"}]
     out = llm.chat(messages, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))[0]

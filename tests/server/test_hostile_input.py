@@ -73,6 +73,12 @@ def test_lone_surrogates_are_refused(http: httpx.Client, where: str, stream: boo
     assert "surrogate" in err["message"]
 
 
+@pytest.mark.parametrize("ids", [[5, 10**6], [-1, 5], [5, 2**63 - 1]], ids=["past-vocab", "negative", "huge"])
+def test_token_ids_outside_the_vocabulary_are_refused(http: httpx.Client, ids: list[int]) -> None:
+    err = _assert_openai_error(_post_raw(http, COMPLETIONS, {"model": "demo", "prompt": ids, "max_tokens": 2}), 400)
+    assert "token" in err["message"].lower() or "prompt" in err["message"]
+
+
 FLOATS = {CHAT: ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"),
           COMPLETIONS: ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"),
           RESPONSES: ("temperature", "top_p")}

@@ -52,6 +52,33 @@ class ServerHandle:
             time.sleep(0.05)
 
 
+def assert_openai_error(resp: httpx.Response, status: int, *, param: str | None = None, code: str | None = None,
+                        says: str | None = None) -> dict[str, Any]:
+    """An OpenAI-shaped error body with `status`, and the param, code and words asked for."""
+    assert resp.status_code == status, (resp.status_code, resp.text[:300])
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param is not None:
+        assert err["param"] == param, err
+    if code is not None:
+        assert err["code"] == code, err
+    if says is not None:
+        assert says in err["message"], err
+    return err
+
+
+@pytest.fixture()
+def http(server: ServerHandle) -> Iterator[httpx.Client]:
+    """A client of the shared server; after the test, the server must still answer /health and a chat."""
+    with server.http(KEY_A) as client:
+        yield client
+    with server.http(KEY_A) as client:
+        assert client.get("/health").status_code == 200
+        ok = client.post("/v1/chat/completions", json={"model": "demo", "messages": [{"role": "user", "content": "hi"}],
+                                                       "max_tokens": 1})
+        assert ok.status_code == 200, ok.text
+
+
 @pytest.fixture(scope="session")
 def server() -> Iterator[ServerHandle]:
     from pensieve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig

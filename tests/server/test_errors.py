@@ -7,39 +7,15 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.server.conftest import KEY_A, MAX_MODEL_LEN, ServerHandle
+from tests.server.conftest import KEY_A, MAX_MODEL_LEN, ServerHandle, assert_openai_error
 
 CHAT = "/v1/chat/completions"
 MSG = [{"role": "user", "content": "hi"}]
 
 
-def _assert_error(resp: httpx.Response, status: int, *, param: str | None = None, code: str | None = None,
-                  says: str | None = None) -> dict[str, Any]:
-    assert resp.status_code == status, resp.text
-    err = resp.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"]
-    if param is not None:
-        assert err["param"] == param, err
-    if code is not None:
-        assert err["code"] == code, err
-    if says is not None:
-        assert says in err["message"], err
-    return err
-
-
-@pytest.fixture()
-def http(server: ServerHandle):
-    with server.http(KEY_A) as client:
-        yield client
-    with server.http(KEY_A) as client:  # after every bad request, the server still works
-        assert client.get("/health").status_code == 200
-        ok = client.post(CHAT, json={"model": "demo", "messages": MSG, "max_tokens": 1})
-        assert ok.status_code == 200, ok.text
-
-
 def test_malformed_json(http: httpx.Client) -> None:
     resp = http.post(CHAT, content=b'{"model": "demo", "messages": [', headers={"Content-Type": "application/json"})
-    _assert_error(resp, 400, code="invalid_json")
+    assert_openai_error(resp, 400, code="invalid_json")
 
 
 @pytest.mark.parametrize("body, param", [
@@ -52,29 +28,29 @@ def test_malformed_json(http: httpx.Client) -> None:
     ({"model": "demo", "messages": MSG, "temperature": -1}, "temperature"),
 ])
 def test_missing_or_wrong_typed_fields(http: httpx.Client, body: dict, param: str) -> None:
-    err = _assert_error(http.post(CHAT, json=body), 400, param=param)
+    err = assert_openai_error(http.post(CHAT, json=body), 400, param=param)
     assert err["type"] == "invalid_request_error"
 
 
 def test_unknown_model(http: httpx.Client) -> None:
-    _assert_error(http.post(CHAT, json={"model": "gpt-9", "messages": MSG}), 404, param="model",
+    assert_openai_error(http.post(CHAT, json={"model": "gpt-9", "messages": MSG}), 404, param="model",
                   code="model_not_found")
-    _assert_error(http.post("/v1/responses", json={"model": "gpt-9", "input": "x"}), 404, code="model_not_found")
+    assert_openai_error(http.post("/v1/responses", json={"model": "gpt-9", "input": "x"}), 404, code="model_not_found")
 
 
 def test_prompt_longer_than_context(http: httpx.Client) -> None:
     long = [{"role": "user", "content": "word " * (2 * MAX_MODEL_LEN)}]
-    err = _assert_error(http.post(CHAT, json={"model": "demo", "messages": long}), 400,
+    err = assert_openai_error(http.post(CHAT, json={"model": "demo", "messages": long}), 400,
                         code="context_length_exceeded", says=str(MAX_MODEL_LEN))
     assert "tokens" in err["message"]
-    _assert_error(http.post("/v1/completions", json={"model": "demo", "prompt": list(range(MAX_MODEL_LEN + 5))}),
+    assert_openai_error(http.post("/v1/completions", json={"model": "demo", "prompt": list(range(MAX_MODEL_LEN + 5))}),
                   400, code="context_length_exceeded")
 
 
 @pytest.mark.parametrize("field, value", [("max_tokens", MAX_MODEL_LEN), ("max_tokens", 0), ("max_tokens", -3),
                                           ("max_completion_tokens", 10 * MAX_MODEL_LEN)])
 def test_bad_max_tokens(http: httpx.Client, field: str, value: int) -> None:
-    err = _assert_error(http.post(CHAT, json={"model": "demo", "messages": MSG, field: value}), 400, param=field)
+    err = assert_openai_error(http.post(CHAT, json={"model": "demo", "messages": MSG, field: value}), 400, param=field)
     if value > 0:
         assert str(MAX_MODEL_LEN) in err["message"]
 
@@ -83,38 +59,38 @@ def test_bad_max_tokens(http: httpx.Client, field: str, value: int) -> None:
                                           ({"presence_penalty": 9}, None), ({"top_logprobs": 50}, "top_logprobs"),
                                           ({"stop": [""]}, "stop")])
 def test_unsupported_sampling_values(http: httpx.Client, extra: dict, param: str | None) -> None:
-    _assert_error(http.post(CHAT, json={"model": "demo", "messages": MSG, **extra}), 400, param=param)
+    assert_openai_error(http.post(CHAT, json={"model": "demo", "messages": MSG, **extra}), 400, param=param)
 
 
 def test_completions_bad_prompts(http: httpx.Client) -> None:
     url = "/v1/completions"
-    _assert_error(http.post(url, json={"model": "demo", "prompt": ["a", "b"]}), 400, param="prompt",
+    assert_openai_error(http.post(url, json={"model": "demo", "prompt": ["a", "b"]}), 400, param="prompt",
                   code="unsupported_value")
-    _assert_error(http.post(url, json={"model": "demo", "prompt": [10 ** 7]}), 400, param="prompt")
-    _assert_error(http.post(url, json={"model": "demo", "prompt": []}), 400)
-    _assert_error(http.post(url, json={"model": "demo", "prompt": ""}), 400, code="invalid_prompt")
+    assert_openai_error(http.post(url, json={"model": "demo", "prompt": [10 ** 7]}), 400, param="prompt")
+    assert_openai_error(http.post(url, json={"model": "demo", "prompt": []}), 400)
+    assert_openai_error(http.post(url, json={"model": "demo", "prompt": ""}), 400, code="invalid_prompt")
 
 
 def test_unknown_previous_response(http: httpx.Client) -> None:
     resp = http.post("/v1/responses", json={"model": "demo", "input": "x", "previous_response_id": "resp_nope"})
-    _assert_error(resp, 404, param="previous_response_id", code="response_not_found")
-    _assert_error(http.get("/v1/responses/resp_nope"), 404)
-    _assert_error(http.delete("/v1/responses/resp_nope"), 404)
+    assert_openai_error(resp, 404, param="previous_response_id", code="response_not_found")
+    assert_openai_error(http.get("/v1/responses/resp_nope"), 404)
+    assert_openai_error(http.delete("/v1/responses/resp_nope"), 404)
 
 
 def test_api_keys(server: ServerHandle, http: httpx.Client) -> None:
     body = {"model": "demo", "messages": MSG, "max_tokens": 1}
     with server.http(None) as anonymous:
-        _assert_error(anonymous.post(CHAT, json=body), 401, code="invalid_api_key")
-        _assert_error(anonymous.get("/v1/models"), 401)
+        assert_openai_error(anonymous.post(CHAT, json=body), 401, code="invalid_api_key")
+        assert_openai_error(anonymous.get("/v1/models"), 401)
         assert anonymous.get("/health").status_code == 200
         assert anonymous.post(CHAT, json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert anonymous.post(CHAT, json=body, headers={"Authorization": f"Basic {KEY_A}"}).status_code == 401
 
 
 def test_unknown_route_and_method(http: httpx.Client) -> None:
-    _assert_error(http.get("/v1/nothing-here"), 404)
-    _assert_error(http.get(CHAT), 405)
+    assert_openai_error(http.get("/v1/nothing-here"), 404)
+    assert_openai_error(http.get(CHAT), 405)
 
 
 def test_overloaded_gives_503_with_retry_after(server: ServerHandle) -> None:
@@ -130,5 +106,5 @@ def test_overloaded_gives_503_with_retry_after(server: ServerHandle) -> None:
             return await client.post(CHAT, json={"model": "demo", "messages": MSG})
 
     resp = asyncio.run(go())
-    _assert_error(resp, 503, code="overloaded")
+    assert_openai_error(resp, 503, code="overloaded")
     assert resp.headers["retry-after"] == "3"

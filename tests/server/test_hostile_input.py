@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.server.conftest import KEY_A, ServerHandle
+from tests.server.conftest import ServerHandle, assert_openai_error
 
 CHAT, COMPLETIONS, RESPONSES = "/v1/chat/completions", "/v1/completions", "/v1/responses"
 LONE = "\ud800x"   # a high surrogate with no low one: JSON can carry it ("\ud800"), UTF-8 cannot
@@ -23,23 +23,6 @@ def _post_raw(http: httpx.Client, path: str, body: dict[str, Any]) -> httpx.Resp
     # allow_nan writes NaN / Infinity as the bare literals Python's parser accepts
     raw = json.dumps(body, ensure_ascii=True, allow_nan=True).encode()
     return http.post(path, content=raw, headers={"Content-Type": "application/json"})
-
-
-def _assert_openai_error(resp: httpx.Response, status: int) -> dict[str, Any]:
-    assert resp.status_code == status, (resp.status_code, resp.text[:300])
-    err = json.loads(resp.text)["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"]
-    return err
-
-
-@pytest.fixture()
-def http(server: ServerHandle):
-    with server.http(KEY_A) as client:
-        yield client
-    with server.http(KEY_A) as client:  # after every bad request, the server still works
-        assert client.get("/health").status_code == 200
-        assert client.post(CHAT, json={"model": "demo", "messages": [{"role": "user", "content": "hi"}],
-                                       "max_tokens": 1}).status_code == 200
 
 
 def _msg(content: Any) -> list[dict[str, Any]]:
@@ -69,13 +52,13 @@ SURROGATES = {
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 def test_lone_surrogates_are_refused(http: httpx.Client, where: str, stream: bool) -> None:
     path, body = SURROGATES[where]
-    err = _assert_openai_error(_post_raw(http, path, {**body, "max_tokens": 2, "stream": stream}), 400)
+    err = assert_openai_error(_post_raw(http, path, {**body, "max_tokens": 2, "stream": stream}), 400)
     assert "surrogate" in err["message"]
 
 
 @pytest.mark.parametrize("ids", [[5, 10**6], [-1, 5], [5, 2**63 - 1]], ids=["past-vocab", "negative", "huge"])
 def test_token_ids_outside_the_vocabulary_are_refused(http: httpx.Client, ids: list[int]) -> None:
-    err = _assert_openai_error(_post_raw(http, COMPLETIONS, {"model": "demo", "prompt": ids, "max_tokens": 2}), 400)
+    err = assert_openai_error(_post_raw(http, COMPLETIONS, {"model": "demo", "prompt": ids, "max_tokens": 2}), 400)
     assert "token" in err["message"].lower() or "prompt" in err["message"]
 
 
@@ -90,7 +73,7 @@ BASE = {CHAT: {"model": "demo", "messages": _msg("hi"), "max_tokens": 2},
 @pytest.mark.parametrize("path, name", [(p, n) for p, names in FLOATS.items() for n in names])
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
 def test_non_finite_floats_are_refused(http: httpx.Client, path: str, name: str, value: float) -> None:
-    err = _assert_openai_error(_post_raw(http, path, {**BASE[path], name: value, "logprobs": 1
+    err = assert_openai_error(_post_raw(http, path, {**BASE[path], name: value, "logprobs": 1
                                                       if path == COMPLETIONS else path == CHAT}), 400)
     assert err["param"] == name
 
@@ -127,7 +110,7 @@ def test_logprobs_are_always_finite(http: httpx.Client) -> None:
 def test_a_body_over_the_limit_gets_413(server: ServerHandle, http: httpx.Client) -> None:
     limit = server.app.state.pensieve.settings.max_request_body_bytes
     big = {"model": "demo", "messages": _msg("x" * (limit + 10))}
-    err = _assert_openai_error(http.post(CHAT, json=big), 413)
+    err = assert_openai_error(http.post(CHAT, json=big), 413)
     assert err["code"] == "request_too_large" and str(limit) in err["message"]
 
     def chunks():   # no Content-Length: counted as it arrives
@@ -137,7 +120,7 @@ def test_a_body_over_the_limit_gets_413(server: ServerHandle, http: httpx.Client
         yield b'"}'
 
     resp = http.post(COMPLETIONS, content=chunks(), headers={"Content-Type": "application/json"})
-    assert _assert_openai_error(resp, 413)["code"] == "request_too_large"
+    assert assert_openai_error(resp, 413)["code"] == "request_too_large"
 
 
 def _health_while(server: ServerHandle, work) -> tuple[Any, list[float]]:
@@ -182,7 +165,7 @@ def test_health_answers_while_a_huge_prompt_is_refused(server: ServerHandle, htt
     text = "hello world, and more words " * ((server.app.state.pensieve.settings.max_request_body_bytes - 1000) // 28)
     start = time.perf_counter()
     resp, times = _health_while(server, lambda: http.post(COMPLETIONS, json={"model": "demo", "prompt": text}))
-    assert _assert_openai_error(resp, 400)["code"] == "context_length_exceeded"
+    assert assert_openai_error(resp, 400)["code"] == "context_length_exceeded"
     assert time.perf_counter() - start < 10
     assert times and max(times) < 1.0
 

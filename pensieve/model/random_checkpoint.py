@@ -119,9 +119,11 @@ def build_tokenizer(out_dir: str | Path | None = None, vocab_size: int = 1024, p
     pad_to: fill the vocabulary up to this many ids with visible filler tokens ("<t17>"). A real-shape model
     has far more ids than the trained BPE; without the filler, the ids it samples beyond the BPE decode to
     nothing, and clients that read the streamed text (vLLM's benchmark client) see empty replies. The filler
-    has no merges, so encoding never produces it: prompts tokenize exactly as without it.
+    are added tokens, matched whole before the BPE runs: a reply's text encodes back to the ids that were
+    sampled, so a client that resends it as history hits the cache, and its prompt does not grow eightfold
+    (each "<t17>" spelt out in BPE pieces). Text without "<t" tokenizes exactly as without the filler.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -135,10 +137,8 @@ def build_tokenizer(out_dir: str | Path | None = None, vocab_size: int = 1024, p
     lines = _CORPUS.splitlines()
     tok.train_from_iterator(lines + [l.lower() for l in lines] + [l.upper() for l in lines], trainer=trainer)
     if pad_to is not None and pad_to > tok.get_vocab_size():
-        state = json.loads(tok.to_str())
-        vocab = state["model"]["vocab"]
-        vocab.update({f"<t{i}>": i for i in range(tok.get_vocab_size(), pad_to)})
-        tok = Tokenizer.from_str(json.dumps(state))
+        tok.add_tokens([AddedToken(f"<t{i}>", normalized=False, special=False)
+                        for i in range(tok.get_vocab_size(), pad_to)])
     hf_tok = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
         additional_special_tokens=[IM_START, "<|endoftext|>"], clean_up_tokenization_spaces=False,

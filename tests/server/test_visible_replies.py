@@ -46,3 +46,33 @@ def test_every_sampled_id_streams_as_text(wide_vocab_server: ServerHandle) -> No
     assert usage is not None and usage.completion_tokens == MAX_TOKENS
     # sampled ids are mostly past the BPE's 1,024: each is a visible filler token, its own delta
     assert len(deltas) >= MAX_TOKENS // 2, deltas
+
+
+def test_filler_text_encodes_back_to_its_ids() -> None:
+    from pensieve.model.random_checkpoint import build_tokenizer
+
+    tok = build_tokenizer(pad_to=4096)
+    ids = [1024, 4095, 2000, 2001, 3333]
+    assert tok.encode(tok.decode(ids), add_special_tokens=False) == ids
+    # text without filler tokenizes as the bare BPE does
+    text = "Hello! How are you today? <t not a filler> 3.14"
+    assert tok.encode(text, add_special_tokens=False) == build_tokenizer().encode(text, add_special_tokens=False)
+
+
+def test_a_resent_reply_is_history_the_cache_holds(wide_vocab_server: ServerHandle) -> None:
+    """vLLM's client sends each reply's text back as history: it must tokenize to about the sampled ids,
+    not to every filler token spelt out in BPE pieces, and the next turn must hit the cache."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=wide_vocab_server.api_url, api_key="none", max_retries=0, timeout=60)
+    messages = [{"role": "user", "content": "Tell me about caching, please, at some length."}]
+    first = client.chat.completions.create(model="wide", messages=messages, max_tokens=MAX_TOKENS,
+                                           temperature=1.0, seed=1, extra_body={"ignore_eos": True})
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "And then?"}]
+    second = client.chat.completions.create(model="wide", messages=messages, max_tokens=4, temperature=0.0)
+    grown = second.usage.prompt_tokens - first.usage.prompt_tokens
+    # the reply's 24 ids, a few BPE-sampled ones re-merged, the new turn and the template: well under 2x;
+    # spelt out, each filler would be 5-8 tokens
+    assert grown <= 2 * MAX_TOKENS + 16, (first.usage, second.usage)
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 16, second.usage

@@ -16,7 +16,7 @@
 #                   LONG_RATE (0.3) conv/s over SEEDS (0)                                              ~5 min a seed
 #   client          vLLM's client (VLLM_CLIENT, default
 #                   third_party/vllm_multi_turn/benchmark_serving_multi_turn.py), then ours, against
-#                   `pensieve serve` in each of CLIENT_MODES (tiered) on 32 conversations of the long-session
+#                   `pensieve serve` in each of CLIENT_MODES (tiered) on 16 conversations of the long-session
 #                   preset; CLIENT_OURS=0 runs vLLM's client only                                      ~6 min a mode
 #   dry-run CASE    CASE (sharegpt, long or client) on this machine's CPU: the tiny random Llama, tiny sizes  ~1-2 min
 #
@@ -58,7 +58,7 @@ if [ "$DRY" = 1 ]; then   # the same command lines on a CPU: the tiny random Lla
   CLIP_B=(--max-input-tokens 48 --max-output-tokens 6 --max-context 600); THINK_A=(--think-time 0.2)
   RATES_TIERED=${RATES_TIERED:-2}; RATES_STATELESS=${RATES_STATELESS:-1}; RATES_GPU=${RATES_GPU:-1}
   LONG_RATE=${LONG_RATE:-0.5}; THINK_LONG=0.2
-  CLIENT_N=(--num-conversations 3 --num-clients 1 --max-active-conversations 2 --max-num-requests 8); CLIENT_S=60
+  CLIENT_N=(--num-conversations 2 --num-clients 1 --max-active-conversations 2 --max-num-requests 8); CLIENT_S=60
 else
   GQA=(--checkpoint-dir "$CKPT/llama-2-13b-gqa10" --model-shape llama-2-13b-gqa10)
   L8B=(--checkpoint-dir "$CKPT/llama-3.1-8b" --model-shape llama-3.1-8b); CKPT8B=$CKPT/llama-3.1-8b
@@ -71,7 +71,7 @@ else
   CLIP_B=(); THINK_A=(--think-time 60)
   RATES_TIERED=${RATES_TIERED:-16,20}; RATES_STATELESS=${RATES_STATELESS:-14,18}; RATES_GPU=${RATES_GPU:-14}
   LONG_RATE=${LONG_RATE:-0.3}; THINK_LONG=2
-  CLIENT_N=(--num-conversations 32 --num-clients 8 --max-active-conversations 16 --max-num-requests 160); CLIENT_S=${CLIENT_S:-300}
+  CLIENT_N=(--num-conversations 16 --num-clients 8 --max-active-conversations 16 --max-num-requests 160); CLIENT_S=${CLIENT_S:-300}
 fi
 
 worst=0

@@ -2,7 +2,7 @@
 r"""vLLM's own multi-turn client against `pensieve serve`, beside our benchmark, on the same conversations.
 
     python benchmarks/vllm_multiturn.py --client third_party/vllm_multi_turn/benchmark_serving_multi_turn.py \
-        --model CKPT --cache-modes tiered,stateless --dataset sharegpt --num-conversations 64 \
+        --model CKPT --cache-modes tiered,stateless --dataset sharegpt --num-conversations 32 \
         --num-clients 8 --max-active-conversations 32 --max-num-requests 400 --gpu-kv-gb 8 --kv-offloading-size 48 \
         --out runs/vllm-client
 
@@ -348,6 +348,13 @@ def main(argv: list[str] | None = None) -> int:
     client = Path(args.client).resolve()
     if not client.is_file():
         ap.error(f"--client {client} is not a file")
+    if args.max_num_requests is not None and args.num_conversations > args.max_active_conversations:
+        # The client queues every conversation for its worker processes; with a request limit the workers stop
+        # while some are still queued, and the queue's feeder thread, holding them, blocks the client's exit
+        # when they are large (long sessions on the H100: every request answered, then no report).
+        ap.error(f"with --max-num-requests, --num-conversations ({args.num_conversations}) must not exceed "
+                 f"--max-active-conversations ({args.max_active_conversations}): vLLM's client hangs at exit "
+                 f"on conversations still queued")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     conv_file, conv_info = write_conversations(args, out)

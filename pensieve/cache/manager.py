@@ -201,6 +201,30 @@ class KVCacheManager:
         block_table.extend(reversed(fresh))
         return True
 
+    def free_without_copy(self, n: int) -> bool:
+        """Make at least `n` GPU blocks free without planning a copy; False (nothing changed) if that
+        cannot be done. Tiered gives up idle blocks whose content the CPU tier also holds (copied ahead
+        of time), least valuable first; the GPU-only cache evicts as an allocation would (a drop). A
+        decode step launched before the previous one is read back (async scheduling) grows this way:
+        it cannot wait for an eviction copy, and with the pool full of idle cache, as tiered keeps it,
+        nearly every step grows some sequence into a new block."""
+        short = n - self.gpu.num_free
+        if short <= 0:
+            return True
+        if not self.tiered:
+            if short > self.gpu.num_idle:
+                return False
+            self._evict_gpu(short)
+            return True
+        idle = self.gpu.idle()
+        backed = idle[self.cpu_copy[idle] >= 0]
+        if len(backed) < short:
+            return False
+        scores = self.policy.scores(self.gpu.last_use[backed], self.gpu.position[backed], self.clock())
+        for j in lowest(scores, short):
+            self._free_gpu(int(backed[j]))
+        return True
+
     def commit_block(self, block_table: list[int], index: int, key: BlockKey) -> None:
         """Make a freshly computed full block findable by its content key."""
         if not self.reuse:

@@ -339,8 +339,8 @@ class LLMEngine:
             rows.append(row)
             seqs.append(seq)
             new_blocks += self.kv.blocks_needed(seq.num_tokens + 1) > len(seq.block_table)
-        if not seqs or new_blocks > self.kv.num_free_gpu:
-            return None   # growing would evict cached blocks, a copy the forward must wait for
+        if not seqs or not self.kv.free_without_copy(new_blocks):
+            return None   # growing would evict blocks that need a copy the forward must wait for
         return seqs, rows
 
     def watch_steps(self, num_steps: int, done: Callable[[str], None]) -> None:

@@ -265,6 +265,43 @@ def test_integrity_check_catches_corruption():
         kv.check_integrity()
 
 
+def test_free_without_copy_gives_up_backed_blocks_only():
+    """Tiered: idle blocks with a CPU copy are freed, least valuable first, with no copy planned and
+    nothing dropped; unbacked idle blocks stay. Too few backed blocks: False, nothing changes."""
+    kv, clock = make(8, 16, mode="tiered", swap_out_watermark=1.0)
+    a = list(range(17))
+    run_turn(kv, a, conv="a")                     # 4 full blocks cached
+    kv.plan_swap_out()
+    assert len(kv.take_plan().swap_out) == 4     # all backed
+    finish_step(kv)
+    clock.t = 1.0
+    _, _, b_table = run_turn(kv, [300 + i for i in range(12)], conv="b")   # 3 more, not copied
+    assert kv.num_free_gpu == 1
+    a_keys = block_keys(a, BS)[:4]
+    assert kv.free_without_copy(3)
+    assert kv.num_free_gpu == 3 and not kv.take_plan() and kv.counters.dropped_blocks == 0
+    assert all(kv.gpu.has_content[b] for b in b_table)                  # b's unbacked blocks stay
+    assert [kv.gpu.lookup(k) is None for k in a_keys] == [True, True, False, False]   # leading blocks first
+    assert all(kv.cpu.lookup(k) is not None for k in a_keys)            # their content stays on the CPU
+    assert not kv.free_without_copy(6) and kv.num_free_gpu == 3         # 2 backed left, 3 more wanted
+    kv.check_integrity()
+    clock.t = 2.0
+    adm, plan, _ = run_turn(kv, a + [5], conv="a")
+    assert adm.gpu_hit_tokens == 2 * BS and adm.cpu_hit_tokens == 2 * BS and len(plan.swap_in) == 2
+    kv.check_integrity()
+
+
+def test_free_without_copy_evicts_as_allocation_would_without_a_cpu_tier():
+    kv, _ = make(8, 0, mode="gpu")
+    run_turn(kv, list(range(17)), conv="a")
+    assert kv.num_free_gpu == 4
+    assert kv.free_without_copy(6) and kv.num_free_gpu == 6 and kv.counters.dropped_blocks == 2
+    assert not kv.free_without_copy(9) and kv.num_free_gpu == 6
+    stateless, _ = make(8, 0, mode="stateless")
+    assert stateless.free_without_copy(8) and not stateless.free_without_copy(9)
+    kv.check_integrity()
+
+
 def test_swap_out_pins_outlive_their_step_until_reported_done():
     kv, clock = make(8, 8, mode="tiered", swap_out_watermark=1.0)
     run_turn(kv, list(range(17)), conv="x")

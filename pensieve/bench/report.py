@@ -72,6 +72,42 @@ def _occupancy_table(results: Mapping[str, Any], several_seeds: bool) -> list[st
             "|---|---|---|---|---|---|---|---|---|---|---|---|", *rows, ""]
 
 
+def _step_table(results: Mapping[str, Any], several_seeds: bool) -> list[str]:
+    """The engine's step accounting per point (EngineStats deltas over the whole point, warm-up included)."""
+    paths = ("graph", "rows", "eager", "swapin")
+    rows = []
+    for system in results["systems"]:
+        for p in results["points"].get(system, []):
+            d = p.get("stats_delta") or {}
+            steps = sum(d.get(f"steps_{k}", 0) for k in paths)
+            if not steps:
+                continue
+            wall = sum(d.get(f"step_seconds_{k}", 0.0) for k in paths)
+            gpu = sum(d.get(f"step_gpu_seconds_{k}", 0.0) for k in paths)
+            computed = d.get("prompt_tokens", 0) - d.get("gpu_hit_tokens", 0) - d.get("cpu_hit_tokens", 0)
+
+            def per_step(k: str) -> str:
+                n = d.get(f"steps_{k}", 0)
+                if not n:
+                    return "-"
+                on_gpu = f" / {_fmt(1e3 * d[f'step_gpu_seconds_{k}'] / n, 1)}" if gpu else ""
+                return f"{n}: {_fmt(1e3 * d[f'step_seconds_{k}'] / n, 1)}{on_gpu}"
+
+            rows.append("| " + " | ".join([
+                system, _point_label(p, several_seeds), str(steps), _pct(d.get("steps_overlapped", 0) / steps),
+                _fmt(computed / steps, 0), *(per_step(k) for k in ("graph", "rows", "eager")),
+                _fmt(1e3 * (wall - gpu) / steps, 1) if gpu else "-"]) + " |")
+    if not rows:
+        return []
+    return ["Engine steps per point (the whole point, warm-up included): how many, the share launched while the "
+            "step before still ran (async scheduling), prompt tokens computed per step, and per path (decode "
+            "CUDA graph, mixed step as graph rows, eager) the count and ms per step, wall / GPU span; host ms: "
+            "wall minus GPU span per step, the time the GPU waited on scheduling and postprocessing.", "",
+            "| system | rate (conv/s) | steps | overlapped | computed prompt tok/step | graph | rows | eager "
+            "| host ms/step |",
+            "|---|---|---|---|---|---|---|---|---|", *rows, ""]
+
+
 def _turn_tables(results: Mapping[str, Any], several_seeds: bool) -> list[str]:
     out: list[str] = []
     for system in results["systems"]:
@@ -120,7 +156,8 @@ def _seed_table(results: Mapping[str, Any]) -> list[str]:
 
 def markdown_summary(results: Mapping[str, Any]) -> str:
     """Every (system, rate[, seed]) point; the sustained rate per latency bound with the ratios; the ratios
-    per seed with their spread; the running batch and pool per point; the per-turn view."""
+    per seed with their spread; the running batch and pool per point; the engine's steps per point; the
+    per-turn view."""
     lines = [f"# Multi-turn benchmark ({results.get('device', '?')})", ""]
     several_seeds = len(_seeds(results)) > 1
     wl = results.get("workload", {})
@@ -173,6 +210,7 @@ def markdown_summary(results: Mapping[str, Any]) -> str:
     lines.append("")
     lines += _seed_table(results)
     lines += _occupancy_table(results, several_seeds)
+    lines += _step_table(results, several_seeds)
     lines += _turn_tables(results, several_seeds)
     return "\n".join(lines)
 

@@ -55,3 +55,22 @@ def test_report_partial_input_selection():
     assert mod.parse_input("run/partial.json") == (Path("run/partial.json"), None)
     assert mod.parse_input("run/partial.json:tiered,stateless@6") == (
         Path("run/partial.json"), {("tiered", None), ("stateless", 6.0)})
+
+
+def test_step_table_reports_overlap_paths_and_host_time():
+    from pensieve.bench.report import markdown_summary
+
+    delta = {"steps_graph": 100, "steps_rows": 50, "steps_eager": 10, "steps_swapin": 0, "steps_overlapped": 40,
+             "step_seconds_graph": 1.3, "step_seconds_rows": 1.0, "step_seconds_eager": 0.5, "step_seconds_swapin": 0.0,
+             "step_gpu_seconds_graph": 1.1, "step_gpu_seconds_rows": 0.8, "step_gpu_seconds_eager": 0.42,
+             "step_gpu_seconds_swapin": 0.0, "prompt_tokens": 5000, "gpu_hit_tokens": 2000, "cpu_hit_tokens": 1000}
+    points = {"tiered": [{"rate": 1.0, "summary": _summary(1.0), "stats_delta": delta}],
+              "stateless": [{"rate": 1.0, "summary": _summary(2.0)}]}          # no step counts: no row
+    results = {"device": "NVIDIA H100", "systems": ["tiered", "stateless"], "bounds": [0.1], "points": points}
+    results.update(headline(points, [0.1]))
+    md = markdown_summary(results)
+    rows = [line for line in md.splitlines() if line.startswith("| tiered | 1 | 160 |")]
+    # 160 steps, 25% overlapped, 2000 computed prompt tokens / 160, 13.0 / 11.0 ms per graph step,
+    # host: (2.8 - 2.32) s over 160 steps
+    assert rows == ["| tiered | 1 | 160 | 25.0% | 12 | 100: 13.0 / 11.0 | 50: 20.0 / 16.0 | 10: 50.0 / 42.0 | 3.0 |"]
+    assert not any(line.startswith("| stateless | 1 | ") and line.count("|") == 10 for line in md.splitlines())

@@ -77,15 +77,18 @@ def test_tiny_checkpoint_ids_are_consistent(tmp_path, tokenizer):
 
 def test_real_shape_vocab_decodes_every_id(tmp_path, tokenizer):
     """A model with more ids than the BPE (every real shape) gets visible filler tokens for the rest, so a
-    client reading the streamed text sees every sampled token; prompts still tokenize as without them."""
+    client reading the streamed text sees every sampled token, and resending that text gives the same ids;
+    text without filler tokenizes as without them."""
     from transformers import AutoTokenizer
 
     path = make_random_checkpoint(tmp_path / "wide", "llama", vocab_size=3000)
     wide = AutoTokenizer.from_pretrained(str(path))
     assert len(wide) == json.loads((path / "config.json").read_text())["vocab_size"] == 3000
     assert all(wide.decode([i]) for i in range(len(tokenizer), 3000))
-    text = "Hello! <t1500> the cache keeps each turn, 3.14 {\"k\": [1]}"
+    text = "Hello! <t 1500> the cache keeps each turn, 3.14 {\"k\": [1]}"
     assert wide.encode(text) == tokenizer.encode(text)
+    ids = [1500, 2999, len(tokenizer)]
+    assert wide.encode(wide.decode(ids), add_special_tokens=False) == ids
 
 
 def test_direct_writer_shards_and_loads(tmp_path):

@@ -48,17 +48,6 @@ def test_every_sampled_id_streams_as_text(wide_vocab_server: ServerHandle) -> No
     assert len(deltas) >= MAX_TOKENS // 2, deltas
 
 
-def test_filler_text_encodes_back_to_its_ids() -> None:
-    from pensieve.model.random_checkpoint import build_tokenizer
-
-    tok = build_tokenizer(pad_to=4096)
-    ids = [1024, 4095, 2000, 2001, 3333]
-    assert tok.encode(tok.decode(ids), add_special_tokens=False) == ids
-    # text without filler tokenizes as the bare BPE does
-    text = "Hello! How are you today? <t not a filler> 3.14"
-    assert tok.encode(text, add_special_tokens=False) == build_tokenizer().encode(text, add_special_tokens=False)
-
-
 def test_a_resent_reply_is_history_the_cache_holds(wide_vocab_server: ServerHandle) -> None:
     """vLLM's client sends each reply's text back as history: it must tokenize to about the sampled ids,
     not to every filler token spelt out in BPE pieces, and the next turn must hit the cache."""

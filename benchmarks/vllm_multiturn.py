@@ -14,9 +14,10 @@ cache mode this script
    user/assistant pairs (even length: an odd one crashes the client) and every assistant message cut so that
    the model's tokenizer counts exactly the turn's reply length (the client asks for that many tokens);
 2. starts `pensieve serve` on loopback with that cache mode and KV budget, runs the client against it, reads
-   the server's /metrics before and after (cache hits: the client itself only estimates them), stops it;
-3. starts a fresh server (no cache left from the client) and runs our benchmark (`--systems http --api chat`)
-   on the same file, so both clients' numbers come from the same server, model, budget and conversations.
+   the server's /metrics before and after (cache hits: the client itself only estimates them);
+3. empties the server's cache (POST /reset_prefix_cache: nothing left from the client, no second model load
+   and kernel compile) and runs our benchmark (`--systems http --api chat`) on the same file, so both
+   clients' numbers come from the same server, model, budget and conversations.
 Everything lands in --out: the conversations, each client's log and per-request stats, our results.json per
 mode, and `vllm_client.json` / `vllm_client.md` with both side by side.
 
@@ -113,7 +114,7 @@ class Server:
     def __init__(self, model: str, cache_mode: str, port: int, extra: list[str], log: Path) -> None:
         self.url = f"http://127.0.0.1:{port}"
         cmd = [sys.executable, "-m", "pensieve.cli", "serve", model, "--host", "127.0.0.1", "--port", str(port),
-               "--cache-mode", cache_mode, "--served-model-name", SERVED_NAME, *extra]
+               "--cache-mode", cache_mode, "--served-model-name", SERVED_NAME, "--enable-cache-reset", *extra]
         self.command = cmd
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
                                                                          os.environ.get("PYTHONPATH")])))
@@ -137,6 +138,13 @@ class Server:
                     labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
                     out[f"{s.name}{{{labels}}}" if labels else s.name] = float(s.value)
         return out
+
+    def reset_cache(self) -> None:
+        """Empty both cache tiers (the server runs with --enable-cache-reset)."""
+        req = urllib.request.Request(self.url + "/reset_prefix_cache", data=b"", method="POST")
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            if resp.status != 200:
+                raise RuntimeError(f"/reset_prefix_cache answered {resp.status}")
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -299,8 +307,8 @@ def server_extra(args: argparse.Namespace, mode: str) -> list[str]:
     return extra + shlex.split(args.server_args)
 
 
-def with_server(args: argparse.Namespace, mode: str, out: Path, tag: str, fn):
-    server = Server(args.model, mode, args.port, server_extra(args, mode), out / f"serve_{tag}_{mode}.log")
+def with_server(args: argparse.Namespace, mode: str, out: Path, fn):
+    server = Server(args.model, mode, args.port, server_extra(args, mode), out / f"serve_{mode}.log")
     try:
         server.wait_ready(args.server_timeout)
         return fn(server), server.command
@@ -365,37 +373,40 @@ def main(argv: list[str] | None = None) -> int:
         entry: dict[str, Any] = {}
         report["modes"][mode] = entry
 
-        def vllm_run(server: Server) -> dict[str, Any]:
+        def ours_run(server: Server) -> dict[str, Any]:
+            extra = ["--systems", "http", "--url", server.url, "--api", "chat", "--tokenizer", args.model,
+                     "--dataset", "sharegpt", "--dataset-path", str(conv_file), "--rates", f"{args.ours_rate:g}",
+                     "--max-conversations", str(conv_info["conversations"]), "--duration", "0",
+                     "--think-time", str(args.ours_think_time), "--max-context", str(conv_info["max_context"]),
+                     "--out", str(out / f"ours_{mode}")]
+            if args.ours_time_limit:
+                extra += ["--time-limit", str(args.ours_time_limit)]
+            ns = bench_namespace(args, out, *extra)
+            ns.max_input_tokens = ns.max_output_tokens = None   # the file is already clipped and sized
+            results = asyncio.run(bench_async(ns))
+            pt = results["points"].get("http", [{}])[0]
+            return {"summary": pt.get("summary"), "occupancy": pt.get("occupancy"), "errors": results["errors"]}
+
+        def both(server: Server) -> None:
             before = server.metrics()
-            res = run_client(args, client, conv_file, server.url, out, mode)
-            res["server_cache"] = cache_delta(before, server.metrics())
-            return res
+            try:
+                entry["vllm_client"] = run_client(args, client, conv_file, server.url, out, mode)
+                entry["vllm_client"]["server_cache"] = cache_delta(before, server.metrics())
+            except Exception as exc:  # our run still gets its turn
+                entry["vllm_client"] = {"error": f"{type(exc).__name__}: {exc}"}
+            _print_client(mode, entry["vllm_client"])
+            write_report(report, out)         # kept even if a later step runs out of time
+            if args.ours_rate > 0:
+                try:
+                    server.reset_cache()      # ours starts cold, as the client did, on the same warm server
+                    entry["ours"] = ours_run(server)
+                except Exception as exc:
+                    entry["ours"] = {"error": f"{type(exc).__name__}: {exc}"}
 
         try:
-            entry["vllm_client"], entry["server_command"] = with_server(args, mode, out, "vllm", vllm_run)
+            _, entry["server_command"] = with_server(args, mode, out, both)
         except Exception as exc:  # one mode failing must not lose the others
-            entry["vllm_client"] = {"error": f"{type(exc).__name__}: {exc}"}
-        _print_client(mode, entry["vllm_client"])
-        write_report(report, out)         # kept even if a later step runs out of time
-        if args.ours_rate > 0:
-            def ours_run(server: Server) -> dict[str, Any]:
-                extra = ["--systems", "http", "--url", server.url, "--api", "chat", "--tokenizer", args.model,
-                         "--dataset", "sharegpt", "--dataset-path", str(conv_file), "--rates", f"{args.ours_rate:g}",
-                         "--max-conversations", str(conv_info["conversations"]), "--duration", "0",
-                         "--think-time", str(args.ours_think_time), "--max-context", str(conv_info["max_context"]),
-                         "--out", str(out / f"ours_{mode}")]
-                if args.ours_time_limit:
-                    extra += ["--time-limit", str(args.ours_time_limit)]
-                ns = bench_namespace(args, out, *extra)
-                ns.max_input_tokens = ns.max_output_tokens = None   # the file is already clipped and sized
-                results = asyncio.run(bench_async(ns))
-                pt = results["points"].get("http", [{}])[0]
-                return {"summary": pt.get("summary"), "occupancy": pt.get("occupancy"), "errors": results["errors"]}
-
-            try:
-                entry["ours"], _ = with_server(args, mode, out, "ours", ours_run)
-            except Exception as exc:
-                entry["ours"] = {"error": f"{type(exc).__name__}: {exc}"}
+            entry.setdefault("vllm_client", {"error": f"{type(exc).__name__}: {exc}"})
         write_report(report, out)
     print((out / "vllm_client.md").read_text())
     ok = all(e.get("vllm_client", {}).get("returncode") == 0 for e in report["modes"].values())

@@ -158,6 +158,9 @@ def _add_serve(sub: Any) -> None:
                    help="larger request bodies get 413 before they are read")
     s.add_argument("--metrics-require-auth", action="store_true",
                    help="/metrics asks for an API key too (default: open, like /health)")
+    s.add_argument("--enable-cache-reset", action="store_true",
+                   help="serve POST /reset_prefix_cache, which drops every cached block (for benchmarks; "
+                        "any API key may call it)")
     s.add_argument("--shutdown-timeout", type=float, default=5.0,
                    help="seconds in-flight requests get on SIGINT/SIGTERM; then streams end with an error "
                         "event and [DONE], other requests with 503")
@@ -228,6 +231,7 @@ def serve(args: argparse.Namespace) -> int:
             api_keys=parse_api_keys(args.api_key, os.environ.get("PENSIEVE_API_KEY")),
             served_model_names=_served_names(args), max_waiting=args.max_waiting,
             max_request_body_bytes=args.max_request_body_bytes, metrics_require_auth=args.metrics_require_auth,
+            enable_cache_reset=args.enable_cache_reset,
             max_stored_responses=args.max_stored_responses, conversation_ttl=args.conversation_ttl,
             shutdown_timeout_s=args.shutdown_timeout, **replica_settings(args))
     except ValueError as exc:

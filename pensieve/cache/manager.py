@@ -266,6 +266,18 @@ class KVCacheManager:
             self._forget(key)
         return True
 
+    def clear(self) -> None:
+        """Forget every conversation and every cached block in both tiers. Only between steps, with nothing
+        running and no copy in flight (check_integrity holds after)."""
+        if self._pinned_gpu or self._pinned_cpu or self._outbound or self._out_gpu or self.num_used_gpu:
+            raise CacheIntegrityError("clear() needs an idle cache: blocks are in use or in flight")
+        for cid in list(self.conversations):
+            self.conversations.remove(cid)
+        for b in self.gpu.idle():
+            self._free_gpu(int(b))
+        for c in self.cpu.idle():
+            self._drop_cpu(int(c), deleted=True)
+
     def expire_conversations(self, ttl: float) -> list[str]:
         expired = self.conversations.idle_since(self.clock() - ttl)
         for cid in expired:

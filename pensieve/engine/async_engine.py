@@ -142,6 +142,9 @@ class AsyncEngine:
     def delete_conversation(self, conversation_id: str) -> bool:
         return self._call(lambda: self.engine.delete_conversation(conversation_id))
 
+    def reset_cache(self) -> bool:
+        return self._call(self.engine.reset_cache)
+
     def cached_block_keys(self) -> tuple[list[bytes], list[bytes]]:
         """Content keys each tier holds (GPU, CPU), read on the engine thread between steps."""
         return self._call(self.engine.cached_block_keys)

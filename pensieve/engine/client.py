@@ -32,6 +32,11 @@ class EngineClient(Protocol):
         """Frees the conversation's blocks in both tiers; blocks until the engine has done it."""
         ...
 
+    def reset_cache(self) -> bool:
+        """Drops every cached block and conversation (False while requests are unfinished); blocks until
+        the engine has done it."""
+        ...
+
     def stats(self) -> EngineStats: ...
 
     @property

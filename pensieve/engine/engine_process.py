@@ -35,7 +35,8 @@ from pensieve.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
-_CALLS = ("delete_conversation", "check_integrity", "cached_block_keys")   # engine methods callers may run and wait for
+# engine methods callers may run and wait for
+_CALLS = ("delete_conversation", "reset_cache", "check_integrity", "cached_block_keys")
 
 
 # ------------------------------------------------------------------ messages
@@ -214,6 +215,7 @@ class _EngineLoop:
             except Exception as exc:
                 self.send(Reply(msg.call_id, None, _portable(exc)))
             else:
+                self.send(StepOutputs([], self.engine.stats()))   # a call may change them (a cache reset)
                 self.send(Reply(msg.call_id, result, None))
         elif isinstance(msg, Profile):  # torch.profiler in this process's main thread, which steps the engine
             call_id = msg.call_id
@@ -345,6 +347,9 @@ class EngineProcess:
 
     def delete_conversation(self, conversation_id: str) -> bool:
         return self._call(CallEngine, "delete_conversation", (conversation_id,)).result()
+
+    def reset_cache(self) -> bool:
+        return self._call(CallEngine, "reset_cache", ()).result()
 
     def check_integrity(self) -> None:
         self._call(CallEngine, "check_integrity", ()).result()

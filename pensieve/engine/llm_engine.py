@@ -236,6 +236,15 @@ class LLMEngine:
     def delete_conversation(self, conversation_id: str) -> bool:
         return self.kv.delete_conversation(conversation_id)
 
+    def reset_cache(self) -> bool:
+        """Drop every cached block and conversation, as a fresh engine starts (between benchmark runs).
+        False, and nothing dropped, while a request is unfinished."""
+        if self.has_unfinished():
+            return False
+        self.flush_transfers()
+        self.kv.clear()
+        return True
+
     def cached_block_keys(self) -> tuple[list[bytes], list[bytes]]:
         """Content keys cached in the GPU and the CPU tier (a KV event publisher diffs them)."""
         return self.kv.tier_keys()

@@ -1,6 +1,7 @@
 """The FastAPI app factory: routes, error handlers, metrics and the engine's lifespan."""
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,7 +13,7 @@ from pensieve import __version__
 from pensieve.engine.client import EngineClient
 from pensieve.server import openai_api, responses_api, routing_api
 from pensieve.server.conversations import ConversationRegistry, ResponseStore
-from pensieve.server.errors import install_error_handlers
+from pensieve.server.errors import APIError, install_error_handlers
 from pensieve.server.limits import AdmissionControl, BodySizeLimit
 from pensieve.server.metrics import GatewayCollector, MetricsMiddleware, ServerMetrics
 from pensieve.server.runtime import ServerState, authenticate, get_state
@@ -92,5 +93,20 @@ def build_app(engine: EngineClient, settings: ServerSettings | None = None) -> F
     @app.get("/metrics", include_in_schema=False, dependencies=metrics_auth)
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    if settings.enable_cache_reset:
+        # vLLM's name for it: a benchmark's client runs, the cache is emptied, the next client starts cold
+        # on a warm server (no second model load and kernel compile)
+        @app.post("/reset_prefix_cache", dependencies=[Depends(authenticate)])
+        async def reset_prefix_cache(request: Request) -> JSONResponse:
+            st = get_state(request)
+            busy = APIError(409, "Requests are in flight: reset the cache when the server is idle",
+                            code="server_busy")
+            if st.in_flight:
+                raise busy
+            st.conversations.clear()
+            if not await asyncio.to_thread(st.engine.reset_cache):   # waits for the engine thread
+                raise busy
+            return JSONResponse({"reset": True})
 
     return app

@@ -115,6 +115,10 @@ class ConversationRegistry:
         del self._items[(owner, name)]
         return conv
 
+    def clear(self) -> None:
+        """Forgets every conversation without a request in progress (the engine's cache was reset)."""
+        self._items = {key: c for key, c in self._items.items() if c.busy}
+
     def expire(self) -> list[str]:
         """Forgets idle conversations older than the TTL; returns their engine ids to free."""
         if self._ttl is None:

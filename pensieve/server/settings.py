@@ -19,6 +19,9 @@ class ServerSettings:
     retry_after_s: int = 1                      # the Retry-After header of a 503
     max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES   # larger bodies get 413 before they are read
     metrics_require_auth: bool = False          # /metrics asks for an API key too
+    # POST /reset_prefix_cache drops every cached block (between benchmark runs); off by default, since with
+    # several API keys any tenant could empty everybody's cache
+    enable_cache_reset: bool = False
     max_stored_responses: int = 10_000          # Responses API store; the least recently used are forgotten
     conversation_ttl: float | None = None       # seconds an idle named conversation is remembered
     shutdown_timeout_s: float = 5.0             # in-flight requests get this long, then they end with an error

@@ -397,3 +397,26 @@ def test_eviction_into_a_full_cpu_tier_drops_what_rescoring_would(policy):
         kv.check_integrity()
     ref = managers[1]
     assert ref.kept > 20 and ref.dropped > 20 and ref.counters.cpu_hit_tokens > 0  # both branches, and reuse
+
+
+def test_clear_forgets_both_tiers_and_refuses_while_blocks_are_in_use():
+    kv, clock = make(8, 16, mode="tiered", swap_out_watermark=1.0)
+    a = list(range(17))
+    run_turn(kv, a, conv="a")
+    kv.plan_swap_out()
+    kv.take_plan()
+    finish_step(kv)
+    run_turn(kv, [300 + i for i in range(12)], conv="b")
+    keys = block_keys(a, BS)
+    adm = kv.admit(keys, len(a), reserve=0)           # a running sequence holds blocks
+    with pytest.raises(CacheIntegrityError, match="idle"):
+        kv.clear()
+    kv.take_plan()
+    finish_step(kv)
+    kv.release(adm.block_table)
+    kv.clear()
+    assert kv.num_free_gpu == 8 and kv.num_used_cpu == 0 and len(kv.conversations) == 0
+    assert kv.counters.dropped_blocks == 0            # a reset is not a drop
+    kv.check_integrity()
+    adm, _, _ = run_turn(kv, a + [1], conv="a")
+    assert adm.gpu_hit_tokens == adm.cpu_hit_tokens == 0

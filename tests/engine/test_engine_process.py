@@ -78,6 +78,10 @@ def test_same_answers_and_surface_as_the_thread_engine(config):
         assert await asyncio.to_thread(process.delete_conversation, "chat")
         assert not await asyncio.to_thread(process.delete_conversation, "chat")
         await asyncio.to_thread(process.check_integrity)
+        await _collect(process, "c1", [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21], params)
+        assert process.stats().gpu_blocks_cached > 0
+        assert await asyncio.to_thread(process.reset_cache)
+        assert process.stats().gpu_blocks_cached == 0   # the stats arrive before the call's reply
         window = asyncio.ensure_future(process.profile(2))
         await _collect(process, "p0", [5, 6, 7], params)
         assert (await asyncio.wait_for(window, 60)).startswith("2 steps in ")

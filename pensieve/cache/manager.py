@@ -211,18 +211,12 @@ class KVCacheManager:
         short = n - self.gpu.num_free
         if short <= 0:
             return True
-        if not self.tiered:
-            if short > self.gpu.num_idle:
-                return False
-            self._evict_gpu(short)
-            return True
-        idle = self.gpu.idle()
-        backed = idle[self.cpu_copy[idle] >= 0]
-        if len(backed) < short:
+        cand = self.gpu.idle()
+        if self.tiered:
+            cand = cand[self.cpu_copy[cand] >= 0]   # evicting these plans no copy
+        if len(cand) < short:
             return False
-        scores = self.policy.scores(self.gpu.last_use[backed], self.gpu.position[backed], self.clock())
-        for j in lowest(scores, short):
-            self._free_gpu(int(backed[j]))
+        self._evict_gpu(short, cand)
         return True
 
     def commit_block(self, block_table: list[int], index: int, key: BlockKey) -> None:
@@ -414,8 +408,10 @@ class KVCacheManager:
         self.gpu.users[blocks] = 1
         return blocks
 
-    def _evict_gpu(self, k: int) -> None:
-        cand = self.gpu.idle()
+    def _evict_gpu(self, k: int, cand: np.ndarray | None = None) -> None:
+        """Give up the `k` least valuable of the idle GPU blocks `cand` (default: all of them)."""
+        if cand is None:
+            cand = self.gpu.idle()
         now = self.clock()
         scores = self.policy.scores(self.gpu.last_use[cand], self.gpu.position[cand], now)
         cpu_victims: _ColdestFirst | None = None

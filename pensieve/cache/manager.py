@@ -265,8 +265,7 @@ class KVCacheManager:
         running and no copy in flight (check_integrity holds after)."""
         if self._pinned_gpu or self._pinned_cpu or self._outbound or self._out_gpu or self.num_used_gpu:
             raise CacheIntegrityError("clear() needs an idle cache: blocks are in use or in flight")
-        for cid in list(self.conversations):
-            self.conversations.remove(cid)
+        self.conversations = ConversationOwners()
         for b in self.gpu.idle():
             self._free_gpu(int(b))
         for c in self.cpu.idle():

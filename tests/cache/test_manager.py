@@ -211,6 +211,17 @@ def test_shared_prefix_survives_deleting_one_owner():
     assert adm.gpu_hit_tokens == 8
 
 
+def next_prompt(rng, history: list[int], new_tokens: tuple[int, int], cap: int, managers, cid: str) -> list[int]:
+    """A random workload's next turn: the conversation's last prompt plus a few random tokens; past `cap`
+    tokens it is deleted from every manager and starts again from its last 5."""
+    tokens = history + list(rng.integers(0, 50, size=rng.integers(*new_tokens)))
+    if len(tokens) > cap:
+        for kv in managers:
+            kv.delete_conversation(cid)
+        tokens = tokens[-5:]
+    return tokens
+
+
 @pytest.mark.parametrize("mode", ["stateless", "gpu", "tiered"])
 def test_random_workload_keeps_invariants(mode):
     rng = np.random.default_rng(0)
@@ -219,10 +230,7 @@ def test_random_workload_keeps_invariants(mode):
     for step in range(200):
         clock.t = float(step)
         cid = f"c{rng.integers(6)}"
-        tokens = convs.get(cid, []) + list(rng.integers(0, 50, size=rng.integers(1, 9)))
-        if len(tokens) > 40:
-            kv.delete_conversation(cid)
-            tokens = tokens[-5:]
+        tokens = next_prompt(rng, convs.get(cid, []), (1, 9), 40, [kv], cid)
         keys = block_keys(tokens, BS)
         adm = kv.admit(keys, len(tokens), reserve=0, conversation_id=cid)
         if adm is None:
@@ -370,11 +378,7 @@ def test_eviction_into_a_full_cpu_tier_drops_what_rescoring_would(policy):
     for step in range(400):
         clock.t = float(step)
         cid = f"c{rng.choice(12, p=hot / hot.sum())}"
-        tokens = convs.get(cid, []) + list(rng.integers(0, 50, size=rng.integers(2, 12)))
-        if len(tokens) > 48:
-            for kv in managers:
-                kv.delete_conversation(cid)
-            tokens = tokens[-5:]
+        tokens = next_prompt(rng, convs.get(cid, []), (2, 12), 48, managers, cid)
         keys = block_keys(tokens, BS)
         plans = []
         for kv in managers:

@@ -41,6 +41,11 @@ def _in_thread(fn) -> tuple[threading.Thread, dict[str, Any]]:
     return t, box
 
 
+def _result(job: tuple[threading.Thread, dict[str, Any]]) -> Any:
+    assert "result" in job[1], job[1]       # the exception, when the request raised
+    return job[1]["result"]
+
+
 @pytest.mark.parametrize("engine_flags", [[], ["--engine-process"]], ids=["engine-thread", "engine-process"])
 def test_sigterm_drains_then_ends_every_request_cleanly(tmp_path: Path, engine_flags: list[str]) -> None:
     cache = tmp_path / "kv"
@@ -82,8 +87,9 @@ def test_sigterm_drains_then_ends_every_request_cleanly(tmp_path: Path, engine_f
             "model": MODEL, "prompt": "Once upon a time", "max_tokens": LONG, "ignore_eos": True}))
         for _ in range(2):
             assert first_events.acquire(timeout=60)
-        short = _in_thread(lambda: http.post("/v1/chat/completions", json={**chat, "max_tokens": 8}))
-        time.sleep(0.3)                                        # the short one is in flight too
+        # the short one streams too, so the signal waits until it is admitted and generating
+        short = _in_thread(lambda: stream("/v1/chat/completions", {**chat, "max_tokens": 32, "stream": True}))
+        assert first_events.acquire(timeout=60)
         proc.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
         time.sleep(0.5)
@@ -96,23 +102,24 @@ def test_sigterm_drains_then_ends_every_request_cleanly(tmp_path: Path, engine_f
         assert GRACE_S - 0.5 < ended < GRACE_S + 15
 
         # what fitted in the grace finished normally
-        done = short[1]["result"]
-        assert done.status_code == 200 and done.json()["choices"][0]["finish_reason"] == "length"
+        done = _result(short)
+        assert done[-1] == "data: [DONE]"
+        assert json.loads(done[-2].removeprefix("data: "))["choices"][0]["finish_reason"] == "length"
 
         # a stream cut at the end of the grace: an OpenAI error event, then [DONE]
-        lines = long_stream[1]["result"]
+        lines = _result(long_stream)
         assert lines[-1] == "data: [DONE]"
         err = json.loads(lines[-2].removeprefix("data: "))["error"]
         assert err["code"] == "server_shutting_down" and err["type"] == "service_unavailable_error"
         assert any('"content"' in line for line in lines[:-2])  # it had streamed text before
 
         # the Responses API's own error event
-        events = responses_stream[1]["result"]
+        events = _result(responses_stream)
         assert events[-2] == "event: error"
         assert json.loads(events[-1].removeprefix("data: "))["code"] == "server_shutting_down"
 
         # a non-streaming request: an OpenAI-shaped 503
-        whole = long_whole[1]["result"]
+        whole = _result(long_whole)
         assert whole.status_code == 503, whole.text
         assert whole.json()["error"]["code"] == "server_shutting_down"
         assert set(whole.json()["error"]) == {"message", "type", "param", "code"}

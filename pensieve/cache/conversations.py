@@ -27,11 +27,24 @@ class ConversationOwners:
 
     def record(self, conversation_id: str, keys: list[BlockKey], now: float, tokens: list[int] | None = None) -> None:
         old = self._convs.get(conversation_id)
-        if old is not None:
-            self._owners.subtract(old.keys)
         self._owners.update(keys)
-        self._owners += Counter()  # drop zero counts
+        if old is not None:
+            self._disown(old.keys)
         self._convs[conversation_id] = Conversation(list(keys), now, list(tokens or []))
+
+    def _disown(self, keys: list[BlockKey]) -> list[BlockKey]:
+        """One owner fewer for each of `keys`; returns those left with none (and forgets them).
+        Only these keys are touched: a pass over every count would cost each finished turn time
+        in proportion to all the conversations ever cached."""
+        owners, orphans = self._owners, []
+        for k in keys:
+            n = owners[k] - 1
+            if n > 0:
+                owners[k] = n
+            else:
+                owners.pop(k, None)
+                orphans.append(k)
+        return orphans
 
     def touch(self, conversation_id: str, now: float) -> None:
         conv = self._convs.get(conversation_id)
@@ -43,11 +56,7 @@ class ConversationOwners:
         conv = self._convs.pop(conversation_id, None)
         if conv is None:
             return None
-        self._owners.subtract(conv.keys)
-        orphans = [k for k in conv.keys if self._owners[k] <= 0]
-        for k in orphans:
-            self._owners.pop(k, None)
-        return orphans
+        return self._disown(conv.keys)
 
     def idle_since(self, cutoff: float) -> list[str]:
         return [cid for cid, c in self._convs.items() if c.last_active < cutoff]

@@ -85,6 +85,9 @@ class KVCacheManager:
         self._outbound: deque[tuple[list[int], list[int]]] = deque()
         self.conversations = ConversationOwners()
         self.counters = CacheCounters()
+        # each tier's idle blocks ranked for eviction, shared by the evictions of one step's scheduling
+        self._gpu_ranking: _Ranking | None = None
+        self._cpu_ranking: _Ranking | None = None
 
     # ------------------------------------------------------------------ queries
     @property
@@ -243,6 +246,7 @@ class KVCacheManager:
             if gpu.users[b] == 0 and not gpu.has_content[b]:
                 self._free_gpu(b)
         block_table.clear()
+        self._forget_rankings()
 
     # ------------------------------------------------------- conversations
     def record_conversation(self, conversation_id: str, keys: list[BlockKey], tokens: list[int] | None = None) -> None:
@@ -266,6 +270,7 @@ class KVCacheManager:
         if self._pinned_gpu or self._pinned_cpu or self._outbound or self._out_gpu or self.num_used_gpu:
             raise CacheIntegrityError("clear() needs an idle cache: blocks are in use or in flight")
         self.conversations = ConversationOwners()
+        self._forget_rankings()
         for b in self.gpu.idle():
             self._free_gpu(int(b))
         for c in self.cpu.idle():
@@ -319,6 +324,7 @@ class KVCacheManager:
 
     def take_plan(self) -> TransferPlan:
         plan, self.plan = self.plan, TransferPlan()
+        self._forget_rankings()     # a ranking serves one step's scheduling
         return plan
 
     def end_step(self) -> None:
@@ -342,6 +348,7 @@ class KVCacheManager:
             self._unpin(gpu, cpu)
 
     def _unpin(self, gpu: list[int], cpu: list[int]) -> None:
+        self._forget_rankings()
         for b in gpu:
             self.gpu.users[b] -= 1
         for c in cpu:
@@ -378,6 +385,7 @@ class KVCacheManager:
             return None
         block = target.take_free()
         target.register(block, key, index, last)
+        self._forget_rankings()
         return block
 
     # ------------------------------------------------------------- internals
@@ -408,19 +416,17 @@ class KVCacheManager:
         return blocks
 
     def _evict_gpu(self, k: int, cand: np.ndarray | None = None) -> None:
-        """Give up the `k` least valuable of the idle GPU blocks `cand` (default: all of them)."""
+        """Give up the `k` least valuable of the idle GPU blocks `cand` (default: all of them, ranked
+        once for the whole step: see _Ranking)."""
         if cand is None:
-            cand = self.gpu.idle()
-        now = self.clock()
-        scores = self.policy.scores(self.gpu.last_use[cand], self.gpu.position[cand], now)
-        cpu_victims: _ColdestFirst | None = None
-        for j in lowest(scores, k):
-            b = int(cand[j])
+            victims = self._least_valuable_gpu(k)
+        else:
+            scores = self.policy.scores(self.gpu.last_use[cand], self.gpu.position[cand], self.clock())
+            victims = [(int(cand[j]), float(scores[j])) for j in lowest(scores, k)]
+        for b, score in victims:
             if self.tiered and self.cpu_copy[b] < 0:
                 # Not copied ahead of time: copy now, and make the forward wait for it.
-                if cpu_victims is None:
-                    cpu_victims = _ColdestFirst(self, now)
-                c = self._allocate_cpu(float(scores[j]), cpu_victims)
+                c = self._allocate_cpu(score)
                 if c is not None:
                     self._store_on_cpu(b, c, self._pinned_cpu)
                     self.plan.evict_out.append((b, c))
@@ -431,6 +437,42 @@ class KVCacheManager:
                 self.counters.dropped_blocks += 1
             self._free_gpu(b)
 
+    def _least_valuable_gpu(self, k: int) -> list[tuple[int, float]]:
+        """The k least valuable idle GPU blocks with their scores, from the step's ranking (ranked
+        again once its ranked share is used up)."""
+        out: list[tuple[int, float]] = []
+        while len(out) < k:
+            fresh = self._gpu_ranking is None
+            if fresh:
+                self._gpu_ranking = _Ranking(self.gpu, self.policy, self.clock(), k - len(out))
+            ranking = self._gpu_ranking
+            while len(out) < k and (top := ranking.peek()) is not None:
+                ranking.pop()
+                out.append(top)
+            if len(out) < k:
+                if fresh:
+                    raise CacheIntegrityError(f"{k} GPU blocks to evict, {len(out)} idle")
+                self._gpu_ranking = None
+        return out
+
+    def _allocate_cpu(self, incoming_score: float) -> int | None:
+        """A CPU block for a block worth `incoming_score`, dropping a less valuable one if full."""
+        if self.cpu.free:
+            return self.cpu.take_free()
+        while True:
+            fresh = self._cpu_ranking is None
+            if fresh:
+                self._cpu_ranking = _Ranking(self.cpu, self.policy, self.clock(), 1)
+            top = self._cpu_ranking.peek()
+            if top is not None or fresh or self._cpu_ranking.complete:
+                break
+            self._cpu_ranking = None     # its ranked share is used up: rank the rest
+        if top is None or top[1] >= incoming_score:
+            return None
+        self._cpu_ranking.pop()
+        self._drop_cpu(top[0])
+        return self.cpu.take_free()
+
     def _free_gpu(self, b: int) -> None:
         """A GPU block with no user gives up its content (its CPU copy, if any, stays)."""
         c = self.cpu_copy[b]
@@ -439,15 +481,9 @@ class KVCacheManager:
             self.cpu_copy[b] = -1
         self.gpu.release_to_free(b)
 
-    def _allocate_cpu(self, incoming_score: float, victims: _ColdestFirst) -> int | None:
-        """A CPU block for a block worth `incoming_score`, dropping a less valuable one if full."""
-        if self.cpu.free:
-            return self.cpu.take_free()
-        c = victims.next_below(incoming_score)
-        if c is None:
-            return None
-        self._drop_cpu(c)
-        return self.cpu.take_free()
+    def _forget_rankings(self) -> None:
+        """Blocks may have become idle (a release, an unpin): the next eviction ranks again."""
+        self._gpu_ranking = self._cpu_ranking = None
 
     def _drop_cpu(self, c: int, deleted: bool = False) -> None:
         """Free a CPU block; its content counts as dropped unless the GPU still holds it or a
@@ -489,29 +525,42 @@ class KVCacheManager:
             raise CacheIntegrityError("swap-outs still in flight: flush them first")
 
 
-class _ColdestFirst:
-    """The CPU tier's idle blocks, least valuable first, scored once per eviction round.
+class _Ranking:
+    """One tier's idle blocks, least valuable first, scored once and shared by every eviction of one
+    step's scheduling (a pool kept full of idle cache evicts a few blocks for nearly every sequence that
+    grows, and ranking thousands of blocks for each took most of the scheduler's host time:
+    benchmarks/results/cache-host-cpu/).
 
-    Within one round `now` is fixed and no CPU block becomes idle (each new copy is pinned until the step
-    ends), so taking them in this order drops exactly the blocks that an argmin over the idle set before
-    each drop would (tests/cache/test_manager.py checks it against that reference), in O(n log n) for the
-    round instead of O(n) per evicted block: rescoring took most of the host time of an admission into
-    full tiers (benchmarks/results/cache-host-cpu/summary.md).
+    Exact while blocks only leave the idle set: `peek` skips blocks that were taken (evicted, hit,
+    pinned) since the ranking, and the manager drops the ranking whenever a block may have become idle
+    (a release, an unpin, the step's end). With `now` fixed within the step, taking blocks in this order
+    evicts exactly what a fresh argmin before each eviction would (tests/cache/test_manager.py checks
+    both tiers against that reference). Only the `depth` lowest are sorted; the manager ranks again
+    when they are used up.
     """
 
-    def __init__(self, manager: KVCacheManager, now: float) -> None:
-        cpu = manager.cpu
-        self._blocks = cpu.idle()
-        self._scores = manager.policy.scores(cpu.last_use[self._blocks], cpu.position[self._blocks], now)
-        self._order = np.argsort(self._scores, kind="stable")   # ties: the lowest block id first, as argmin
+    DEPTH = 512   # sorted per ranking: a step seldom evicts more, and a partial sort keeps it O(n)
+
+    def __init__(self, tier: BlockTier, policy: EvictionPolicy, now: float, need: int) -> None:
+        blocks = tier.idle()
+        scores = policy.scores(tier.last_use[blocks], tier.position[blocks], now)
+        depth = max(need, self.DEPTH)
+        order = lowest(scores, depth)                  # ties: the lowest block id first, as argmin
+        self._tier = tier
+        self._blocks = blocks[order].tolist()
+        self._scores = scores[order].tolist()
+        self.complete = depth >= len(blocks)           # every idle block is ranked
         self._next = 0
 
-    def next_below(self, score: float) -> int | None:
-        """The least valuable idle block left if it is worth less than `score`, else None (it stays)."""
-        if self._next >= len(self._order):
-            return None
-        j = self._order[self._next]
-        if self._scores[j] >= score:
-            return None
+    def peek(self) -> tuple[int, float] | None:
+        """The least valuable ranked block still idle, with its score; None once they are used up."""
+        tier = self._tier
+        while self._next < len(self._blocks):
+            b = self._blocks[self._next]
+            if tier.has_content[b] and tier.users[b] == 0:
+                return b, self._scores[self._next]
+            self._next += 1
+        return None
+
+    def pop(self) -> None:
         self._next += 1
-        return int(self._blocks[j])

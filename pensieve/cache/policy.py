@@ -92,8 +92,9 @@ class LRUPolicy:
 
 
 def lowest(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k lowest scores, in ascending score order."""
+    """Indices of the k lowest scores, in ascending score order; equal scores in ascending index order
+    (as argmin takes them)."""
     if k >= len(scores):
         return np.argsort(scores, kind="stable")
-    part = np.argpartition(scores, k)[:k]
+    part = np.sort(np.argpartition(scores, k)[:k])
     return part[np.argsort(scores[part], kind="stable")]

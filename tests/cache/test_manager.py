@@ -343,11 +343,16 @@ def test_profiled_cost_interpolates_is_monotone_and_extrapolates():
 
 
 class _RescoringManager(KVCacheManager):
-    """The reference for eviction into a full CPU tier: rescore every idle CPU block before each drop."""
+    """The reference for eviction: rank every idle block afresh before each eviction from either tier."""
 
     kept = dropped = 0   # how often the CPU's least valuable block outranked the victim, or was dropped for it
 
-    def _allocate_cpu(self, incoming_score, victims):
+    def _least_valuable_gpu(self, k):
+        cand = self.gpu.idle()
+        scores = self.policy.scores(self.gpu.last_use[cand], self.gpu.position[cand], self.clock())
+        return [(int(cand[j]), float(scores[j])) for j in np.argsort(scores, kind="stable")[:k]]
+
+    def _allocate_cpu(self, incoming_score):
         if self.cpu.free:
             return self.cpu.take_free()
         cand = self.cpu.idle()
@@ -364,43 +369,73 @@ class _RescoringManager(KVCacheManager):
 
 
 @pytest.mark.parametrize("policy", ["retention", "lru"])
-def test_eviction_into_a_full_cpu_tier_drops_what_rescoring_would(policy):
-    """Ranking the CPU tier once per eviction round decides exactly as an argmin before each drop does:
-    the same transfers, drops and block placement at every step of a workload that keeps both tiers full."""
-    # no ahead-of-time copies: every GPU victim goes through the CPU allocation under test
-    cfg = CacheConfig(block_size=BS, cache_mode="tiered", eviction_policy=policy, ahead_of_time_swap_out=False)
+@pytest.mark.parametrize("aot", [False, True], ids=["copy-at-eviction", "ahead-of-time"])
+def test_step_rankings_evict_what_rescoring_would(policy, aot):
+    """Ranking each tier once per step decides exactly as ranking before every eviction does: the same
+    transfers, drops, block tables and placement at every step of a workload that keeps both tiers full,
+    with several sequences growing and new turns admitted in each step (so one ranking serves many
+    evictions, across blocks taken, hit and pinned since it was made)."""
+    # without ahead-of-time copies every GPU victim goes through the CPU allocation under test
+    cfg = CacheConfig(block_size=BS, cache_mode="tiered", eviction_policy=policy, ahead_of_time_swap_out=aot,
+                      swap_out_watermark=0.3)
     clock = Clock()
-    managers = [cls(cfg, 24, 16, RetentionValuePolicy(BS) if policy == "retention" else LRUPolicy(), clock)
+    managers = [cls(cfg, 40, 12, RetentionValuePolicy(BS) if policy == "retention" else LRUPolicy(), clock)
                 for cls in (KVCacheManager, _RescoringManager)]
     rng = np.random.default_rng(1)
     hot = np.array([8.0] * 3 + [1.0] * 9)  # three conversations come back often, nine rarely
     convs: dict[str, list[int]] = {}
+    running: dict[str, tuple[list[int], list[list[int]]]] = {}   # conversation -> (tokens, each manager's table)
     for step in range(400):
         clock.t = float(step)
-        cid = f"c{rng.choice(12, p=hot / hot.sum())}"
-        tokens = next_prompt(rng, convs.get(cid, []), (2, 12), 48, managers, cid)
-        keys = block_keys(tokens, BS)
         plans = []
+        for cid, (tokens, tables) in list(running.items()):         # decode: each grows a few tokens
+            tokens += list(rng.integers(0, 50, size=rng.integers(1, 4)))
+            grown = [kv.grow(t, len(tokens)) for kv, t in zip(managers, tables)]
+            plans.append(grown)
+            if not all(grown):                                       # no room: preempted
+                for kv, t in zip(managers, tables):
+                    kv.release(t)
+                del running[cid]
+        for _ in range(rng.integers(1, 3)):                          # and new turns come in
+            idle = [f"c{i}" for i in range(12) if f"c{i}" not in running]
+            w = np.array([hot[int(c[1:])] for c in idle])
+            cid = str(rng.choice(idle, p=w / w.sum()))
+            tokens = next_prompt(rng, convs.get(cid, []), (2, 12), 48, managers, cid)
+            keys = block_keys(tokens, BS)
+            adms = [kv.admit(keys, len(tokens), reserve=0, conversation_id=cid) for kv in managers]
+            plans.append([None if a is None else (list(a.block_table), a.pending) for a in adms])
+            if adms[0] is not None and adms[1] is not None:
+                for kv, adm in zip(managers, adms):
+                    for i in range(len(tokens) // BS):
+                        kv.commit_block(adm.block_table, i, keys[i])
+                running[cid] = (tokens, [a.block_table for a in adms])
         for kv in managers:
-            adm = kv.admit(keys, len(tokens), reserve=0, conversation_id=cid)
-            if adm is None:
-                plans.append(None)
-                continue
-            for i in range(len(tokens) // BS):
-                kv.commit_block(adm.block_table, i, keys[i])
-            plan = kv.take_plan()
-            plans.append((list(adm.block_table), adm.pending, plan.swap_in, plan.evict_out))
+            kv.plan_swap_out()
+        steps = [kv.take_plan() for kv in managers]
+        plans.append([(p.swap_in, p.swap_out, p.evict_out) for p in steps])
+        for kv in managers:
             finish_step(kv)
-            kv.release(adm.block_table)
-            kv.record_conversation(cid, keys[:(len(tokens) - 1) // BS])
-        assert plans[0] == plans[1], f"step {step}"
+        for cid in [c for c in running if rng.random() < 0.3]:       # some turns end
+            tokens, tables = running.pop(cid)
+            keys = block_keys(tokens, BS)
+            for kv, table in zip(managers, tables):
+                for i in range(len(tokens) // BS):
+                    kv.commit_block(table, i, keys[i])
+                kv.release(table)
+                kv.record_conversation(cid, keys[:(len(tokens) - 1) // BS])
+            convs[cid] = tokens
+        for p in plans:
+            assert p[0] == p[1], f"step {step}"
         assert managers[0].counters == managers[1].counters
-        assert np.array_equal(managers[0].cpu.has_content, managers[1].cpu.has_content)
-        convs[cid] = tokens
+        for tier in ("gpu", "cpu"):
+            a, b = getattr(managers[0], tier), getattr(managers[1], tier)
+            assert a.keys == b.keys and np.array_equal(a.users, b.users), f"step {step}: {tier}"
     for kv in managers:
         kv.check_integrity()
     ref = managers[1]
-    assert ref.kept > 20 and ref.dropped > 20 and ref.counters.cpu_hit_tokens > 0  # both branches, and reuse
+    assert ref.counters.cpu_hit_tokens > 0 and ref.counters.dropped_blocks > 0    # reuse, and both tiers full
+    if not aot:
+        assert ref.kept > 20 and ref.dropped > 20, (ref.kept, ref.dropped)        # both branches of a drop
 
 
 def test_clear_forgets_both_tiers_and_refuses_while_blocks_are_in_use():

@@ -529,7 +529,7 @@ class _Ranking:
     """One tier's idle blocks, least valuable first, scored once and shared by every eviction of one
     step's scheduling (a pool kept full of idle cache evicts a few blocks for nearly every sequence that
     grows, and ranking thousands of blocks for each took most of the scheduler's host time:
-    benchmarks/results/cache-host-cpu/).
+    benchmarks/results/host-step-cpu/).
 
     Exact while blocks only leave the idle set: `peek` skips blocks that were taken (evicted, hit,
     pinned) since the ranking, and the manager drops the ranking whenever a block may have become idle

@@ -41,7 +41,6 @@ from pensieve.sampling_params import SamplingParams  # noqa: E402
 
 # phases that are the device's work on a GPU (on this CPU they run inline)
 DEVICE_PHASES = ("forward", "logits+sample", "kv copies")
-MAX_CONTEXT = 4000   # the tiny model's 4,096 positions, less a reply
 
 
 @dataclass
@@ -99,27 +98,34 @@ class PhaseTimer:
         setattr(owner, attr, timed)
 
 
+# (object, its methods, the phase they count to): the object is named by its path from the engine
+PHASES = (
+    ("scheduler", ("schedule", "schedule_decode"), "schedule"),
+    ("kv", ("admit",), "cache: admit"),
+    ("kv", ("plan_swap_out",), "cache: plan swap-out"),
+    ("kv", ("end_step", "swap_outs_done"), "cache: end step"),
+    ("kv", ("commit_block",), "cache: commit"),
+    ("kv", ("release",), "cache: release"),
+    ("", ("_next_decode",), "overlap check"),
+    ("", ("_batch",), "build batch"),
+    ("", ("_postprocess",), "postprocess"),
+    ("runner", ("launch",), "launch (host)"),
+    ("runner", ("finish",), "read back"),
+    ("runner.model", ("forward",), "forward"),
+    ("runner.model", ("compute_logits",), "logits+sample"),
+    ("runner", ("_sample",), "logits+sample"),
+    ("runner.transfer", ("start", "issue_rest", "settle"), "kv copies"),
+)
+
+
 def instrument(engine: LLMEngine) -> PhaseTimer:
     timer = PhaseTimer()
-    runner, kv, sched = engine.runner, engine.kv, engine.scheduler
-    timer.wrap(sched, "schedule", "schedule")
-    timer.wrap(sched, "schedule_decode", "schedule")
-    timer.wrap(kv, "admit", "cache: admit")
-    timer.wrap(kv, "plan_swap_out", "cache: plan swap-out")
-    timer.wrap(kv, "end_step", "cache: end step")
-    timer.wrap(kv, "swap_outs_done", "cache: end step")
-    timer.wrap(kv, "commit_block", "cache: commit")
-    timer.wrap(kv, "release", "cache: release")
-    timer.wrap(engine, "_next_decode", "overlap check")
-    timer.wrap(engine, "_batch", "build batch")
-    timer.wrap(engine, "_postprocess", "postprocess")
-    timer.wrap(runner, "launch", "launch (host)")
-    timer.wrap(runner, "finish", "read back")
-    timer.wrap(runner.model, "forward", "forward")
-    timer.wrap(runner.model, "compute_logits", "logits+sample")
-    timer.wrap(runner, "_sample", "logits+sample")
-    for attr in ("start", "issue_rest", "settle"):
-        timer.wrap(runner.transfer, attr, "kv copies")
+    for path, methods, phase in PHASES:
+        owner = engine
+        for name in filter(None, path.split(".")):
+            owner = getattr(owner, name)
+        for method in methods:
+            timer.wrap(owner, method, phase)
     return timer
 
 
@@ -148,7 +154,7 @@ def run_system(mode: str, args: argparse.Namespace, shapes: list[list[tuple[int,
                 c.turns, c.conversation, c.history = list(next(convs)), f"c{num_conv}", 0
                 num_conv += 1
             user, reply = c.turns.pop(0)
-            if c.history + user + reply > MAX_CONTEXT:
+            if c.history + user + reply >= engine.max_model_len:   # the conversation is over; take another
                 c.turns = []
                 continue
             ids = rng.integers(3, 1000, user).tolist()

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a chec
 from pensieve.bench.datasets import (SYNTHETIC_SPECS, _user_len, generate_synthetic,  # noqa: E402
                                      packaged_sharegpt_path, read_sharegpt)
 from pensieve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig  # noqa: E402
-from pensieve.engine.llm_engine import LLMEngine  # noqa: E402
+from pensieve.engine.llm_engine import OVERLAP_REFUSALS, LLMEngine  # noqa: E402
 from pensieve.model.tiny_llama import tiny_llama_path  # noqa: E402
 from pensieve.sampling_params import SamplingParams  # noqa: E402
 
@@ -167,7 +167,7 @@ def run_system(mode: str, args: argparse.Namespace, shapes: list[list[tuple[int,
         measuring = step >= args.warmup
         if measuring and step == args.warmup:
             timer.seconds.clear()
-            overlapped0 = engine.stats().steps_overlapped
+            stats0 = engine.stats()
             if prof is not None:
                 prof.enable()
         t0 = time.perf_counter()
@@ -189,7 +189,9 @@ def run_system(mode: str, args: argparse.Namespace, shapes: list[list[tuple[int,
         "system": mode, "steps": n, "wall_ms_per_step": 1e3 * sum(step_s) / n,
         "host_ms_per_step": 1e3 * sum(step_s) / n - device, "device_ms_per_step": device,
         "running_mean": statistics.fmean(running), "running_max": max(running),
-        "overlapped_share": (stats.steps_overlapped - overlapped0) / n,
+        "overlapped_share": (stats.steps_overlapped - stats0.steps_overlapped) / n,
+        "not_overlapped_share": {k: (getattr(stats, f"not_overlapped_{k}") - getattr(stats0, f"not_overlapped_{k}")) / n
+                                 for k in OVERLAP_REFUSALS},
         "hit_share": (stats.gpu_hit_tokens + stats.cpu_hit_tokens) / max(1, stats.prompt_tokens),
         "phases_ms_per_step": phases, "engine_stats": _plain(stats),
     }
@@ -226,6 +228,9 @@ def table(results: list[dict[str, Any]]) -> str:
             continue
         lines.append(f"| host: {name} | " + " | ".join(f"{r['phases_ms_per_step'].get(name, 0.0):.2f}" for r in results) + " |")
     lines.append("| overlapped steps | " + " | ".join(f"{100 * r['overlapped_share']:.0f}%" for r in results) + " |")
+    for k in OVERLAP_REFUSALS:
+        lines.append(f"| not overlapped: {k.replace('_', ' ')} | " + " | ".join(
+            f"{100 * r['not_overlapped_share'][k]:.0f}%" for r in results) + " |")
     lines.append("| prompt tokens served from the cache | " + " | ".join(f"{100 * r['hit_share']:.0f}%" for r in results) + " |")
     lines.append("| running requests (mean / max) | " + " | ".join(
         f"{r['running_mean']:.0f} / {r['running_max']}" for r in results) + " |")

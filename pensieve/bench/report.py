@@ -93,19 +93,25 @@ def _step_table(results: Mapping[str, Any], several_seeds: bool) -> list[str]:
                 on_gpu = f" / {_fmt(1e3 * d[f'step_gpu_seconds_{k}'] / n, 1)}" if gpu else ""
                 return f"{n}: {_fmt(1e3 * d[f'step_seconds_{k}'] / n, 1)}{on_gpu}"
 
+            refused = sorted(((n, k.removeprefix("not_overlapped_")) for k, n in d.items()
+                              if k.startswith("not_overlapped_")), reverse=True)
+            why = ", ".join(f"{k.replace('_', ' ')} {_pct(n / steps)}" for n, k in refused[:3] if n) or "-"
             rows.append("| " + " | ".join([
-                system, _point_label(p, several_seeds), str(steps), _pct(d.get("steps_overlapped", 0) / steps),
+                system, _point_label(p, several_seeds), str(steps), _pct(d.get("steps_overlapped", 0) / steps), why,
                 _fmt(computed / steps, 0), *(per_step(k) for k in ("graph", "rows", "eager")),
                 _fmt(1e3 * (wall - gpu) / steps, 1) if gpu else "-"]) + " |")
     if not rows:
         return []
     return ["Engine steps per point (the whole point, warm-up included): how many, the share launched while the "
-            "step before still ran (async scheduling), prompt tokens computed per step, and per path (decode "
+            "step before still ran (async scheduling) and the main reasons the others waited for it (the step "
+            "before read back at once: it computed prompt tokens or copies; requests waiting; a sequence new to the "
+            "batch; penalties; every sequence finishing; growth needing a copy), prompt tokens computed per step, "
+            "and per path (decode "
             "CUDA graph, mixed step as graph rows, eager) the count and ms per step, wall / GPU span; host ms: "
             "wall minus GPU span per step, the time the GPU waited on scheduling and postprocessing.", "",
-            "| system | rate (conv/s) | steps | overlapped | computed prompt tok/step | graph | rows | eager "
-            "| host ms/step |",
-            "|---|---|---|---|---|---|---|---|---|", *rows, ""]
+            "| system | rate (conv/s) | steps | overlapped | not overlapped: why | computed prompt tok/step | graph "
+            "| rows | eager | host ms/step |",
+            "|---|---|---|---|---|---|---|---|---|---|", *rows, ""]
 
 
 def _turn_tables(results: Mapping[str, Any], several_seeds: bool) -> list[str]:

@@ -68,6 +68,13 @@ class EngineStats:
     slow_steps: int = 0
     # decode steps scheduled and launched while the step before them still ran (async scheduling)
     steps_overlapped: int = 0
+    # the other busy steps under async scheduling, by why they waited for the step before (OVERLAP_REFUSALS)
+    not_overlapped_after_read_back: int = 0   # the step before was read back at once (prompt tokens, copies) or none ran
+    not_overlapped_waiting: int = 0           # requests waited for admission
+    not_overlapped_new_running: int = 0       # a running sequence was not in the step before (admitted, swapped in)
+    not_overlapped_penalties: int = 0         # a sampler penalty needs the step before's tokens on the host
+    not_overlapped_finishing: int = 0         # every sequence stopped with the step before's token
+    not_overlapped_growth: int = 0            # growing would evict blocks whose copy the forward must wait for
     # tensor parallelism: messages rank 0 sent the other ranks (one per step) and the seconds they took
     rank_messages: int = 0
     rank_message_seconds: float = 0.0
@@ -75,6 +82,7 @@ class EngineStats:
 
 SLOW_STEP_S = 0.25   # a step this long is logged with what it held
 STEP_PATHS = ("graph", "rows", "eager", "swapin")   # how a step's forward ran (EngineStats.steps_*)
+OVERLAP_REFUSALS = ("after_read_back", "waiting", "new_running", "penalties", "finishing", "growth")  # not_overlapped_*
 
 
 def resolve_device(name: str) -> torch.device:
@@ -160,6 +168,7 @@ class LLMEngine:
         self._step_gpu_seconds = dict.fromkeys(STEP_PATHS, 0.0)
         self._slow_steps = 0
         self._overlapped = 0
+        self._not_overlapped = dict.fromkeys(OVERLAP_REFUSALS, 0)
         self._window: profiling.StepWindow | None = None   # a profile window being counted
         self._prompt_tokens = 0
         self._generation_tokens = 0
@@ -268,7 +277,9 @@ class LLMEngine:
         t0 = time.perf_counter()
         prev, self._inflight = self._inflight, None
         outputs: list[RequestOutput] = []
-        follow = self._next_decode(prev) if prev is not None and self.async_scheduling else None
+        follow, refusal = None, None
+        if self.async_scheduling:
+            follow, refusal = self._next_decode(prev) if prev is not None else (None, "after_read_back")
         if follow is not None:
             seqs, rows = follow
             plan = self.scheduler.schedule_decode(seqs)
@@ -280,6 +291,8 @@ class LLMEngine:
                 outputs = self._resolve(prev)
             plan = self.scheduler.schedule()
             launched = self._launch(plan)
+            if refusal is not None and plan.chunks:
+                self._not_overlapped[refusal] += 1
         step = _Step(plan, launched, t0)
         if self.async_scheduling and self._can_leave_running(plan):
             self._inflight = step
@@ -330,27 +343,30 @@ class LLMEngine:
         return (bool(plan.chunks) and all(c.sample and c.num_tokens == 1 for c in plan.chunks)
                 and not t.swap_in and not t.evict_out and not plan.preempted)
 
-    def _next_decode(self, prev: _Step) -> tuple[list[Sequence], list[int]] | None:
-        """The sequences (and their rows of `prev`'s sampled tokens) whose next decode step can be
-        scheduled before `prev`'s tokens are read, or None when this step must read them first."""
+    def _next_decode(self, prev: _Step) -> tuple[tuple[list[Sequence], list[int]] | None, str | None]:
+        """((the sequences, their rows of `prev`'s sampled tokens) whose next decode step can be
+        scheduled before `prev`'s tokens are read, None), or (None, why not: OVERLAP_REFUSALS) when
+        this step must read them first."""
         if self.scheduler.waiting:
-            return None
+            return None, "waiting"
         live = [(row, c.seq) for row, c in enumerate(prev.plan.chunks) if c.seq.status is SeqStatus.RUNNING]
         if len(live) != len(self.scheduler.running):
-            return None   # a running sequence outside the last step: it is not a plain decode
+            return None, "new_running"   # a running sequence outside the last step: it is not a plain decode
         rows, seqs, new_blocks = [], [], 0
         for row, seq in live:
             if seq.params.penalizes_tokens:
-                return None   # the sampler needs the output ids themselves, on the host
+                return None, "penalties"   # the sampler needs the output ids themselves, on the host
             stop = self._tracked[seq.request_id].stop
             if stop.length_reached(seq.num_output_tokens + 1, seq.num_prompt_tokens):
                 continue      # the token being sampled is its last: it stops when read
             rows.append(row)
             seqs.append(seq)
             new_blocks += self.kv.blocks_needed(seq.num_tokens + 1) > len(seq.block_table)
-        if not seqs or not self.kv.free_without_copy(new_blocks):
-            return None   # growing would evict blocks that need a copy the forward must wait for
-        return seqs, rows
+        if not seqs:
+            return None, "finishing"   # every sequence stops with the token the step before samples
+        if not self.kv.free_without_copy(new_blocks):
+            return None, "growth"   # growing would evict blocks that need a copy the forward must wait for
+        return (seqs, rows), None
 
     def watch_steps(self, num_steps: int, done: Callable[[str], None]) -> None:
         """Call `done` with a summary ('K steps in W s: {path: n}') after the next `num_steps` busy steps."""
@@ -579,4 +595,5 @@ class LLMEngine:
             **{f"steps_{k}": n for k, n in self._step_counts.items()},
             **{f"step_seconds_{k}": t for k, t in self._step_seconds.items()},
             **{f"step_gpu_seconds_{k}": t for k, t in self._step_gpu_seconds.items()}, slow_steps=self._slow_steps,
-            steps_overlapped=self._overlapped, rank_messages=messages, rank_message_seconds=message_seconds)
+            steps_overlapped=self._overlapped, **{f"not_overlapped_{k}": n for k, n in self._not_overlapped.items()},
+            rank_messages=messages, rank_message_seconds=message_seconds)

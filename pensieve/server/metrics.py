@@ -14,7 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pensieve.engine.llm_engine import STEP_PATHS
+from pensieve.engine.llm_engine import OVERLAP_REFUSALS, STEP_PATHS
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
@@ -76,6 +76,12 @@ class EngineCollector(Collector):
             wall.add_metric([path], float(getattr(stats, f"step_seconds_{path}", 0.0)))
             gpu.add_metric([path], float(getattr(stats, f"step_gpu_seconds_{path}", 0.0)))
         yield from (steps, wall, gpu)
+        refused = CounterMetricFamily("pensieve_engine_steps_not_overlapped",
+                                      "Busy steps that waited for the step before, by reason (async scheduling)",
+                                      labels=["reason"])
+        for reason in OVERLAP_REFUSALS:
+            refused.add_metric([reason], float(getattr(stats, f"not_overlapped_{reason}", 0)))
+        yield refused
 
     def describe(self) -> Iterator[Metric]:
         return iter(())  # dynamic: nothing to check at registration

@@ -63,14 +63,17 @@ def test_step_table_reports_overlap_paths_and_host_time():
     delta = {"steps_graph": 100, "steps_rows": 50, "steps_eager": 10, "steps_swapin": 0, "steps_overlapped": 40,
              "step_seconds_graph": 1.3, "step_seconds_rows": 1.0, "step_seconds_eager": 0.5, "step_seconds_swapin": 0.0,
              "step_gpu_seconds_graph": 1.1, "step_gpu_seconds_rows": 0.8, "step_gpu_seconds_eager": 0.42,
-             "step_gpu_seconds_swapin": 0.0, "prompt_tokens": 5000, "gpu_hit_tokens": 2000, "cpu_hit_tokens": 1000}
+             "step_gpu_seconds_swapin": 0.0, "prompt_tokens": 5000, "gpu_hit_tokens": 2000, "cpu_hit_tokens": 1000,
+             "not_overlapped_after_read_back": 80, "not_overlapped_waiting": 32, "not_overlapped_growth": 8,
+             "not_overlapped_penalties": 0}
     points = {"tiered": [{"rate": 1.0, "summary": _summary(1.0), "stats_delta": delta}],
               "stateless": [{"rate": 1.0, "summary": _summary(2.0)}]}          # no step counts: no row
     results = {"device": "NVIDIA H100", "systems": ["tiered", "stateless"], "bounds": [0.1], "points": points}
     results.update(headline(points, [0.1]))
     md = markdown_summary(results)
     rows = [line for line in md.splitlines() if line.startswith("| tiered | 1 | 160 |")]
-    # 160 steps, 25% overlapped, 2000 computed prompt tokens / 160, 13.0 / 11.0 ms per graph step,
-    # host: (2.8 - 2.32) s over 160 steps
-    assert rows == ["| tiered | 1 | 160 | 25.0% | 12 | 100: 13.0 / 11.0 | 50: 20.0 / 16.0 | 10: 50.0 / 42.0 | 3.0 |"]
-    assert not any(line.startswith("| stateless | 1 | ") and line.count("|") == 10 for line in md.splitlines())
+    # 160 steps, 25% overlapped, the reasons the rest waited (largest first, none at zero), 2000 computed prompt
+    # tokens / 160, 13.0 / 11.0 ms per graph step, host: (2.8 - 2.32) s over 160 steps
+    assert rows == ["| tiered | 1 | 160 | 25.0% | after read back 50.0%, waiting 20.0%, growth 5.0% | 12 "
+                    "| 100: 13.0 / 11.0 | 50: 20.0 / 16.0 | 10: 50.0 / 42.0 | 3.0 |"]
+    assert not any(line.startswith("| stateless | 1 | ") and line.count("|") == 11 for line in md.splitlines())

@@ -10,7 +10,7 @@ import os
 import pytest
 
 from pensieve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from pensieve.engine.llm_engine import LLMEngine
+from pensieve.engine.llm_engine import OVERLAP_REFUSALS, LLMEngine
 from pensieve.model.random_checkpoint import make_random_checkpoint
 from pensieve.sampling_params import SamplingParams
 
@@ -108,7 +108,14 @@ def test_arrivals_aborts_and_penalties_during_decode(checkpoint):
     for flag in (False, True):
         engine = make_engine(checkpoint, async_scheduling=flag)
         outs[flag] = drive(engine, requests, late=late, aborts={6: ["a1"]})
-        assert (engine.stats().steps_overlapped > 0) == flag
+        stats = engine.stats()
+        assert (stats.steps_overlapped > 0) == flag
+        refusals = {k: getattr(stats, f"not_overlapped_{k}") for k in OVERLAP_REFUSALS}
+        if flag:   # every busy step ran overlapped or says why not; these requests meet three of the reasons
+            assert stats.steps_overlapped + sum(refusals.values()) == step_count(stats), refusals
+            assert all(refusals[k] > 0 for k in ("after_read_back", "waiting", "penalties")), refusals
+        else:
+            assert not any(refusals.values())
     assert outs[True]["a1"].outputs[0].finish_reason == "abort"
     for rid in requests:
         if rid != "a1":
@@ -167,6 +174,9 @@ def test_growth_into_a_full_tiered_pool_frees_backed_blocks_and_stays_overlapped
         after = engine.stats()
         steps, overlapped = step_count(after) - step_count(before), after.steps_overlapped - before.steps_overlapped
         assert after.dropped_blocks == 0
+        refused = sum(getattr(after, f"not_overlapped_{k}") - getattr(before, f"not_overlapped_{k}")
+                      for k in OVERLAP_REFUSALS)
+        assert overlapped + refused == (steps if flag else 0)
     assert steps == 24 and overlapped >= steps - 4, (steps, overlapped)
     for rid in outs[False]:
         assert reply(outs[True][rid]) == reply(outs[False][rid]), rid

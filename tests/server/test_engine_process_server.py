@@ -63,6 +63,7 @@ def test_errors_and_disconnects_across_the_process(process_server: ServerHandle)
     assert stats.gpu_blocks_used == 0
     metrics = httpx.get(f"{process_server.base_url}/metrics").text
     assert "pensieve_engine_steps_total" in metrics
+    assert 'pensieve_engine_steps_not_overlapped_total{reason="after_read_back"}' in metrics
 
 
 def test_a_dead_engine_process_fails_requests_and_health() -> None:

@@ -134,19 +134,10 @@ class KVCacheManager:
         gpu, cpu = self.gpu, self.cpu
         num_blocks = self.blocks_needed(num_tokens)
         reusable = (num_tokens - 1) // bs if self.reuse else 0
-        gpu_hits: dict[int, int] = {}
-        cpu_hits: dict[int, int] = {}
-        for i in range(reusable):
-            key = keys[i]
-            b = gpu.lookup(key)
-            if b is not None:
-                gpu_hits[i] = b
-            elif self.tiered and (c := cpu.lookup(key)) is not None:
-                cpu_hits[i] = c
-        need = num_blocks - len(gpu_hits)
-        hits_idle = sum(1 for b in gpu_hits.values() if gpu.users[b] == 0)
-        if need > self.num_allocatable() - hits_idle - reserve:
+        gpu_hits, cpu_hits = self._lookup(keys, num_tokens)
+        if not self._room_for(num_blocks, gpu_hits, reserve):
             return None
+        need = num_blocks - len(gpu_hits)
         now = self.clock()
         for b in gpu_hits.values():
             gpu.users[b] += 1
@@ -192,6 +183,33 @@ class KVCacheManager:
         self.counters.recomputed_tokens += adm.recomputed_tokens
         self.counters.swapped_in_blocks += len(cpu_hits)
         return adm
+
+    def fits(self, keys: list[BlockKey], num_tokens: int, reserve: int, taken_first: int = 0) -> bool:
+        """Whether admit() would take this prompt now, after `taken_first` more blocks are allocated
+        (the running sequences' growth, which the scheduler serves first). Changes nothing."""
+        gpu_hits, _ = self._lookup(keys, num_tokens)
+        return self._room_for(self.blocks_needed(num_tokens), gpu_hits, reserve + taken_first)
+
+    def _lookup(self, keys: list[BlockKey], num_tokens: int) -> tuple[dict[int, int], dict[int, int]]:
+        """The prompt's cached full blocks ({index in the sequence: block}, GPU then CPU). The block
+        holding the last token is never reused: its KV is computed to sample the next token."""
+        gpu_hits: dict[int, int] = {}
+        cpu_hits: dict[int, int] = {}
+        reusable = (num_tokens - 1) // self.block_size if self.reuse else 0
+        for i in range(reusable):
+            key = keys[i]
+            b = self.gpu.lookup(key)
+            if b is not None:
+                gpu_hits[i] = b
+            elif self.tiered and (c := self.cpu.lookup(key)) is not None:
+                cpu_hits[i] = c
+        return gpu_hits, cpu_hits
+
+    def _room_for(self, num_blocks: int, gpu_hits: dict[int, int], reserve: int) -> bool:
+        """Fresh blocks for what the GPU does not hold, beside `reserve` blocks left free; idle GPU
+        hits count as taken (they stop being evictable)."""
+        hits_idle = sum(1 for b in gpu_hits.values() if self.gpu.users[b] == 0)
+        return num_blocks - len(gpu_hits) <= self.num_allocatable() - hits_idle - reserve
 
     def grow(self, block_table: list[int], num_tokens: int) -> bool:
         """Give a running sequence the blocks to hold `num_tokens` tokens; False if none are left."""

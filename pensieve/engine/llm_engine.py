@@ -70,7 +70,7 @@ class EngineStats:
     steps_overlapped: int = 0
     # the other busy steps under async scheduling, by why they waited for the step before (OVERLAP_REFUSALS)
     not_overlapped_after_read_back: int = 0   # the step before was read back at once (prompt tokens, copies) or none ran
-    not_overlapped_waiting: int = 0           # requests waited for admission
+    not_overlapped_waiting: int = 0           # a waiting request could be admitted
     not_overlapped_new_running: int = 0       # a running sequence was not in the step before (admitted, swapped in)
     not_overlapped_penalties: int = 0         # a sampler penalty needs the step before's tokens on the host
     not_overlapped_finishing: int = 0         # every sequence stopped with the step before's token
@@ -347,7 +347,7 @@ class LLMEngine:
         """((the sequences, their rows of `prev`'s sampled tokens) whose next decode step can be
         scheduled before `prev`'s tokens are read, None), or (None, why not: OVERLAP_REFUSALS) when
         this step must read them first."""
-        if self.scheduler.waiting:
+        if self.scheduler.can_admit_next():
             return None, "waiting"
         live = [(row, c.seq) for row, c in enumerate(prev.plan.chunks) if c.seq.status is SeqStatus.RUNNING]
         if len(live) != len(self.scheduler.running):
@@ -366,6 +366,10 @@ class LLMEngine:
             return None, "finishing"   # every sequence stops with the token the step before samples
         if not self.kv.free_without_copy(new_blocks):
             return None, "growth"   # growing would evict blocks that need a copy the forward must wait for
+        if self.scheduler.can_admit_next(new_blocks):
+            return None, "waiting"
+        # Requests still waiting could not be admitted this step (no room in the pool or the batch),
+        # so a decode step is what schedule() would run too: launch it behind the one in flight.
         return (seqs, rows), None
 
     def watch_steps(self, num_steps: int, done: Callable[[str], None]) -> None:

@@ -128,11 +128,21 @@ class Scheduler:
         self.kv.plan_swap_out()
         return StepPlan(tuple(chunks), self.kv.take_plan(), tuple(preempted), swap_in_now)
 
+    def can_admit_next(self, taken_first: int = 0) -> bool:
+        """Whether schedule() would admit the first waiting sequence now, after the running ones take
+        `taken_first` more blocks to grow. Changes nothing but that sequence's block keys (cached)."""
+        if not self.waiting or len(self.running) >= self.cfg.max_num_seqs:
+            return False
+        seq = self.waiting[0]
+        extend_block_keys(seq.block_keys, seq.token_ids, self.block_size, seq.key_root)
+        reserve = self.admit_reserve if self.running else 0
+        return self.kv.fits(seq.block_keys, seq.num_tokens, reserve, taken_first)
+
     def schedule_decode(self, seqs: list[Sequence]) -> StepPlan:
         """An overlapped decode step: one token for each of `seqs`, running sequences whose last
         token the GPU is still sampling (it enters as a placeholder). The caller checked that the
         free GPU blocks cover their growth, so no block is evicted and no copy is planned; nobody
-        is admitted (the caller takes this path only with nobody waiting)."""
+        is admitted (the caller takes this path only when nobody waiting could be: can_admit_next)."""
         chunks = []
         for seq in seqs:
             seq.append_placeholder()

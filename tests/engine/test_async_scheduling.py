@@ -180,3 +180,36 @@ def test_growth_into_a_full_tiered_pool_frees_backed_blocks_and_stays_overlapped
     assert steps == 24 and overlapped >= steps - 4, (steps, overlapped)
     for rid in outs[False]:
         assert reply(outs[True][rid]) == reply(outs[False][rid]), rid
+
+
+def test_requests_that_cannot_be_admitted_yet_do_not_stop_overlap(checkpoint):
+    """A request waits for room in the pool while three others decode: it could not be admitted by a
+    read-back step either, so the decode steps stay overlapped until room appears; then it is admitted
+    at once, and every reply is the same as without async scheduling."""
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    big = (prompt(99, 84), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))   # 23 blocks
+    outs, waited = {}, {}
+    for flag in (False, True):
+        engine = make_engine(checkpoint, async_scheduling=flag, num_gpu_blocks=48, mode="stateless")
+        for i in range(3):
+            engine.add_request(f"d{i}", prompt(70 + i, 10), params)
+        done = {}
+        for _ in range(25):   # the three hold 9 blocks each by now, 13 at the end: no room for 23 more
+            done.update({o.request_id: o for o in engine.step() if o.finished})
+        engine.add_request("big", *big)
+        before, steps_waiting = engine.stats(), 0
+        while engine.stats().num_waiting:
+            done.update({o.request_id: o for o in engine.step() if o.finished})
+            steps_waiting += 1
+        after = engine.stats()
+        waited[flag] = (steps_waiting, after.steps_overlapped - before.steps_overlapped,
+                        after.not_overlapped_waiting - before.not_overlapped_waiting)
+        while engine.has_unfinished():
+            done.update({o.request_id: o for o in engine.step() if o.finished})
+        outs[flag] = done
+        engine.check_integrity()
+    steps_waiting, overlapped, refused = waited[True]
+    assert steps_waiting > 10 and overlapped >= steps_waiting - 3 and refused <= 1, waited
+    assert waited[False][0] >= steps_waiting - 2, waited   # admitted no later than one step behind
+    for rid in outs[False]:
+        assert reply(outs[True][rid]) == reply(outs[False][rid]), rid

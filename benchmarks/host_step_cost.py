@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import io
 import json
 import pstats
@@ -193,7 +194,7 @@ def run_system(mode: str, args: argparse.Namespace, shapes: list[list[tuple[int,
         "not_overlapped_share": {k: (getattr(stats, f"not_overlapped_{k}") - getattr(stats0, f"not_overlapped_{k}")) / n
                                  for k in OVERLAP_REFUSALS},
         "hit_share": (stats.gpu_hit_tokens + stats.cpu_hit_tokens) / max(1, stats.prompt_tokens),
-        "phases_ms_per_step": phases, "engine_stats": _plain(stats),
+        "phases_ms_per_step": phases, "engine_stats": dataclasses.asdict(stats),
     }
     if prof is not None:
         text = io.StringIO()
@@ -204,16 +205,6 @@ def run_system(mode: str, args: argparse.Namespace, shapes: list[list[tuple[int,
             stats_view.sort_stats("tottime").print_stats(args.profile)
         out["profile"] = text.getvalue()
     return out
-
-
-def _plain(obj: Any) -> Any:
-    if hasattr(obj, "__dataclass_fields__"):
-        return {k: _plain(getattr(obj, k)) for k in obj.__dataclass_fields__}
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
 
 
 def table(results: list[dict[str, Any]]) -> str:

@@ -85,9 +85,8 @@ class KVCacheManager:
         self._outbound: deque[tuple[list[int], list[int]]] = deque()
         self.conversations = ConversationOwners()
         self.counters = CacheCounters()
-        # each tier's idle blocks ranked for eviction, shared by the evictions of one step's scheduling
-        self._gpu_ranking: _Ranking | None = None
-        self._cpu_ranking: _Ranking | None = None
+        # each tier's idle blocks ranked for eviction (by tier name), shared by one step's evictions
+        self._rankings: dict[str, _Ranking] = {}
 
     # ------------------------------------------------------------------ queries
     @property
@@ -456,40 +455,43 @@ class KVCacheManager:
             self._free_gpu(b)
 
     def _least_valuable_gpu(self, k: int) -> list[tuple[int, float]]:
-        """The k least valuable idle GPU blocks with their scores, from the step's ranking (ranked
-        again once its ranked share is used up)."""
+        """The k least valuable idle GPU blocks with their scores, taken from the step's ranking."""
         out: list[tuple[int, float]] = []
-        while len(out) < k:
-            fresh = self._gpu_ranking is None
-            if fresh:
-                self._gpu_ranking = _Ranking(self.gpu, self.policy, self.clock(), k - len(out))
-            ranking = self._gpu_ranking
-            while len(out) < k and (top := ranking.peek()) is not None:
-                ranking.pop()
-                out.append(top)
-            if len(out) < k:
-                if fresh:
-                    raise CacheIntegrityError(f"{k} GPU blocks to evict, {len(out)} idle")
-                self._gpu_ranking = None
+        for _ in range(k):
+            ranking, top = self._coldest(self.gpu, k - len(out))
+            if top is None:
+                raise CacheIntegrityError(f"{k} GPU blocks to evict, {len(out)} idle")
+            ranking.pop()
+            out.append(top)
         return out
 
     def _allocate_cpu(self, incoming_score: float) -> int | None:
         """A CPU block for a block worth `incoming_score`, dropping a less valuable one if full."""
         if self.cpu.free:
             return self.cpu.take_free()
-        while True:
-            fresh = self._cpu_ranking is None
-            if fresh:
-                self._cpu_ranking = _Ranking(self.cpu, self.policy, self.clock(), 1)
-            top = self._cpu_ranking.peek()
-            if top is not None or fresh or self._cpu_ranking.complete:
-                break
-            self._cpu_ranking = None     # its ranked share is used up: rank the rest
+        ranking, top = self._coldest(self.cpu, 1)
         if top is None or top[1] >= incoming_score:
             return None
-        self._cpu_ranking.pop()
+        ranking.pop()
         self._drop_cpu(top[0])
         return self.cpu.take_free()
+
+    def _coldest(self, tier: BlockTier, need: int) -> tuple[_Ranking, tuple[int, float] | None]:
+        """The tier's step ranking and its least valuable block still idle (None: none is). A ranking
+        whose sorted share is used up is made again over what is left."""
+        while True:
+            ranking = self._rankings.get(tier.name)
+            fresh = ranking is None
+            if fresh:
+                ranking = self._rankings[tier.name] = _Ranking(tier, self.policy, self.clock(), need)
+            top = ranking.peek()
+            if top is not None or fresh or ranking.complete:
+                return ranking, top
+            del self._rankings[tier.name]
+
+    def _forget_rankings(self) -> None:
+        """Blocks may have become idle (a release, an unpin): the next eviction ranks again."""
+        self._rankings.clear()
 
     def _free_gpu(self, b: int) -> None:
         """A GPU block with no user gives up its content (its CPU copy, if any, stays)."""
@@ -498,10 +500,6 @@ class KVCacheManager:
             self.gpu_copy[c] = -1
             self.cpu_copy[b] = -1
         self.gpu.release_to_free(b)
-
-    def _forget_rankings(self) -> None:
-        """Blocks may have become idle (a release, an unpin): the next eviction ranks again."""
-        self._gpu_ranking = self._cpu_ranking = None
 
     def _drop_cpu(self, c: int, deleted: bool = False) -> None:
         """Free a CPU block; its content counts as dropped unless the GPU still holds it or a

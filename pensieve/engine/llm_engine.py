@@ -347,8 +347,6 @@ class LLMEngine:
         """((the sequences, their rows of `prev`'s sampled tokens) whose next decode step can be
         scheduled before `prev`'s tokens are read, None), or (None, why not: OVERLAP_REFUSALS) when
         this step must read them first."""
-        if self.scheduler.can_admit_next():
-            return None, "waiting"
         live = [(row, c.seq) for row, c in enumerate(prev.plan.chunks) if c.seq.status is SeqStatus.RUNNING]
         if len(live) != len(self.scheduler.running):
             return None, "new_running"   # a running sequence outside the last step: it is not a plain decode
@@ -364,12 +362,13 @@ class LLMEngine:
             new_blocks += self.kv.blocks_needed(seq.num_tokens + 1) > len(seq.block_table)
         if not seqs:
             return None, "finishing"   # every sequence stops with the token the step before samples
-        if not self.kv.free_without_copy(new_blocks):
-            return None, "growth"   # growing would evict blocks that need a copy the forward must wait for
+        # Requests waiting that schedule() could not admit after this growth either (no room in the pool
+        # or the batch) leave it a decode step too: launch it behind the one in flight. Freeing backed
+        # blocks below cannot change that answer (an idle GPU hit counts as taken either way).
         if self.scheduler.can_admit_next(new_blocks):
             return None, "waiting"
-        # Requests still waiting could not be admitted this step (no room in the pool or the batch),
-        # so a decode step is what schedule() would run too: launch it behind the one in flight.
+        if not self.kv.free_without_copy(new_blocks):
+            return None, "growth"   # growing would evict blocks that need a copy the forward must wait for
         return (seqs, rows), None
 
     def watch_steps(self, num_steps: int, done: Callable[[str], None]) -> None:
